@@ -1,0 +1,25 @@
+# The README's two commands. Each creates .venv/ on first use and installs what it needs, with the
+# CPU build of torch pinned by constraints.txt (drop `-c constraints.txt` on a GPU machine).
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: demo test clean-venv
+
+# The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia.
+demo: $(VENV)/.installed
+	$(VENV)/bin/pipeline harvest --config configs/demo.yaml
+	$(VENV)/bin/pipeline info shards/demo/L12
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -U pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[demo,test]'
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)

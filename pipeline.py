@@ -1,0 +1,118 @@
+"""The `pipeline` command: parses flags and dispatches to the stages. No work happens here."""
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from harvest.config import HarvestConfig
+from harvest.errors import HarvestError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Harvest a model's activations once into labelled Zarr shards; train and evaluate SAEs from them.")
+_DEBUG = {"on": False}
+
+
+def _doc(field: str) -> str:
+    return HarvestConfig.model_fields[field].description or ""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
+    _DEBUG["on"] = debug
+
+
+@app.command()
+def harvest(
+    config: Annotated[Optional[Path], typer.Option(help="YAML config; flags override its keys.")] = None,
+    model: Annotated[Optional[str], typer.Option(help=_doc("model"))] = None,
+    revision: Annotated[Optional[str], typer.Option(help=_doc("revision"))] = None,
+    trust_remote_code: Annotated[Optional[bool], typer.Option("--trust-remote-code", help=_doc("trust_remote_code"))] = None,
+    layer: Annotated[Optional[int], typer.Option(help=_doc("layer"))] = None,
+    dangerous: Annotated[Optional[list[str]], typer.Option(help="Dangerous source (repeatable): a .jsonl/.txt/.parquet file or directory, hf:<id>[:<config>], or builtin:<name>. Replaces the config's list.")] = None,
+    safe: Annotated[Optional[list[str]], typer.Option(help="Safe source (repeatable), as --dangerous.")] = None,
+    tokens: Annotated[Optional[int], typer.Option(help=_doc("tokens"))] = None,
+    dangerous_fraction: Annotated[Optional[float], typer.Option(help=_doc("dangerous_fraction"))] = None,
+    context_length: Annotated[Optional[int], typer.Option(help=_doc("context_length"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_doc("batch_size"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_doc("seed"))] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=_doc("dtype"))] = None,
+    device: Annotated[Optional[str], typer.Option(help=_doc("device"))] = None,
+    codec: Annotated[Optional[str], typer.Option(help=_doc("codec"))] = None,
+    clevel: Annotated[Optional[int], typer.Option(help=_doc("clevel"))] = None,
+    chunk_rows: Annotated[Optional[int], typer.Option(help=_doc("chunk_rows"))] = None,
+    out: Annotated[Optional[Path], typer.Option(help=_doc("out"))] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store at --out instead of resuming it.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Run a model up to --layer over labelled text and store the block's output, token by token.
+
+    Rerunning the same command resumes a harvest that was stopped or killed. With no --config and no
+    --model, `--layer N` targets google/gemma-2-2b with configs/gemma-2-2b.yaml.
+    """
+    from harvest.config import load_config
+    from harvest.harvester import harvest as run_harvest
+    from harvest.info import summary
+
+    if config is None and model is None:
+        config = Path(__file__).resolve().parent / "configs" / "gemma-2-2b.yaml"
+    overrides = dict(model=model, revision=revision, trust_remote_code=trust_remote_code, layer=layer,
+                     dangerous=dangerous, safe=safe, tokens=tokens, dangerous_fraction=dangerous_fraction,
+                     context_length=context_length, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
+                     codec=codec, clevel=clevel, chunk_rows=chunk_rows, out=out)
+    cfg = load_config(config, overrides)
+    result = run_harvest(cfg, overwrite=overwrite, progress=progress)
+    if result.already_complete:
+        typer.echo(f"The store at {result.store.path} is already complete for this config; nothing to do.")
+    typer.echo(summary(result.store, result.rows_written, result.seconds))
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="Path of a shard store.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print every fact as JSON.")] = False,
+):
+    """Describe a shard store: attributes, rows per label and source, committed or not, size on disk."""
+    from harvest.info import describe
+    from harvest.store import ShardStore
+
+    typer.echo(describe(ShardStore.open(store), as_json=json_output))
+
+
+def run() -> None:
+    """Console-script entry point: user errors become one line and a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except HarvestError as exc:
+        if _DEBUG["on"]:
+            raise
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: committed rows are kept; run the same command again to resume", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if _DEBUG["on"]:
+            raise
+        typer.secho(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                    fg=typer.colors.RED, err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()
