@@ -122,7 +122,11 @@ class BlockOutput:
         self.model = model
         self.device = device
         self._captured: torch.Tensor | None = None
-        block.register_forward_hook(self._keep_and_stop)
+        self._hook = block.register_forward_hook(self._keep_and_stop)
+
+    def close(self) -> None:
+        """Remove the hook: the model runs whole again."""
+        self._hook.remove()
 
     def _keep_and_stop(self, module, args, output):
         self._captured = output[0] if isinstance(output, tuple) else output

@@ -7,6 +7,7 @@ a reader that stops at `rows_committed` never sees a half-written chunk, whateve
 """
 
 import fcntl
+import functools
 import json
 import os
 from contextlib import contextmanager
@@ -99,11 +100,11 @@ class ShardStore:
     def complete(self) -> bool:
         return bool(self.group.attrs["complete"])
 
-    @property
+    @functools.cached_property
     def chunk_rows(self) -> int:
         return int(self.group["acts"].chunks[0])
 
-    @property
+    @functools.cached_property
     def d_model(self) -> int:
         return int(self.group["acts"].shape[1])
 
