@@ -107,6 +107,8 @@ class HarvestConfig(BaseModel):
     def _check(self) -> "HarvestConfig":
         if not self.dangerous or not self.safe:
             raise ValueError("at least one dangerous and one safe source are needed")
+        if len(self.dangerous) + len(self.safe) > 255:
+            raise ValueError("at most 255 sources (the label column is uint8)")
         return self
 
     @property

@@ -8,6 +8,7 @@ row. The result equals an uninterrupted harvest.
 import gc
 import importlib.metadata
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,10 @@ def _harvest_locked(cfg: HarvestConfig, path: Path, overwrite: bool, progress: b
         loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                             device=cfg.device, dtype=cfg.dtype)
         plan = build_plan(cfg, loaded.tokenizer)
+        for use in plan.sources:
+            if use.tokens < use.budget:
+                print(f"warning: source {use.spec.source} ran out after {use.tokens:,} of its {use.budget:,} tokens",
+                      file=sys.stderr)
         gc.collect()
         gc.freeze()  # parsed corpora otherwise slow every later collection in the forward loop (3-5x)
         attrs = _store_attrs(cfg, loaded, plan)
@@ -116,7 +121,7 @@ def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: i
 
 def _batch_rows(plan: Plan, windows: slice, block_output: BlockOutput) -> dict[str, np.ndarray]:
     """Rows of one batch of windows, in window then position order: the stored tokens only."""
-    keep = plan.keep[windows]
+    keep = plan.doc[windows] >= 0
     hidden = block_output(torch.from_numpy(plan.input_ids[windows]))
     acts = hidden[torch.from_numpy(keep).to(hidden.device)].to(torch.bfloat16)
     window_index, pos = np.nonzero(keep)
