@@ -36,6 +36,9 @@ class SourceSpec(BaseModel):
     """Split of a `datasets` source."""
     min_chars: int = Field(50, ge=0)
     """Documents shorter than this are skipped (they keep their index)."""
+    tokens: int | None = Field(None, gt=0)
+    """Tokens from this source. Unset: an even share of what its label's budget leaves. When every
+    source of a label sets it, the label's total is their sum, whatever `dangerous_fraction` says."""
 
     @property
     def kind(self) -> Literal["file", "hf", "builtin"]:

@@ -59,15 +59,22 @@ def special_ids(tokenizer) -> tuple[int, int]:
 
 
 def budgets(cfg: HarvestConfig) -> list[tuple[SourceSpec, str, int]]:
-    """Split `tokens` between the labels by `dangerous_fraction`, then evenly among each label's sources."""
+    """Split `tokens` between the labels by `dangerous_fraction`; within a label, sources that set
+    `tokens` get exactly that and the others share the rest evenly."""
     dangerous_total = round(cfg.tokens * cfg.dangerous_fraction)
     out = []
     for label, specs, total in (("dangerous", cfg.dangerous, dangerous_total), ("safe", cfg.safe, cfg.tokens - dangerous_total)):
-        share, extra = divmod(total, len(specs))
-        for i, spec in enumerate(specs):
-            if share + (i < extra) == 0:
-                raise HarvestError(f"a budget of {cfg.tokens} tokens leaves nothing for {label} source {spec.source}")
-            out.append((spec, label, share + (i < extra)))
+        shared = [s for s in specs if s.tokens is None]
+        rest = total - sum(s.tokens for s in specs if s.tokens is not None)
+        share, extra = divmod(max(rest, 0), len(shared) or 1)
+        for spec in specs:
+            if spec.tokens is not None:
+                out.append((spec, label, spec.tokens))
+                continue
+            budget = share + (shared.index(spec) < extra)
+            if budget == 0:
+                raise HarvestError(f"the {label} budget of {total} tokens leaves nothing for source {spec.source}")
+            out.append((spec, label, budget))
     return out
 
 

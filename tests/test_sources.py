@@ -61,6 +61,12 @@ def test_budget_split_between_labels_and_sources():
     cfg = HarvestConfig(dangerous=["a.jsonl"], safe=["b.txt", "c.txt", "d.txt"], tokens=1000, dangerous_fraction=0.4)
     assert [(s.source, label, n) for s, label, n in budgets(cfg)] == [
         ("a.jsonl", "dangerous", 400), ("b.txt", "safe", 200), ("c.txt", "safe", 200), ("d.txt", "safe", 200)]
+    cfg = HarvestConfig(dangerous=["a.jsonl"], safe=[{"source": "b.txt", "tokens": 500}, "c.txt", "d.txt"],
+                        tokens=2000)
+    assert [n for _, _, n in budgets(cfg)] == [1000, 500, 250, 250]
+    cfg = HarvestConfig(dangerous=["a.jsonl"], safe=[{"source": "b.txt", "tokens": 1000}, "c.txt"], tokens=2000)
+    with pytest.raises(HarvestError, match="leaves nothing for source c.txt"):
+        budgets(cfg)
 
 
 def test_windows_start_with_bos_and_separate_documents_with_it(tiny_model, corpora):
