@@ -1,0 +1,78 @@
+"""The shard loader: stratified, deterministic, resumable batches of committed rows."""
+
+import numpy as np
+import pytest
+import torch
+
+from harvest.store import ShardStore
+from train.loader import ShardLoader
+
+from .conftest import harvest_args
+from .test_harvest import cli
+
+
+@pytest.fixture(scope="module")
+def store(tiny_model, corpora, tmp_path_factory):
+    out = tmp_path_factory.mktemp("loader") / "store"
+    mp = pytest.MonkeyPatch()
+    args = harvest_args(tiny_model, corpora, out)
+    args[args.index("--chunk-rows") + 1] = "128"
+    assert cli(mp, args) == 0
+    mp.undo()
+    return ShardStore.open(out)
+
+
+def loader(store, **kw):
+    kw = {"batch_size": 64, "window_chunks": 4, "seed": 0, **kw}
+    return ShardLoader(store, **kw)
+
+
+def test_batches_are_stratified_and_hold_the_stored_rows(store):
+    ld = loader(store, dangerous_fraction=0.25)
+    is_dangerous = store.read("label") == 0
+    acts = store.acts().float()
+    for batch in ld.iterate(0, steps=20):
+        assert batch.x.shape == (64, store.d_model) and batch.x.dtype == torch.float32
+        assert batch.dangerous.sum() == 16
+        assert np.array_equal(is_dangerous[batch.rows], batch.dangerous.numpy())
+        assert torch.equal(batch.x, acts[batch.rows])
+
+
+def test_an_epoch_uses_each_row_at_most_once_and_most_rows(store):
+    ld = loader(store, window_chunks=16)  # a window takes what one batch cannot: ~1 batch of rows
+    per_epoch = ld.batches_per_epoch()
+    rows = np.concatenate([b.rows for b in ld.iterate(0, steps=per_epoch)])
+    assert len(np.unique(rows)) == len(rows)
+    assert len(rows) > 0.8 * store.rows_committed
+    nxt = next(iter(ld.iterate(per_epoch, steps=1)))
+    assert nxt.epoch == 1
+
+
+def test_deterministic_for_a_seed_and_resumable_at_any_step(store):
+    first = [b.rows for b in loader(store).iterate(0, steps=90)]
+    again = [b.rows for b in loader(store).iterate(0, steps=90)]
+    other = [b.rows for b in loader(store, seed=1).iterate(0, steps=90)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    for start in (1, 17, 45, 89):
+        resumed = [b.rows for b in loader(store).iterate(start, steps=90 - start)]
+        assert all(np.array_equal(a, b) for a, b in zip(first[start:], resumed))
+
+
+def test_only_committed_rows_are_read(store, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(store.path, copy)
+    partial = ShardStore.open(copy, mode="r+")
+    partial.commit(512)
+    ld = loader(ShardStore.open(copy))
+    rows = np.concatenate([b.rows for b in ld.iterate(0, steps=3 * ld.batches_per_epoch())])
+    assert rows.max() < 512
+
+
+def test_device_resident_mode_gives_the_same_batches(store):
+    streamed = list(loader(store, resident=False).iterate(0, steps=10))
+    resident = list(loader(store, resident=True).iterate(0, steps=10))
+    for a, b in zip(streamed, resident):
+        assert np.array_equal(a.rows, b.rows) and torch.equal(a.x, b.x)
