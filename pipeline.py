@@ -8,6 +8,8 @@ import typer
 
 from harvest.config import HarvestConfig
 from harvest.errors import HarvestError
+from train.config import TrainConfig
+from train.errors import TrainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest a model's activations once into labelled Zarr shards; train and evaluate SAEs from them.")
@@ -16,6 +18,10 @@ _DEBUG = {"on": False}
 
 def _doc(field: str) -> str:
     return HarvestConfig.model_fields[field].description or ""
+
+
+def _tdoc(field: str) -> str:
+    return TrainConfig.model_fields[field].description or ""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -85,11 +91,56 @@ def info(
     typer.echo(describe(ShardStore.open(store), as_json=json_output))
 
 
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (e.g. configs/seed/run_3.yaml); flags override it.")] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="Sweep YAML (base: options, grid: option -> values); each group of runs that shares its batches trains in lockstep.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue a stopped run (run_N or its directory), with the rest of its lockstep group.")] = None,
+    shards: Annotated[Optional[Path], typer.Option(help=_tdoc("shards"))] = None,
+    trainer: Annotated[Optional[str], typer.Option(help=_tdoc("trainer"))] = None,
+    ortho: Annotated[Optional[float], typer.Option(help=_tdoc("ortho"))] = None,
+    l1: Annotated[Optional[float], typer.Option(help=_tdoc("l1"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"))] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"))] = None,
+    dict_size: Annotated[Optional[int], typer.Option(help=_tdoc("dict_size"))] = None,
+    tokens: Annotated[Optional[int], typer.Option(help=_tdoc("tokens"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_tdoc("batch_size"))] = None,
+    dangerous_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("dangerous_fraction"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_tdoc("seed"))] = None,
+    data_seed: Annotated[Optional[int], typer.Option(help=_tdoc("data_seed"))] = None,
+    recon: Annotated[Optional[str], typer.Option(help=_tdoc("recon"))] = None,
+    window_chunks: Annotated[Optional[int], typer.Option(help=_tdoc("window_chunks"))] = None,
+    ortho_block: Annotated[Optional[int], typer.Option(help=_tdoc("ortho_block"))] = None,
+    device: Annotated[Optional[str], typer.Option(help=_tdoc("device"))] = None,
+    autocast: Annotated[Optional[bool], typer.Option("--autocast", help=_tdoc("autocast"))] = None,
+    resident: Annotated[Optional[bool], typer.Option("--resident/--streamed", help=_tdoc("resident"))] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=_tdoc("log_every"))] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help=_tdoc("checkpoint_every"))] = None,
+    dead_after_tokens: Annotated[Optional[int], typer.Option(help=_tdoc("dead_after_tokens"))] = None,
+    runs_dir: Annotated[Optional[Path], typer.Option(help=_tdoc("runs_dir"))] = None,
+    halves_split: Annotated[Optional[int], typer.Option(help=_tdoc("halves_split"))] = None,
+    coact_weight: Annotated[Optional[str], typer.Option(help=_tdoc("coact_weight"))] = None,
+    ortho_lr_warmup: Annotated[Optional[bool], typer.Option("--ortho-lr-warmup", help=_tdoc("ortho_lr_warmup"))] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Train SAEs on a shard store: one run (`--ortho 0.001`), a preset (`--config`), or a sweep in lockstep."""
+    from train.cli import run_train
+
+    overrides = dict(shards=shards, trainer=trainer, ortho=ortho, l1=l1, lr=lr, warmup_steps=warmup_steps,
+                     dict_size=dict_size, tokens=tokens, batch_size=batch_size, dangerous_fraction=dangerous_fraction,
+                     seed=seed, data_seed=data_seed, recon=recon, window_chunks=window_chunks, ortho_block=ortho_block,
+                     device=device, autocast=autocast, resident=resident, log_every=log_every,
+                     checkpoint_every=checkpoint_every, dead_after_tokens=dead_after_tokens, runs_dir=runs_dir,
+                     halves_split=halves_split, coact_weight=coact_weight, ortho_lr_warmup=ortho_lr_warmup)
+    for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress):
+        typer.echo(line)
+
+
 def run() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:
         app(standalone_mode=False)
-    except HarvestError as exc:
+    except (HarvestError, TrainError) as exc:
         if _DEBUG["on"]:
             raise
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

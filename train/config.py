@@ -1,0 +1,130 @@
+"""The training configuration: one validated object per SAE, from YAML, a sweep file and flags.
+
+Every field is a key of `configs/*.yaml`, of a sweep's `base:`/`grid:`, and a flag of
+`pipeline train` (underscores become dashes). `train_config.json` records them all by these names.
+"""
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import TrainError
+
+TRAINERS = ("baseline", "ratio", "seed_halves", "seed_coactivation")
+LOADER_KEYS = ("shards", "batch_size", "dangerous_fraction", "data_seed", "tokens", "window_chunks", "device",
+               "resident")
+"""Runs that agree on these can share every batch: a sweep trains each such group in lockstep."""
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    shards: Path | None = None
+    """Shard store to train on. Default: the only complete store under `shards/`."""
+    trainer: Literal["baseline", "ratio", "seed_halves", "seed_coactivation"] = "ratio"
+    """`baseline` (the seed's run 0), `ratio` (ratio-ranked orthogonality with true labels), or the seed's
+    own variants `seed_halves` (runs 1-4) and `seed_coactivation` (runs 5-10), bugs included; see
+    configs/seed/."""
+    ortho: float = Field(0.001, ge=0)
+    """lambda_2, weight of the orthogonality term (ratio and seed trainers)."""
+    l1: float = Field(0.04, ge=0)
+    """lambda_1, weight of mean ||f||_1."""
+    lr: float = Field(3e-4, gt=0)
+    """Adam learning rate."""
+    warmup_steps: int = Field(1000, ge=0)
+    """Linear learning-rate warm-up, in steps."""
+    dict_size: int | None = Field(None, gt=0)
+    """Number of SAE features (d_sae). Default: the store's d_model (the seed's 1x expansion)."""
+    tokens: int | None = Field(None, gt=0)
+    """Training tokens; steps = tokens // batch_size. Default: the store's committed rows (one pass).
+    More than the store holds means several epochs."""
+    batch_size: int = Field(2048, gt=1)
+    """Rows per step."""
+    dangerous_fraction: float = Field(0.5, gt=0, lt=1)
+    """Share of every batch drawn from dangerous rows (stratified batches)."""
+    seed: int = 0
+    """Seeds the SAE's initialisation."""
+    data_seed: int = 0
+    """Seeds the batch order (shared by all SAEs of a lockstep group)."""
+    recon: Literal["l2", "mse"] = "l2"
+    """Reconstruction term: mean ||x - x_hat||_2 (`l2`, the seed's template) or its square (`mse`)."""
+    window_chunks: int = Field(32, gt=0)
+    """Chunks per shuffle window of the loader."""
+    ortho_block: int = Field(4096, gt=0)
+    """Rows per block of the pairwise term (memory: ortho_block x d_sae)."""
+    device: str = "auto"
+    """`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`."""
+    autocast: bool = False
+    """bf16 autocast of the SAE's matmuls (only where bf16 is native: CUDA, AMX / AVX-512-BF16 CPUs)."""
+    resident: bool | None = None
+    """Load the whole store onto the device once. Default: when it fits in half the free GPU memory."""
+    log_every: int = Field(50, gt=0)
+    """Steps between rows of metrics.jsonl."""
+    checkpoint_every: int = Field(500, gt=0)
+    """Steps between checkpoints (what --resume continues from)."""
+    dead_after_tokens: int = Field(1_000_000, gt=0)
+    """A feature that has not fired for this many tokens counts as dead."""
+    runs_dir: Path = Path("runs")
+    """Where run directories `run_<N>` are created."""
+    halves_split: int | None = Field(None, gt=0)
+    """seed_halves: rows [0, split) of a batch play "dangerous", the rest "safe" (default batch/2).
+    The seed's run 4 used 2048 on 2048-row batches: an empty half, NaN ratios, fixed ranks."""
+    coact_weight: Literal["sigmoid5", "square", "cube", "cube_sigmoid_mean", "cube_log_mean"] = "cube"
+    """seed_coactivation: weight of each pair from the features' co-activation c (runs 5-10):
+    sigmoid(5c), c^2, c^3, c^3 sigmoid(m_i m_j), c^3 log1p(m_i m_j)/max."""
+    ortho_lr_warmup: bool = False
+    """seed_coactivation: scale the term by lr / max lr (the seed's runs 8-10)."""
+
+    def group_key(self) -> tuple:
+        return tuple(str(getattr(self, k)) for k in LOADER_KEYS)
+
+
+def _validate(data: dict[str, Any], where: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise TrainError(f"invalid {where}: {problems}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise TrainError(f"file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise TrainError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"{path} must hold a mapping of keys to values")
+    return data
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
+    data = _read_yaml(path) if path is not None else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _validate(data, f"training config{f' {path}' if path else ''}")
+
+
+def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
+    """A sweep file: `base:` (options) and `grid:` (option -> list of values); runs are the grid's product.
+
+    Flags given on the command line override `base:`, never the grid.
+    """
+    data = _read_yaml(path)
+    unknown = set(data) - {"base", "grid"}
+    if unknown:
+        raise TrainError(f"sweep {path}: unknown top-level key(s) {sorted(unknown)}; use base: and grid:")
+    base = {**(data.get("base") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+        raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values")
+    for key in [*base, *grid]:
+        if key not in TrainConfig.model_fields:
+            raise TrainError(f"sweep {path}: unknown option {key!r}")
+    runs = []
+    for values in itertools.product(*grid.values()):
+        runs.append(_validate({**base, **dict(zip(grid, values))}, f"sweep {path} run {dict(zip(grid, values))}"))
+    return runs

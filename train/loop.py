@@ -1,0 +1,190 @@
+"""The training loop: one loader, K SAEs in lockstep, each batch read and moved to the device once.
+
+    for batch in loader:               # stratified, shuffled, already on the device
+        for trainer in trainers:       # every SAE of the group sees the same batch
+            trainer.step(batch)
+        log, checkpoint
+
+A run whose loss turns non-finite stops alone, with a message; its last checkpoint is kept, and the
+other SAEs of the group go on.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from harvest.errors import HarvestError
+from harvest.model import cpu_has_native_bf16
+from harvest.store import ShardStore
+
+from .config import LOADER_KEYS, TrainConfig
+from .errors import TrainError
+from .loader import ShardLoader
+from .runs import MetricsLog, load_checkpoint, new_run_dir, save_checkpoint, store_fingerprint, write_json
+from .trainers import TRAINERS, Trainer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    cfg: TrainConfig
+    steps: int
+    failed: str | None = None
+    final: dict = field(default_factory=dict)
+
+
+def default_store(shards_root: Path = Path("shards")) -> Path:
+    found = sorted(p.parent for p in shards_root.glob("**/zarr.json")
+                   if ShardStore.exists(p.parent) and ShardStore.open(p.parent).complete)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise TrainError(f"no complete shard store under {shards_root}/: run `pipeline harvest` first or pass --shards")
+    raise TrainError(f"several shard stores under {shards_root}/ ({', '.join(map(str, found))}): choose one with --shards")
+
+
+def open_store(path: Path | None) -> ShardStore:
+    path = path or default_store()
+    try:
+        store = ShardStore.open(path)
+    except HarvestError as exc:
+        raise TrainError(str(exc)) from None
+    if not store.complete:
+        raise TrainError(f"the store at {path} is incomplete ({store.rows_committed:,} of {store.rows_total:,} rows "
+                         "committed): finish it with the same `pipeline harvest` command first")
+    return store
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"unknown device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {name} asked for, but no CUDA device is available")
+    return device
+
+
+def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = None, progress: bool = True) -> list[RunResult]:
+    """Train SAEs that share every loader setting in lockstep; new run directories unless resuming."""
+    if len({c.group_key() for c in cfgs}) != 1:
+        raise TrainError(f"runs trained in lockstep must agree on {', '.join(LOADER_KEYS)}")
+    cfg0 = cfgs[0]
+    store = open_store(cfg0.shards)
+    cfgs = [c.model_copy(update={"shards": store.path}) for c in cfgs]
+    device = resolve_device(cfg0.device)
+    if any(c.autocast for c in cfgs) and device.type == "cpu" and not cpu_has_native_bf16():
+        raise TrainError("--autocast asks for bf16 on a CPU without AMX or AVX-512-BF16, where it runs ~100x "
+                         "slower than float32; leave it off")
+    d_model = store.d_model
+    trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
+    steps = (cfg0.tokens or store.rows_committed) // cfg0.batch_size
+    if steps == 0:
+        raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")
+
+    start = 0
+    if resume_dirs is None:
+        run_dirs = [new_run_dir(c.runs_dir) for c in cfgs]
+        for run_dir, c in zip(run_dirs, cfgs):
+            write_json(run_dir / "train_config.json", {
+                **c.model_dump(mode="json"), "steps": steps, "d_in": d_model, "d_sae": c.dict_size or d_model,
+                "shards_fingerprint": store_fingerprint(store.attrs), "lockstep_group": [str(d) for d in run_dirs]})
+    else:
+        run_dirs = resume_dirs
+        starts = set()
+        for run_dir, trainer in zip(run_dirs, trainers):
+            saved = load_checkpoint(run_dir)
+            if saved is None:
+                starts.add(0)
+                continue
+            step, tensors, _ = saved
+            if tensors["sae.W_dec"].shape[1] != d_model:
+                raise TrainError(f"{run_dir}: the SAE has d_in {tensors['sae.W_dec'].shape[1]} but the store "
+                                 f"has d_model {d_model}")
+            trainer.load_state_tensors(tensors)
+            starts.add(step)
+        if len(starts) != 1:
+            raise TrainError(f"the runs of this lockstep group stopped at different steps ({sorted(starts)})")
+        start = starts.pop()
+        fingerprint = store_fingerprint(store.attrs)
+        for run_dir in run_dirs:
+            recorded = json.loads((run_dir / "train_config.json").read_text())["shards_fingerprint"]
+            if recorded != fingerprint:
+                raise TrainError(f"{run_dir} was trained on another store than {store.path} (fingerprint differs)")
+
+    logs = [MetricsLog(d / "metrics.jsonl", resume_step=start) for d in run_dirs]
+    failed: list[str | None] = [None] * len(trainers)
+    loader = ShardLoader(store, batch_size=cfg0.batch_size, dangerous_fraction=cfg0.dangerous_fraction,
+                         seed=cfg0.data_seed, window_chunks=cfg0.window_chunks, device=device,
+                         resident=cfg0.resident)
+    bar = tqdm(total=steps * cfg0.batch_size, initial=start * cfg0.batch_size, unit="tok", unit_scale=True,
+               desc=f"train x{len(trainers)}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    began = last_time = time.perf_counter()
+    last_step = start
+    latest: list[dict] = [{} for _ in trainers]
+    step = start
+    for batch in loader.iterate(start, steps - start):
+        for i, trainer in enumerate(trainers):
+            if failed[i]:
+                continue
+            metrics = trainer.step(batch.x, batch.dangerous)
+            if metrics is None:
+                failed[i] = (f"non-finite loss at step {batch.step}; stopped, last good checkpoint kept "
+                             f"({_checkpoint_step(run_dirs[i])})")
+                write_json(run_dirs[i] / "failed.json", {"step": batch.step, "error": failed[i]})
+                continue
+            latest[i] = metrics
+        step = batch.step + 1
+        bar.update(cfg0.batch_size)
+        if step % cfg0.log_every == 0 or step == steps:
+            now = time.perf_counter()
+            rate = (step - last_step) * cfg0.batch_size / (now - last_time)
+            last_step, last_time = step, now
+            for i, log in enumerate(logs):
+                if not failed[i]:
+                    log.append({"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
+                                "epoch": batch.epoch})
+        if step % cfg0.checkpoint_every == 0 and step < steps:
+            for i, trainer in enumerate(trainers):
+                if not failed[i]:
+                    save_checkpoint(run_dirs[i], step, trainer.state_tensors(), {"trainer": trainer.name})
+        if all(failed):
+            break
+    bar.close()
+    seconds = time.perf_counter() - began
+    results = []
+    for i, (trainer, run_dir, c) in enumerate(zip(trainers, run_dirs, cfgs)):
+        if failed[i]:
+            results.append(RunResult(run_dir, c, trainer.step_count, failed[i]))
+            continue
+        save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name})
+        trainer.sae.save(run_dir, metadata=_sae_metadata(store))
+        final = {
+            "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
+            "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "sparsity_penalty": c.l1,
+            "ortho_penalty": c.ortho, "trainer": c.trainer, "d_in": d_model, "tokens": trainer.step_count * c.batch_size,
+            "final_metrics": latest[i], "seconds_this_session": round(seconds, 2),
+            "tokens_per_s_this_session": round((step - start) * c.batch_size / seconds, 1) if seconds else None,
+            "lockstep_size": len(trainers), "shards": str(store.path),
+        }
+        write_json(run_dir / "final_info.json", final)
+        results.append(RunResult(run_dir, c, trainer.step_count, None, final))
+    return results
+
+
+def _checkpoint_step(run_dir: Path) -> str:
+    saved = run_dir / "checkpoint" / "latest.json"
+    return f"checkpoint at {saved}" if saved.exists() else "no checkpoint yet"
+
+
+def _sae_metadata(store: ShardStore) -> dict:
+    a = store.attrs
+    return {"model_name": a["model"]["id"], "hook_name": a["hook_name"], "hook_head_index": None,
+            "prepend_bos": True, "context_size": a["context_length"], "dataset_path": str(store.path),
+            "exclude_special_tokens": True, "sae_lens_training_version": None}

@@ -1,0 +1,90 @@
+"""What every trainer shares: the SAE, constrained Adam with linear warm-up, one step, and its state.
+
+A trainer defines `loss(x, dangerous)`; `step` does the rest: the gradient, removing the decoder
+gradient's component along each unit row, the Adam step, renormalising the rows.
+"""
+
+import math
+
+import torch
+
+from ..config import TrainConfig
+from ..losses import l1, reconstruction
+from ..sae import SAE
+
+
+class Trainer:
+    name = "base"
+
+    def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.sae = SAE(d_in, cfg.dict_size or d_in, seed=cfg.seed, device=device)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
+        self.step_count = 0
+        self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
+
+    def base_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        x_hat, f = self.sae(x)
+        recon = reconstruction(x, x_hat, self.cfg.recon)
+        sparsity = l1(f)
+        return recon + self.cfg.l1 * sparsity, {"recon": recon, "l1": sparsity}, f
+
+    def loss(self, x: torch.Tensor, dangerous: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, dangerous: torch.Tensor) -> dict[str, float] | None:
+        """One optimiser step; returns the metrics, or None (nothing changed) if the loss is not finite."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
+            loss, terms, f = self.loss(x, dangerous)
+        if not torch.isfinite(loss):
+            return None
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.sae.remove_parallel_decoder_grad()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.normalize_decoder()
+        self.step_count += 1
+        with torch.no_grad():
+            fired = (f > 0).any(dim=0)
+            self.tokens_since_fired += len(x)
+            self.tokens_since_fired[fired] = 0
+            seen = self.step_count * len(x)
+            metrics = {"loss": loss, **terms, "l0": (f > 0).float().sum(dim=-1).mean(),
+                       "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum(),
+                       "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+
+    # --- checkpoint state ----------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything --resume needs, as named tensors (saved with safetensors, loaded without pickle)."""
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        for i, p in enumerate(self.sae.parameters()):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"adam.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+        tensors["tokens_since_fired"] = self.tokens_since_fired
+        tensors["step_count"] = torch.tensor(self.step_count)
+        return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        for i, p in enumerate(self.sae.parameters()):
+            state = {k.split(".", 2)[2]: v.to(self.device) if k.split(".", 2)[2] != "step" else v
+                     for k, v in tensors.items() if k.startswith(f"adam.{i}.")}
+            if state:
+                self.optimizer.state[p] = state
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
+        self.step_count = int(tensors["step_count"])
+        self.scheduler.last_epoch = self.step_count
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+
+def finite(value: float) -> bool:
+    return math.isfinite(value)
