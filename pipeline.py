@@ -139,7 +139,11 @@ def train(
 def run() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C into this exit code itself
+            typer.secho("interrupted: what was committed or checkpointed is kept; rerun to resume", err=True)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except (HarvestError, TrainError) as exc:
         if _DEBUG["on"]:
             raise

@@ -4,8 +4,6 @@ A trainer defines `loss(x, dangerous)`; `step` does the rest: the gradient, remo
 gradient's component along each unit row, the Adam step, renormalising the rows.
 """
 
-import math
-
 import torch
 
 from ..config import TrainConfig
@@ -80,11 +78,10 @@ class Trainer:
                 self.optimizer.state[p] = state
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
         self.step_count = int(tensors["step_count"])
+        # The scheduler's state is its step: rebuild it, rather than load pickled state.
         self.scheduler.last_epoch = self.step_count
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-            group["lr"] = lr
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.step_count)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)
