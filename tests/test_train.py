@@ -174,3 +174,22 @@ def test_refusals(store, tmp_path, monkeypatch, capsys):
     assert "unknown option 'orthoo'" in capsys.readouterr().err
     assert cli(monkeypatch, ["train", "--resume", "run_99", "--runs-dir", str(runs)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_sae_lens_loads_a_run_and_computes_the_same(store, tmp_path, monkeypatch):
+    sae_lens = pytest.importorskip("sae_lens")
+    runs = tmp_path / "runs"
+    assert cli(monkeypatch, train_args(store, runs, "--ortho", "0.001")) == 0
+    run = runs / "run_1"
+    theirs = sae_lens.SAE.load_from_disk(str(run), device="cpu")
+    ours = SAE.load(run)
+    assert theirs.cfg.d_in == 64 and theirs.cfg.d_sae == 96
+    assert theirs.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    x = store.acts(0, 256).float()
+    with torch.no_grad():
+        f_ours = ours.encode(x)
+        f_theirs = theirs.encode(x)
+        assert torch.allclose(f_theirs, f_ours, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(theirs.decode(f_theirs), ours.decode(f_ours), atol=1e-4, rtol=1e-5)
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(theirs, name), getattr(ours, name)), name

@@ -71,7 +71,8 @@ class SAE(nn.Module):
             "apply_b_dec_to_input": True,
             "normalize_activations": "none",
             "reshape_activations": "none",
-            "metadata": metadata or {},
+            # SAELens reads configs without a version as its pre-6.0 format and drops this metadata.
+            "metadata": {"sae_lens_version": "6.0.0", "sae_lens_training_version": None, **(metadata or {})},
         }
         _write_json(directory / CONFIG_FILE, cfg)
 
