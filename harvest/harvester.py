@@ -49,13 +49,16 @@ def harvest(cfg: HarvestConfig, *, overwrite: bool = False, progress: bool = Tru
     existing = _check_existing(path, cfg, overwrite)
     if existing is not None and existing.complete:
         return HarvestResult(existing, 0, 0.0, already_complete=True)
-    created = not path.exists()
+    created = path.absolute()
+    while not created.parent.exists():
+        created = created.parent
+    created = None if path.exists() else created
     path.mkdir(parents=True, exist_ok=True)
     try:
         return _harvest_locked(cfg, path, overwrite, progress)
     except BaseException:
-        if created and not ShardStore.exists(path):  # failed before anything was written: leave no trace
-            shutil.rmtree(path, ignore_errors=True)
+        if created is not None and not ShardStore.exists(path):  # failed before writing anything: leave no trace
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

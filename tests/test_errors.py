@@ -61,9 +61,10 @@ def test_directory_that_is_not_a_model(args, monkeypatch, capsys, tmp_path):
 
 def test_layer_out_of_range(args, monkeypatch, capsys, tmp_path):
     args[args.index("--layer") + 1] = "4"
+    args[args.index("--out") + 1] = str(tmp_path / "new" / "deeper" / "store")
     assert cli(monkeypatch, args) == 2
     assert "layer 4 is out of range" in error_line(capsys)
-    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "new").exists()  # a failed start leaves no directories behind
 
 
 def set_flag(args: list[str], flag: str, value: str) -> list[str]:
