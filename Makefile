@@ -6,10 +6,12 @@ PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
 
 .PHONY: demo test clean-venv
 
-# The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia.
+# The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
+# harvest once, then train a sweep of four ratio-ranked SAEs in lockstep from the cache.
 demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline harvest --config configs/demo.yaml
 	$(VENV)/bin/pipeline info shards/demo/L12
+	$(VENV)/bin/pipeline train --sweep configs/sweeps/demo.yaml
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

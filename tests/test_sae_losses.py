@@ -105,3 +105,22 @@ def test_save_and_load_are_bit_exact(tmp_path):
     again = SAE.load(tmp_path)
     for name, tensor in sae.state_dict().items():
         assert torch.equal(tensor, again.state_dict()[name])
+
+
+def test_input_scale_is_folded_into_the_saved_sae():
+    from train.config import TrainConfig
+    from train.trainers.baseline import BaselineTrainer
+
+    trainer = BaselineTrainer(TrainConfig(normalize="expected_norm", dict_size=24), 8, torch.device("cpu"))
+    x = torch.randn(32, 8) * 50 + 3
+    trainer.init_from_sample(x.mean(dim=0), float(x.norm(dim=1).mean()))
+    assert trainer.input_scale == pytest.approx(8 ** 0.5 / float(x.norm(dim=1).mean()))
+    with torch.no_grad():
+        trainer.sae.b_enc.normal_()
+    raw = trainer.sae_for_raw_inputs()
+    with torch.no_grad():
+        inner_x_hat, inner_f = trainer.sae(x * trainer.input_scale)
+        x_hat, f = raw(x)
+    assert torch.allclose(x_hat, inner_x_hat / trainer.input_scale, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(f, inner_f / trainer.input_scale, rtol=1e-4, atol=1e-5)
+    assert torch.equal(raw.W_dec, trainer.sae.W_dec)  # unit-norm rows untouched

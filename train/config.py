@@ -49,6 +49,15 @@ class TrainConfig(BaseModel):
     """Seeds the SAE's initialisation."""
     data_seed: int = 0
     """Seeds the batch order (shared by all SAEs of a lockstep group)."""
+    b_dec_init: Literal["mean", "zeros"] = "mean"
+    """Initial decoder bias: the mean activation of the first batches (SAELens' `mean`), or zeros.
+    Gemma-family residual streams carry dimensions with a large constant offset that an SAE
+    otherwise spends thousands of steps learning."""
+    normalize: Literal["none", "expected_norm"] = "none"
+    """`expected_norm`: scale inputs by sqrt(d_in) / E||x|| (estimated on the first batches), as
+    Gemma Scope and dictionary_learning do, so that l1 means the same across models and layers. The
+    saved SAE reads raw activations: the scale is folded into b_enc and b_dec (decoder rows stay
+    unit-norm; feature activations carry the same factor)."""
     recon: Literal["l2", "mse"] = "l2"
     """Reconstruction term: mean ||x - x_hat||_2 (`l2`, the seed's template) or its square (`mse`)."""
     window_chunks: int = Field(32, gt=0)

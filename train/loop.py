@@ -123,6 +123,13 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
     loader = ShardLoader(store, batch_size=cfg0.batch_size, dangerous_fraction=cfg0.dangerous_fraction,
                          seed=cfg0.data_seed, window_chunks=cfg0.window_chunks, device=device,
                          resident=cfg0.resident)
+    mean, mean_norm = _sample_statistics(loader)
+    for trainer in trainers:
+        b_dec = trainer.sae.b_dec.detach().clone()
+        trainer.init_from_sample(mean, mean_norm)
+        if start:  # resumed: the scale is recomputed (the same sample), the bias comes from the checkpoint
+            with torch.no_grad():
+                trainer.sae.b_dec.copy_(b_dec)
     bar = tqdm(total=steps * cfg0.batch_size, initial=start * cfg0.batch_size, unit="tok", unit_scale=True,
                desc=f"train x{len(trainers)}", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     began = last_time = time.perf_counter()
@@ -164,18 +171,29 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
             results.append(RunResult(run_dir, c, trainer.step_count, failed[i]))
             continue
         save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name})
-        trainer.sae.save(run_dir, metadata=_sae_metadata(store))
+        trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
         final = {
             "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
             "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "sparsity_penalty": c.l1,
             "ortho_penalty": c.ortho, "trainer": c.trainer, "d_in": d_model, "tokens": trainer.step_count * c.batch_size,
             "final_metrics": latest[i], "seconds_this_session": round(seconds, 2),
             "tokens_per_s_this_session": round((step - start) * c.batch_size / seconds, 1) if seconds else None,
-            "lockstep_size": len(trainers), "shards": str(store.path),
+            "lockstep_size": len(trainers), "shards": str(store.path), "input_scale": trainer.input_scale,
         }
         write_json(run_dir / "final_info.json", final)
         results.append(RunResult(run_dir, c, trainer.step_count, None, final))
     return results
+
+
+def _sample_statistics(loader: ShardLoader, rows: int = 16384) -> tuple[torch.Tensor, float]:
+    """Mean activation and mean norm over the first batches of the schedule (the same on every resume)."""
+    total, norm_sum, n = None, 0.0, 0
+    for batch in loader.iterate(0, steps=max(1, rows // loader.batch_size)):
+        x = batch.x.float()
+        total = x.sum(dim=0) if total is None else total + x.sum(dim=0)
+        norm_sum += float(x.norm(dim=1).sum())
+        n += len(x)
+    return total / n, norm_sum / n
 
 
 def _checkpoint_step(run_dir: Path) -> str:

@@ -23,6 +23,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
         self.step_count = 0
+        self.input_scale = 1.0
+        """Inputs are multiplied by this before the SAE sees them (see TrainConfig.normalize)."""
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
 
     def base_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
@@ -36,6 +38,8 @@ class Trainer:
 
     def step(self, x: torch.Tensor, dangerous: torch.Tensor) -> dict[str, float] | None:
         """One optimiser step; returns the metrics, or None (nothing changed) if the loss is not finite."""
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
             loss, terms, f = self.loss(x, dangerous)
         if not torch.isfinite(loss):
@@ -56,6 +60,25 @@ class Trainer:
                        "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum(),
                        "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+
+    def init_from_sample(self, mean: torch.Tensor, mean_norm: float) -> None:
+        """Set the input scale and the decoder bias from a sample of the data (first batches)."""
+        if self.cfg.normalize == "expected_norm":
+            self.input_scale = self.sae.d_in ** 0.5 / mean_norm
+        if self.cfg.b_dec_init == "mean":
+            with torch.no_grad():
+                self.sae.b_dec.copy_(mean * self.input_scale)
+
+    def sae_for_raw_inputs(self) -> SAE:
+        """The trained SAE with the input scale folded in: it reads and writes raw activations."""
+        if self.input_scale == 1.0:
+            return self.sae
+        folded = SAE(self.sae.d_in, self.sae.d_sae, device=self.device)
+        folded.load_state_dict(self.sae.state_dict())
+        with torch.no_grad():
+            folded.b_enc /= self.input_scale
+            folded.b_dec /= self.input_scale
+        return folded
 
     # --- checkpoint state ----------------------------------------------------------------------
 
