@@ -53,31 +53,31 @@ def ratio_ranks(f: torch.Tensor, dangerous: torch.Tensor) -> tuple[torch.Tensor,
 
 
 class _PairwiseAbsCosine(torch.autograd.Function):
-    """sum_{i != j} s_i s_j |w_i . w_j| over the rows of w, in row blocks of `block`."""
+    """sum_{i != j} s_i s_j |w_i . w_j| over the rows of w, in row blocks of `block`.
+
+    Each Gram block is computed once: the forward pass also forms the gradient (n x d, the size of
+    w), which the backward pass only scales, so the term costs one pass over the pairs, not two.
+    """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
-        ctx.save_for_backward(w, s)
-        ctx.block = block
         acc = torch.promote_types(w.dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=w.device)
+        grad = torch.empty_like(w) if ctx.needs_input_grad[0] else None
         for start in range(0, w.shape[0], block):
             gram = w[start:start + block] @ w.T
             weights = s[start:start + block, None] * s[None, :]
             _zero_diagonal(weights, start)
             total += (weights * gram.abs()).sum(dtype=acc)
+            if grad is not None:
+                # d/dw_k = 2 sum_{j != k} s_k s_j sign(w_k . w_j) w_j  (each unordered pair counts twice)
+                grad[start:start + block] = (2 * weights * torch.sign(gram)).to(w.dtype) @ w
+        ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        w, s = ctx.saved_tensors
-        grad = torch.empty_like(w)
-        # d/dw_k = 2 sum_{j != k} s_k s_j sign(w_k . w_j) w_j  (each unordered pair appears twice)
-        for start in range(0, w.shape[0], ctx.block):
-            gram = w[start:start + ctx.block] @ w.T
-            weights = s[start:start + ctx.block, None] * s[None, :]
-            _zero_diagonal(weights, start)
-            grad[start:start + ctx.block] = (2 * weights * torch.sign(gram)).to(w.dtype) @ w
+        (grad,) = ctx.saved_tensors
         return grad * grad_out, None, None
 
 
