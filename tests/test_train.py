@@ -193,3 +193,29 @@ def test_sae_lens_loads_a_run_and_computes_the_same(store, tmp_path, monkeypatch
         assert torch.allclose(theirs.decode(f_theirs), ours.decode(f_ours), atol=1e-4, rtol=1e-5)
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
             assert torch.equal(getattr(theirs, name), getattr(ours, name)), name
+
+
+def test_non_finite_loss_stops_that_run_and_keeps_its_checkpoint(store, tmp_path, monkeypatch, capsys):
+    from train.trainers.ratio import RatioTrainer
+
+    original = RatioTrainer.loss
+
+    def diverge_at_step_23(self, x, dangerous):
+        loss, terms, f = original(self, x, dangerous)
+        return (loss * float("nan") if self.step_count == 23 else loss), terms, f
+
+    monkeypatch.setattr(RatioTrainer, "loss", diverge_at_step_23)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {dict_size: 96}\ngrid:\n  trainer: [ratio, baseline]\n")
+    runs = tmp_path / "runs"
+    args = train_args(store, runs)
+    i = args.index("--dict-size")
+    del args[i:i + 2]
+    assert cli(monkeypatch, [*args, "--sweep", str(sweep)]) == 2
+    err = capsys.readouterr()
+    assert "non-finite loss at step 23" in err.out and "Traceback" not in err.err
+    failed, healthy = runs / "run_1", runs / "run_2"
+    assert json.loads((failed / "failed.json").read_text())["step"] == 23
+    assert json.loads((failed / "checkpoint" / "latest.json").read_text())["step"] == 20
+    assert not (failed / "final_info.json").exists()
+    assert json.loads((healthy / "final_info.json").read_text())["training_steps"] == 50
