@@ -109,6 +109,8 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help=_tdoc("seed"))] = None,
     data_seed: Annotated[Optional[int], typer.Option(help=_tdoc("data_seed"))] = None,
     recon: Annotated[Optional[str], typer.Option(help=_tdoc("recon"))] = None,
+    b_dec_init: Annotated[Optional[str], typer.Option(help=_tdoc("b_dec_init"))] = None,
+    normalize: Annotated[Optional[str], typer.Option(help=_tdoc("normalize"))] = None,
     window_chunks: Annotated[Optional[int], typer.Option(help=_tdoc("window_chunks"))] = None,
     ortho_block: Annotated[Optional[int], typer.Option(help=_tdoc("ortho_block"))] = None,
     device: Annotated[Optional[str], typer.Option(help=_tdoc("device"))] = None,
@@ -128,7 +130,7 @@ def train(
 
     overrides = dict(shards=shards, trainer=trainer, ortho=ortho, l1=l1, lr=lr, warmup_steps=warmup_steps,
                      dict_size=dict_size, tokens=tokens, batch_size=batch_size, dangerous_fraction=dangerous_fraction,
-                     seed=seed, data_seed=data_seed, recon=recon, window_chunks=window_chunks, ortho_block=ortho_block,
+                     seed=seed, data_seed=data_seed, recon=recon, b_dec_init=b_dec_init, normalize=normalize, window_chunks=window_chunks, ortho_block=ortho_block,
                      device=device, autocast=autocast, resident=resident, log_every=log_every,
                      checkpoint_every=checkpoint_every, dead_after_tokens=dead_after_tokens, runs_dir=runs_dir,
                      halves_split=halves_split, coact_weight=coact_weight, ortho_lr_warmup=ortho_lr_warmup)
@@ -157,9 +159,7 @@ def run() -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # a usage error (typer vendors its own click)
             exc.show()
             sys.exit(exc.exit_code)
         if _DEBUG["on"]:

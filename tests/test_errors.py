@@ -182,3 +182,9 @@ def test_gated_or_unreachable_hub_fails_fast_with_the_fix(monkeypatch, tmp_path)
     assert "Traceback" not in proc.stderr
     assert "google/gemma-2-2b" in proc.stderr
     assert "configs/demo.yaml" in proc.stderr or "log in" in proc.stderr
+
+
+def test_unknown_flag_is_a_usage_error(args, monkeypatch, capsys):
+    assert cli(monkeypatch, [*args, "--layr", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option" in err and "Traceback" not in err and "unexpected" not in err
