@@ -144,8 +144,31 @@ class ShardStore:
         return self.group[name][start:stop]
 
     def acts(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Committed activations [start, stop) as a bfloat16 tensor, bit for bit as harvested."""
-        return torch.from_numpy(self.read("acts", start, stop).view(np.int16)).view(torch.bfloat16)
+        """Committed activations [start, stop) as a bfloat16 tensor, bit for bit as harvested.
+
+        A single chunk of an uncompressed store comes memory-mapped (no copy, nothing decoded).
+        """
+        stop = self.rows_committed if stop is None else min(stop, self.rows_committed)
+        mapped = self._mapped_chunk(start, stop) if self.uncompressed else None
+        rows = mapped if mapped is not None else self.read("acts", start, stop)
+        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+
+    @functools.cached_property
+    def uncompressed(self) -> bool:
+        codecs = self.group["acts"].metadata.to_dict()["codecs"]
+        return [c["name"] for c in codecs] == ["bytes"] and codecs[0]["configuration"]["endian"] == "little"
+
+    def _mapped_chunk(self, start: int, stop: int) -> np.ndarray | None:
+        """Rows [start, stop) of one chunk file, memory-mapped; None if they span chunks."""
+        index, offset = divmod(start, self.chunk_rows)
+        if stop <= start or stop > (index + 1) * self.chunk_rows:
+            return None
+        path = self.path / "acts" / "c" / str(index) / "0"
+        if not path.exists() or path.stat().st_size != self.chunk_rows * self.d_model * 2:
+            return None
+        # copy-on-write: torch wants a writable array; the file is never written
+        chunk = np.memmap(path, dtype=np.uint16, mode="c", shape=(self.chunk_rows, self.d_model))
+        return chunk[offset:offset + stop - start]
 
     def disk_bytes(self, name: str | None = None) -> int:
         root = self.path / name if name else self.path

@@ -131,6 +131,10 @@ def test_codecs_store_the_same_rows(harvested, tiny_model, corpora, tmp_path, mo
         assert np.array_equal(store.read(column), harvested.read(column))
     compressors = store.group["acts"].compressors
     assert (len(compressors) == 0) if codec == "none" else compressors[0].cname.value == "lz4"
+    assert store.uncompressed == (codec == "none")
+    mapped = store._mapped_chunk(256, 400)
+    assert (mapped is not None) == (codec == "none")
+    assert torch.equal(store.acts(256, 400).view(torch.int16), harvested.acts(256, 400).view(torch.int16))
 
 
 def test_bfloat16_compute_is_recorded_and_close_to_float32(harvested, tiny_model, corpora, tmp_path, monkeypatch):
