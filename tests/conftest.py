@@ -74,3 +74,29 @@ def harvest_args(model: Path, corpora: dict, out: Path, *extra: str) -> list[str
             "--safe", str(corpora["safe_parquet"]), "--tokens", "4000", "--context-length", "64",
             "--batch-size", "4", "--chunk-rows", "256", "--dtype", "float32", "--device", "cpu",
             "--out", str(out), "--no-progress", *extra]
+
+
+def run_cli(monkeypatch, args: list[str]) -> int:
+    """Run the `pipeline` console script in-process; return its exit code."""
+    import sys
+
+    import pipeline
+
+    monkeypatch.setattr(sys, "argv", ["pipeline", *args])
+    try:
+        pipeline.run()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_model, corpora, tmp_path_factory):
+    """The store of `harvest_args`: the tiny model's block 2 over the three small sources."""
+    from harvest.store import ShardStore
+
+    out = tmp_path_factory.mktemp("tiny-store") / "store"
+    mp = pytest.MonkeyPatch()
+    assert run_cli(mp, harvest_args(tiny_model, corpora, out)) == 0
+    mp.undo()
+    return ShardStore.open(out)

@@ -1,7 +1,6 @@
 """End-to-end harvests of the tiny Gemma-2, checked against a direct forward pass and the source text."""
 
 import json
-import sys
 from collections import Counter
 
 import numpy as np
@@ -10,20 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import pipeline
 from harvest.store import ShardStore
 
-from .conftest import harvest_args
+from .conftest import harvest_args, run_cli
 
 
 def cli(monkeypatch, args: list[str]) -> int:
-    """Run the `pipeline` console script in-process; return its exit code."""
-    monkeypatch.setattr(sys, "argv", ["pipeline", *args])
-    try:
-        pipeline.run()
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+    return run_cli(monkeypatch, args)
 
 
 def windows_of(store: ShardStore) -> list[np.ndarray]:
@@ -33,13 +25,9 @@ def windows_of(store: ShardStore) -> list[np.ndarray]:
     return np.split(np.arange(len(pos)), starts[1:])
 
 
-@pytest.fixture(scope="module")
-def harvested(tiny_model, corpora, tmp_path_factory):
-    out = tmp_path_factory.mktemp("h") / "store"
-    mp = pytest.MonkeyPatch()
-    assert cli(mp, harvest_args(tiny_model, corpora, out)) == 0
-    mp.undo()
-    return ShardStore.open(out)
+@pytest.fixture
+def harvested(tiny_store):
+    return tiny_store
 
 
 def test_activations_equal_a_direct_forward_pass_bit_for_bit(harvested, tiny_model):

@@ -1,7 +1,6 @@
 """A harvest killed with SIGKILL mid-run and started again ends with the store of an uninterrupted one."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

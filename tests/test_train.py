@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,19 +15,14 @@ from safetensors.torch import load_file
 from harvest.store import ShardStore
 from train.sae import SAE
 
-from .conftest import harvest_args
 from .test_harvest import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def store(tiny_model, corpora, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "store"
-    mp = pytest.MonkeyPatch()
-    assert cli(mp, harvest_args(tiny_model, corpora, out)) == 0
-    mp.undo()
-    return ShardStore.open(out)
+@pytest.fixture
+def store(tiny_store):
+    return tiny_store
 
 
 def train_args(store, runs: Path, *extra: str) -> list[str]:
