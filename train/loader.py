@@ -122,6 +122,7 @@ class ShardLoader:
         pin = self.device.type == "cuda"
         staging = [torch.empty(self.batch_size, self.store.d_model, dtype=torch.bfloat16).pin_memory()
                    for _ in range(2)] if pin and not self.resident else []
+        copied = [None, None]  # CUDA events: a pinned buffer is reused only once its copy has run
         step = start_step
         for window, first, acts in self._prefetched(self._schedule(start_step)):
             window_rows = self._window_rows(window.chunks)
@@ -132,9 +133,13 @@ class ShardLoader:
                 if self.resident:
                     x = self._resident_acts.index_select(0, rows[torch.from_numpy(local).to(self.device)])
                 elif pin:
-                    buffer = staging[step % 2]
-                    torch.index_select(acts, 0, torch.from_numpy(local), out=buffer)
-                    x = buffer.to(self.device, non_blocking=True)
+                    slot = step % 2
+                    if copied[slot] is not None:
+                        copied[slot].synchronize()
+                    torch.index_select(acts, 0, torch.from_numpy(local), out=staging[slot])
+                    x = staging[slot].to(self.device, non_blocking=True)
+                    copied[slot] = torch.cuda.Event()
+                    copied[slot].record()
                 else:
                     x = acts.index_select(0, torch.from_numpy(local))
                 yield Batch(step, x.to(self.dtype), labels, window.epoch, window_rows[local])
