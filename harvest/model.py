@@ -66,7 +66,7 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code: bool,
-               device: str, dtype: str) -> LoadedModel:
+               device: str, dtype: str, truncate: bool = True) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -87,7 +87,8 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
     n_layers = len(blocks)
     if not 0 <= layer < n_layers:
         raise HarvestError(f"layer {layer} is out of range: {name} has {n_layers} blocks (0..{n_layers - 1})")
-    del blocks[layer + 1:]  # free their memory; the hook in BlockOutput stops the forward anyway
+    if truncate:
+        del blocks[layer + 1:]  # free their memory; the hook in BlockOutput stops the forward anyway
     identity = {
         "id": name,
         "class": type(model).__name__,

@@ -85,35 +85,44 @@ def build_plan(cfg: HarvestConfig, tokenizer) -> Plan:
     for index, (spec, label, budget) in enumerate(budgets(cfg)):
         use = SourceUse(spec, label, budget)
         first = len(docs)
-        for window_ids, window_doc in _pack_source(use, tokenizer, cfg.seed, width):
+        for window_ids, window_doc in pack_documents(iter_documents(spec, cfg.seed), tokenizer, width, budget):
             ids.append(window_ids)
             docs.append(window_doc)
             src.append(index)
             use.tokens += sum(d >= 0 for d in window_doc)
         use.documents = len({d for window_doc in docs[first:] for d in window_doc if d >= 0})
         uses.append(use)
+    input_ids, doc = assemble_windows(ids, docs, cfg.context_length, bos, pad)
     n = len(ids)
-    input_ids = np.full((n, cfg.context_length), pad, dtype=np.int64)
-    doc = np.full((n, cfg.context_length), -1, dtype=np.int32)
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    return Plan(input_ids[order], doc[order], np.asarray(src, dtype=np.uint8)[order], uses)
+
+
+def assemble_windows(ids: list[list[int]], docs: list[list[int]], context_length: int, bos: int,
+                     pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window bodies into (input_ids, doc) arrays: BOS first, separators BOS, right-padded; doc -1
+    wherever nothing is stored."""
+    n = len(ids)
+    input_ids = np.full((n, context_length), pad, dtype=np.int64)
+    doc = np.full((n, context_length), -1, dtype=np.int32)
     input_ids[:, 0] = bos
     for w, (window_ids, window_doc) in enumerate(zip(ids, docs)):
         input_ids[w, 1:1 + len(window_ids)] = window_ids
         doc[w, 1:1 + len(window_doc)] = window_doc
     input_ids[:, 1:][doc[:, 1:] == -2] = bos  # separators
     doc[doc == -2] = -1
-    order = np.random.default_rng(cfg.seed).permutation(n)
-    return Plan(input_ids[order], doc[order], np.asarray(src, dtype=np.uint8)[order], uses)
+    return input_ids, doc
 
 
-def _pack_source(use: SourceUse, tokenizer, seed: int, width: int):
-    """Yield (token ids, doc ids) of each window's body until the budget is met; doc id -2 marks a
-    BOS separator between documents."""
+def pack_documents(documents, tokenizer, width: int, budget: int):
+    """Yield (token ids, doc ids) of each window's body until `budget` document tokens are packed;
+    doc id -2 marks a BOS separator between documents. Also used by the eval for held-out text."""
     stream_ids: list[int] = []
     stream_doc: list[int] = []
-    documents = iter_documents(use.spec, seed)
+    documents = iter(documents)
     exhausted = False
     planned = 0
-    while planned < use.budget:
+    while planned < budget:
         while len(stream_ids) <= width and not exhausted:
             batch = [d for _, d in zip(range(_TOKENIZE_BATCH), documents)]
             exhausted = len(batch) < _TOKENIZE_BATCH
