@@ -30,6 +30,8 @@ class LoadedModel:
     compute_dtype: torch.dtype
     identity: dict
     """Model id, revision or weights hash, class: recorded in the store."""
+    layer: int = 0
+    """The hooked block."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -96,7 +98,7 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
         "weights_sha256": _weights_hash(local) if local is not None else None,
     }
     return LoadedModel(model, tokenizer, blocks, n_layers, model.config.get_text_config().hidden_size,
-                       torch_device, compute_dtype, identity)
+                       torch_device, compute_dtype, identity, layer)
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:
