@@ -20,6 +20,12 @@ def _doc(field: str) -> str:
     return HarvestConfig.model_fields[field].description or ""
 
 
+def _edoc(field: str) -> str:
+    from evaluate.config import EvalConfig
+
+    return EvalConfig.model_fields[field].description or ""
+
+
 def _tdoc(field: str) -> str:
     return TrainConfig.model_fields[field].description or ""
 
@@ -136,6 +142,48 @@ def train(
                      halves_split=halves_split, coact_weight=coact_weight, ortho_lr_warmup=ortho_lr_warmup)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress):
         typer.echo(line)
+
+
+@app.command(name="eval")
+def eval_(
+    runs: Annotated[list[str], typer.Argument(help="Runs: run_N, N, or a run directory.")],
+    runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    suite: Annotated[Optional[list[str]], typer.Option(help="unlearning, core, specialization (repeatable).")] = None,
+    heldout_windows: Annotated[Optional[int], typer.Option(help=_edoc("heldout_windows"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_edoc("batch_size"))] = None,
+    retain_thresholds: Annotated[Optional[list[float]], typer.Option("--retain-threshold", help=_edoc("retain_thresholds"))] = None,
+    n_features: Annotated[Optional[list[int]], typer.Option("--n-features", help=_edoc("n_features"))] = None,
+    multipliers: Annotated[Optional[list[float]], typer.Option("--multiplier", help=_edoc("multipliers"))] = None,
+    retain_tolerance: Annotated[Optional[float], typer.Option(help=_edoc("retain_tolerance"))] = None,
+    control_repeats: Annotated[Optional[int], typer.Option(help=_edoc("control_repeats"))] = None,
+    r_threshold: Annotated[Optional[float], typer.Option(help=_edoc("r_threshold"))] = None,
+    min_rate: Annotated[Optional[float], typer.Option(help=_edoc("min_rate"))] = None,
+    dense_rate: Annotated[Optional[float], typer.Option(help=_edoc("dense_rate"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_edoc("seed"))] = None,
+    device: Annotated[Optional[str], typer.Option(help=_edoc("device"))] = None,
+    dtype: Annotated[Optional[str], typer.Option(help=_edoc("dtype"))] = None,
+):
+    """Evaluate runs (unlearning, core, specialisation) into each run's eval/."""
+    from evaluate.cli import run_eval
+
+    overrides = dict(suite=suite, heldout_windows=heldout_windows, batch_size=batch_size,
+                     retain_thresholds=retain_thresholds, n_features=n_features, multipliers=multipliers,
+                     retain_tolerance=retain_tolerance, control_repeats=control_repeats, r_threshold=r_threshold,
+                     min_rate=min_rate, dense_rate=dense_rate, seed=seed, device=device, dtype=dtype)
+    for line in run_eval(runs, runs_dir, overrides):
+        typer.echo(line)
+
+
+@app.command()
+def report(
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Runs to compare (default: every evaluated run).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    out: Annotated[Path, typer.Option(help="Directory for report.md, report.csv and the plots.")] = Path("reports"),
+):
+    """A table across runs (report.md, report.csv) and comparison plots."""
+    from evaluate.report import report as make_report
+
+    typer.echo(f"wrote {make_report(runs or [], runs_dir, out)}")
 
 
 def run() -> None:

@@ -1,0 +1,37 @@
+"""What `pipeline eval` does with its options."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from train.errors import TrainError
+from train.runs import resolve_run
+
+from .config import EvalConfig
+
+
+def run_eval(runs: list[str], runs_dir: Path, overrides: dict) -> Iterator[str]:
+    try:
+        cfg = EvalConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise TrainError(f"invalid eval options: {problems}") from None
+    for name in runs:  # every name checked before any work starts
+        resolve_run(name, runs_dir)
+    from .runner import evaluate_run
+
+    for name in runs:
+        results = evaluate_run(name, runs_dir, cfg, progress=lambda line: None)
+        parts = [name]
+        if "unlearning" in results:
+            u = results["unlearning"]
+            parts.append(f"unlearning score {u['score']:.4f} (random control {u['control_score']:.4f})")
+        if "core" in results:
+            c = results["core"]
+            parts.append(f"EV {c['explained_variance']:.3f}, CE score {c['ce_loss_score']:.3f}, L0 {c['l0']:.1f}")
+        if "specialization" in results:
+            s = results["specialization"]
+            parts.append(f"{s['n_dangerous_specific']} dangerous-specific features, decoder |cos| "
+                         f"{s['decoder_cos_dangerous']:.4f} vs random {s['decoder_cos_random']:.4f}")
+        yield "; ".join(parts)
