@@ -36,7 +36,7 @@ class EvalConfig(BaseModel):
     dense_rate: float = Field(0.1, gt=0, le=1)
     """Core: a feature firing on more than this fraction of tokens counts as dense."""
     seed: int = 0
-    """Seeds the held-out sample and the random controls."""
+    """Seeds the random controls and the random pairs of the specialisation baseline."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda`, `cuda:N`."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"

@@ -34,7 +34,7 @@ class HeldOut:
                        self.source[windows])
 
 
-def held_out(store: ShardStore, tokenizer, windows_per_label: int, seed: int = 0) -> tuple[HeldOut, HeldOut]:
+def held_out(store: ShardStore, tokenizer, windows_per_label: int) -> tuple[HeldOut, HeldOut]:
     """Two disjoint held-out sets (select, measure), each with `windows_per_label` windows per label."""
     attrs = store.attrs
     ctx = attrs["context_length"]
@@ -61,10 +61,16 @@ def held_out(store: ShardStore, tokenizer, windows_per_label: int, seed: int = 0
     source = np.asarray(src)
     dangerous = np.array([sources[i]["label"] == "dangerous" for i in src])
     everything = HeldOut(input_ids, doc >= 0, dangerous, doc, source)
-    rng = np.random.default_rng(seed)
+    # Each source's windows, in packing order: the first half selects, the second measures, so at
+    # most one document per source (the one cut at the boundary) is in both.
     select, measure = [], []
     for label in (True, False):
-        windows = rng.permutation(np.flatnonzero(dangerous == label))
-        select.append(windows[:windows_per_label])
-        measure.append(windows[windows_per_label:2 * windows_per_label])
+        chosen_select, chosen_measure = [], []
+        for i in np.unique(source[dangerous == label]):
+            windows = np.flatnonzero(source == i)
+            half = len(windows) // 2
+            chosen_select.append(windows[:half])
+            chosen_measure.append(windows[half:])
+        select.append(np.concatenate(chosen_select)[:windows_per_label])
+        measure.append(np.concatenate(chosen_measure)[:windows_per_label])
     return everything.take(np.concatenate(select)), everything.take(np.concatenate(measure))

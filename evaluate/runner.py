@@ -42,7 +42,7 @@ def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print) -> 
                         trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
     device = loaded.device
     sae = SAE.load(run_dir, device=device).float().eval()
-    select, measure = held_out(store, loaded.tokenizer, cfg.heldout_windows, cfg.seed)
+    select, measure = held_out(store, loaded.tokenizer, cfg.heldout_windows)
     progress(f"{run_dir}: {attrs['model']['id']} block {layer}, held-out {select.keep.sum():,} + "
              f"{measure.keep.sum():,} tokens")
 

@@ -1,0 +1,117 @@
+"""The eval stage on the tiny model: clamp, scoring, held-out separation, splicing, files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evaluate.heldout import held_out
+from evaluate.splice import SplicedModel
+from evaluate.unlearning import clamp, score, select_features
+from harvest.model import find_blocks
+from train.sae import SAE
+
+from .conftest import run_cli
+from .test_train import train_args
+
+
+def test_clamp_changes_the_residual_only_where_selected_features_fire():
+    torch.manual_seed(0)
+    sae = SAE(8, 32, seed=1)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)  # sparse firing
+    h = torch.randn(3, 10, 8) * 2
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    keep[:, 0] = False  # BOS
+    features = torch.tensor([3, 7, 11])
+    out = clamp(h, sae, features, 25.0, keep)
+    f = sae.encode(h)[..., features]
+    fires = (f > 0) & keep[..., None]
+    changed = (out != h).any(dim=-1)
+    assert torch.equal(changed, fires.any(dim=-1))
+    assert not changed[:, 0].any()
+    expected = h + torch.where(fires, -25.0 - f, torch.zeros_like(f)) @ sae.W_dec[features]
+    assert torch.allclose(out, expected, atol=1e-5)
+    # with the SAE error kept, h' = error + decode(f with the selected features set to -25)
+    f_all = sae.encode(h) * keep[..., None]
+    clamped = f_all.clone()
+    clamped[..., features] = torch.where(f_all[..., features] > 0, -25.0, f_all[..., features])
+    reference = (h - sae.decode(f_all)) + sae.decode(clamped)
+    assert torch.allclose(out[keep], reference[keep], atol=1e-4)
+
+
+def test_selection_and_score_of_a_known_case():
+    forget = np.array([0.5, 0.4, 0.3, 0.2, 0.0, 0.6])
+    retain = np.array([0.0, 0.02, 0.0, 0.0, 0.0, 0.5])
+    assert select_features(forget, retain, 0.01, 2).tolist() == [0, 2]
+    assert select_features(forget, retain, 0.01, 10).tolist() == [0, 2, 3]  # never a feature silent on forget
+    settings = [
+        {"forget_loss_increase": 0.9, "retain_loss_increase": 0.5},   # too much damage
+        {"forget_loss_increase": 0.3, "retain_loss_increase": 0.01},
+        {"forget_loss_increase": 0.2, "retain_loss_increase": -0.01},
+    ]
+    value, best = score(settings, tolerance=0.02)
+    assert value == 0.3 and best is settings[1]
+    assert score(settings[:1], tolerance=0.02) == (0.0, None)
+
+
+def test_held_out_text_never_overlaps_the_store(tiny_store, tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    select, measure = held_out(tiny_store, tokenizer, windows_per_label=4)
+    labels, docs = tiny_store.read("label"), tiny_store.read("doc")
+    for part in (select, measure):
+        assert part.dangerous.sum() == 4 and (~part.dangerous).sum() == 4
+        for source in np.unique(part.source):
+            held = set(np.unique(part.doc[part.source == source][part.keep[part.source == source]]).tolist())
+            stored = set(np.unique(docs[labels == source]).tolist())
+            assert held and not held & stored
+    select_docs = {(s, d) for s, row in zip(select.source, select.doc) for d in row[row >= 0]}
+    measure_docs = {(s, d) for s, row in zip(measure.source, measure.doc) for d in row[row >= 0]}
+    assert len(select_docs & measure_docs) <= 3  # at most the one document per source cut at the boundary
+
+
+def test_spliced_rerun_of_the_clean_output_gives_the_clean_logits(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    spliced = SplicedModel(model, find_blocks(model), layer=1)
+    ids = torch.randint(4, 200, (2, 16))
+    h, logits = spliced.clean(ids)
+    assert torch.allclose(spliced.with_block_output(ids, h), logits, atol=1e-5)
+    assert not torch.allclose(spliced.with_block_output(ids, h * 0), logits, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)  # the model is whole again
+
+
+def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.001")) == 0
+    assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.0")) == 0
+    assert run_cli(monkeypatch, ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--heldout-windows", "4",
+                                 "--multiplier", "5", "--multiplier", "50", "--device", "cpu", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "unlearning score" in out
+    for run in ("run_1", "run_2"):
+        eval_dir = runs / run / "eval"
+        u = json.loads((eval_dir / "unlearning.json").read_text())
+        assert {"score", "control_score", "settings"} <= u.keys()
+        assert len(u["settings"]) == 2 * 2 * 2 and {"retain_threshold", "n_features", "multiplier", "features",
+                                                     "forget_loss_increase", "retain_loss_increase"} <= u["settings"][0].keys()
+        c = json.loads((eval_dir / "core.json").read_text())
+        for key in ("explained_variance", "mse", "cossim", "l0", "l1", "dead_fraction", "ce_loss_score", "kl_div_score"):
+            assert np.isfinite(c[key]), key
+        assert c["ce_loss_with_ablation"] >= c["ce_loss_without_sae"]
+        s = json.loads((eval_dir / "specialization.json").read_text())
+        assert {"n_dangerous_specific", "decoder_cos_dangerous", "decoder_cos_random"} <= s.keys()
+        assert (eval_dir / "r_histogram.png").exists() and (eval_dir / "unlearning.png").exists()
+    report_dir = tmp_path / "report"
+    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(report_dir)]) == 0
+    assert "| run_1 |" in (report_dir / "report.md").read_text()
+    assert (report_dir / "report.csv").read_text().count("\n") == 3
+    assert (report_dir / "unlearning_vs_ortho.png").exists()
+
+
+def test_unknown_run_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    assert run_cli(monkeypatch, ["eval", "run_7", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a run directory" in err and "Traceback" not in err
