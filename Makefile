@@ -7,11 +7,14 @@ PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
 .PHONY: demo test clean-venv
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
-# harvest once, then train a sweep of four ratio-ranked SAEs in lockstep from the cache.
+# harvest once, train a sweep of four ratio-ranked SAEs in lockstep from the cache, evaluate them
+# (unlearning, core, specialisation) and write reports/demo/report.md.
 demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline harvest --config configs/demo.yaml
 	$(VENV)/bin/pipeline info shards/demo/L12
 	$(VENV)/bin/pipeline train --sweep configs/sweeps/demo.yaml
+	$(VENV)/bin/pipeline eval $$(ls -d runs/run_* | sort -t_ -k2 -n | tail -4) --config configs/eval-demo.yaml
+	$(VENV)/bin/pipeline report --out reports/demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q

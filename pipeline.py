@@ -148,6 +148,7 @@ def train(
 def eval_(
     runs: Annotated[list[str], typer.Argument(help="Runs: run_N, N, or a run directory.")],
     runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    config: Annotated[Optional[Path], typer.Option(help="YAML eval config (e.g. configs/eval-demo.yaml); flags override it.")] = None,
     suite: Annotated[Optional[list[str]], typer.Option(help="unlearning, core, specialization (repeatable).")] = None,
     heldout_windows: Annotated[Optional[int], typer.Option(help=_edoc("heldout_windows"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_edoc("batch_size"))] = None,
@@ -170,7 +171,7 @@ def eval_(
                      retain_thresholds=retain_thresholds, n_features=n_features, multipliers=multipliers,
                      retain_tolerance=retain_tolerance, control_repeats=control_repeats, r_threshold=r_threshold,
                      min_rate=min_rate, dense_rate=dense_rate, seed=seed, device=device, dtype=dtype)
-    for line in run_eval(runs, runs_dir, overrides):
+    for line in run_eval(runs, runs_dir, config, overrides):
         typer.echo(line)
 
 

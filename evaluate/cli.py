@@ -3,6 +3,7 @@
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from train.errors import TrainError
@@ -11,9 +12,15 @@ from train.runs import resolve_run
 from .config import EvalConfig
 
 
-def run_eval(runs: list[str], runs_dir: Path, overrides: dict) -> Iterator[str]:
+def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: dict) -> Iterator[str]:
+    data = {}
+    if config is not None:
+        try:
+            data = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise TrainError(f"cannot read eval config {config}: {exc}") from None
     try:
-        cfg = EvalConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
+        cfg = EvalConfig.model_validate({**data, **{k: v for k, v in overrides.items() if v is not None}})
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise TrainError(f"invalid eval options: {problems}") from None
