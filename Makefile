@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test clean-venv
+SAEBENCH_VENV := .venv-saebench
+
+.PHONY: demo test saebench-env clean-venv
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
 # harvest once, train a sweep of four ratio-ranked SAEs in lockstep from the cache, evaluate them
@@ -16,8 +18,22 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline eval $$(ls -d runs/run_* | sort -t_ -k2 -n | tail -4) --config configs/eval-demo.yaml
 	$(VENV)/bin/pipeline report --out reports/demo
 
-test: $(VENV)/.installed
+# Both environments: the project's, and SAEBench's (for `pipeline eval --saebench` and its tests).
+test: $(VENV)/.installed $(SAEBENCH_VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
+	$(SAEBENCH_VENV)/bin/python -m pytest -q tests/test_saebench.py
+
+# SAEBench pins numpy < 2 and datasets < 4, so it gets an environment of its own. The torchvision
+# it pulls from PyPI is not a CPU build and breaks transformers' imports; sae-bench never imports it.
+saebench-env: $(SAEBENCH_VENV)/.installed
+
+$(SAEBENCH_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(SAEBENCH_VENV)/bin/python || $(PYTHON) -m venv $(SAEBENCH_VENV)
+	$(SAEBENCH_VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt -U pip
+	$(SAEBENCH_VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0
+	$(SAEBENCH_VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt -e '.[saebench,test]'
+	$(SAEBENCH_VENV)/bin/pip uninstall --disable-pip-version-check -q -y torchvision
+	touch $@
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -27,4 +43,4 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SAEBENCH_VENV)

@@ -163,15 +163,28 @@ def eval_(
     seed: Annotated[Optional[int], typer.Option(help=_edoc("seed"))] = None,
     device: Annotated[Optional[str], typer.Option(help=_edoc("device"))] = None,
     dtype: Annotated[Optional[str], typer.Option(help=_edoc("dtype"))] = None,
+    saebench: Annotated[bool, typer.Option("--saebench", help="Run SAEBench's own unlearning eval (sae-bench package, gemma-2-2b-it, WMDP/MMLU) instead of the offline suite.")] = False,
+    saebench_model: Annotated[Optional[str], typer.Option(help=_edoc("saebench_model"))] = None,
+    saebench_forget_corpus: Annotated[Optional[Path], typer.Option(help=_edoc("saebench_forget_corpus"))] = None,
+    saebench_artifacts: Annotated[Optional[Path], typer.Option(help=_edoc("saebench_artifacts"))] = None,
+    saebench_llm_batch_size: Annotated[Optional[int], typer.Option(help=_edoc("saebench_llm_batch_size"))] = None,
+    saebench_llm_dtype: Annotated[Optional[str], typer.Option(help=_edoc("saebench_llm_dtype"))] = None,
+    saebench_dataset_size: Annotated[Optional[int], typer.Option(help=_edoc("saebench_dataset_size"))] = None,
+    saebench_seq_len: Annotated[Optional[int], typer.Option(help=_edoc("saebench_seq_len"))] = None,
+    saebench_baseline_min: Annotated[Optional[float], typer.Option(help=_edoc("saebench_baseline_min"))] = None,
 ):
-    """Evaluate runs (unlearning, core, specialisation) into each run's eval/."""
+    """Evaluate runs (unlearning, core, specialisation) into each run's eval/; --saebench for SAEBench's own."""
     from evaluate.cli import run_eval
 
     overrides = dict(suite=suite, heldout_windows=heldout_windows, batch_size=batch_size,
                      retain_thresholds=retain_thresholds, n_features=n_features, multipliers=multipliers,
                      retain_tolerance=retain_tolerance, control_repeats=control_repeats, r_threshold=r_threshold,
-                     min_rate=min_rate, dense_rate=dense_rate, seed=seed, device=device, dtype=dtype)
-    for line in run_eval(runs, runs_dir, config, overrides):
+                     min_rate=min_rate, dense_rate=dense_rate, seed=seed, device=device, dtype=dtype,
+                     saebench_model=saebench_model, saebench_forget_corpus=saebench_forget_corpus,
+                     saebench_artifacts=saebench_artifacts, saebench_llm_batch_size=saebench_llm_batch_size,
+                     saebench_llm_dtype=saebench_llm_dtype, saebench_dataset_size=saebench_dataset_size,
+                     saebench_seq_len=saebench_seq_len, saebench_baseline_min=saebench_baseline_min)
+    for line in run_eval(runs, runs_dir, config, overrides, saebench=saebench):
         typer.echo(line)
 
 

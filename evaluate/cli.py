@@ -12,7 +12,8 @@ from train.runs import resolve_run
 from .config import EvalConfig
 
 
-def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: dict) -> Iterator[str]:
+def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: dict,
+             saebench: bool = False) -> Iterator[str]:
     data = {}
     if config is not None:
         try:
@@ -24,8 +25,20 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise TrainError(f"invalid eval options: {problems}") from None
-    for name in runs:  # every name checked before any work starts
-        resolve_run(name, runs_dir)
+    run_dirs = [resolve_run(name, runs_dir) for name in runs]  # every name checked before any work starts
+    if saebench:
+        from .saebench import require_sae_bench, run_saebench
+
+        require_sae_bench()
+        for name, run_dir in zip(runs, run_dirs):
+            result = run_saebench(run_dir, cfg, progress=lambda line: None)
+            best = result["best_setting"]
+            yield (f"{name}: SAEBench unlearning score {result['score']:.4f} on {result['model']} (known questions "
+                   f"without intervention: WMDP-bio {result['baseline']['wmdp_bio']:.3f}, MMLU "
+                   f"{result['baseline']['mmlu_pooled']:.3f}; best setting: "
+                   + (f"N={best['n_features']}, x{best['multiplier']}, retain < {best['retain_threshold']})"
+                      if best else "none passes the MMLU gate)"))
+        return
     from .runner import evaluate_run
 
     for name in runs:

@@ -1,5 +1,6 @@
 """The eval configuration. Every field is a flag of `pipeline eval` (underscores become dashes)."""
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,3 +42,26 @@ class EvalConfig(BaseModel):
     """`auto`, `cpu`, `cuda`, `cuda:N`."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Model compute dtype (as harvest's --dtype)."""
+
+    # --- `--saebench`: SAEBench's own unlearning eval (sae-bench package) ------------------------
+    saebench_model: str = ""
+    """The instruct model SAEBench scores with (its question lists and prompt format exist only for
+    gemma-2-2b-it and gemma-2-9b-it); empty: the run's model with `-it`."""
+    saebench_forget_corpus: Path = Path("sae_bench/evals/unlearning/data/bio-forget-corpus.jsonl")
+    """The WMDP bio forget corpus (JSONL, `text` field; the default is where SAEBench itself looks). It
+    is gated: request it from CAIS (form linked on huggingface.co/datasets/cais/wmdp-corpora). A
+    stand-in makes scores incomparable to SAEBench's."""
+    saebench_artifacts: Path = Path("artifacts")
+    """SAEBench's artifacts folder: the known-question lists under unlearning/<model>/data/question_ids
+    (copy them from the SAEBench repository, or let SAEBench regenerate them with this model)."""
+    saebench_llm_batch_size: int = Field(4, gt=0)
+    """Prompts per forward pass in the sparsity pass (twice this for the multiple-choice prompts)."""
+    saebench_llm_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """SAEBench's question lists were made in bfloat16; another dtype can change which are known."""
+    saebench_dataset_size: int = Field(1024, gt=0)
+    """Sequences of forget and of retain text for the firing-rate pass (SAEBench's default)."""
+    saebench_seq_len: int = Field(1024, gt=1)
+    """Tokens per sequence in the firing-rate pass (SAEBench's default)."""
+    saebench_baseline_min: float = Field(0.99, ge=0, le=1)
+    """The model without intervention must answer at least this fraction of the known WMDP-bio and of
+    the known MMLU questions; below it SAEBench's 0.99 gate can never pass and every score is 0."""

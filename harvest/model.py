@@ -75,7 +75,7 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
     hf_logging.disable_progress_bar()  # the harvest's own bar is the one to watch
     torch_device = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, torch_device)
-    source, local = _locate(name, revision)
+    source, local = locate_model(name, revision)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, local_files_only=local is not None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -147,7 +147,7 @@ class BlockOutput:
         return self._captured
 
 
-def _locate(name: str, revision: str | None) -> tuple[str, Path | None]:
+def locate_model(name: str, revision: str | None) -> tuple[str, Path | None]:
     """Return what to pass to from_pretrained, and the local directory when there is one.
 
     Hub ids are tried in the local cache first; otherwise the hub is asked once with a short
