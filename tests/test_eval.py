@@ -108,7 +108,30 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
     assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(report_dir)]) == 0
     assert "| run_1 |" in (report_dir / "report.md").read_text()
     assert (report_dir / "report.csv").read_text().count("\n") == 3
-    assert (report_dir / "unlearning_vs_ortho.png").exists()
+    for plot in ("unlearning_vs_ortho.png", "training_curves.png", "r_histograms.png", "unlearning_tradeoff.png",
+                 "decoder_cos.png"):
+        assert (report_dir / plot).stat().st_size > 0, plot
+    header = (report_dir / "report.csv").read_text().splitlines()[0].split(",")
+    assert {"trainer", "l1", "ortho", "d_sae", "seed", "final_loss", "explained_variance", "l0", "ce_loss_score",
+            "unlearning_score", "control_score", "n_dangerous_specific"} <= set(header)
+
+
+def test_report_groups_seeds_with_their_spread():
+    from evaluate.report import COLUMNS, seed_groups
+
+    def row(run, ortho, seed, score):
+        r = {c: None for c, _ in COLUMNS}
+        r.update(run=run, trainer="ratio", l1=0.06, ortho=ortho, d_sae=64, seed=seed, unlearning_score=score)
+        return r
+
+    rows = [row("run_1", 0.0, 0, 0.5), row("run_2", 0.1, 0, 0.9), row("run_3", 0.0, 1, 0.7), row("run_4", 0.0, 2, 1.2)]
+    groups = {g["label"]: g for g in seed_groups(rows)}
+    baseline = groups["ratio ortho 0.0 d64"]
+    assert baseline["runs"] == ["run_1", "run_3", "run_4"]
+    mean, sd = baseline["stats"]["unlearning_score"]
+    assert mean == pytest.approx(np.mean([0.5, 0.7, 1.2])) and sd == pytest.approx(np.std([0.5, 0.7, 1.2], ddof=1))
+    assert groups["ratio ortho 0.1 d64"]["stats"]["unlearning_score"] == (0.9, 0.0)
+    assert "explained_variance" not in baseline["stats"]  # no values, no statistic
 
 
 def test_unknown_run_is_one_clear_line(tmp_path, monkeypatch, capsys):
