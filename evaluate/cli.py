@@ -41,12 +41,14 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
         return
     from .runner import evaluate_run
 
+    cache = {}
     for name in runs:
-        results = evaluate_run(name, runs_dir, cfg, progress=lambda line: None)
+        results = evaluate_run(name, runs_dir, cfg, progress=lambda line: None, cache=cache)
         parts = [name]
         if "unlearning" in results:
             u = results["unlearning"]
-            parts.append(f"unlearning score {u['score']:.4f} (random control {u['control_score']:.4f})")
+            parts.append(f"unlearning score {u['score']:.4f} (random control {u['control_score']:.4f})"
+                         + "".join(f" [warning: {w}]" for w in u["warnings"]))
         if "core" in results:
             c = results["core"]
             parts.append(f"EV {c['explained_variance']:.3f}, CE score {c['ce_loss_score']:.3f}, L0 {c['l0']:.1f}")

@@ -29,7 +29,8 @@ from .splice import SplicedModel, kl_to_clean, next_token_loss
 from .unlearning import clamp, random_features, score, select_features
 
 
-def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print) -> dict:
+def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print, cache: dict | None = None) -> dict:
+    """Evaluate one run; `cache` keeps the model and the held-out text across the runs of one `pipeline eval`."""
     run_dir = resolve_run(name, runs_dir)
     if not (run_dir / "sae_weights.safetensors").exists():
         raise TrainError(f"{run_dir} has no trained SAE yet (sae_weights.safetensors); finish or resume it first")
@@ -38,11 +39,17 @@ def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print) -> 
     attrs = store.attrs
     layer = attrs["layer"]
     started = time.perf_counter()
-    loaded = load_model(attrs["model"]["id"], layer=layer, revision=attrs["model"].get("revision"),
-                        trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
+    cache = {} if cache is None else cache
+    key = (attrs["model"]["id"], attrs["model"].get("revision"), layer, str(store.path.resolve()))
+    if cache.get("key") != key:  # one model in memory at a time
+        cache.clear()
+        loaded = load_model(attrs["model"]["id"], layer=layer, revision=attrs["model"].get("revision"),
+                            trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
+        cache.update(key=key, loaded=loaded, heldout=held_out(store, loaded.tokenizer, cfg.heldout_windows))
+    loaded = cache["loaded"]
     device = loaded.device
     sae = SAE.load(run_dir, device=device).float().eval()
-    select, measure = held_out(store, loaded.tokenizer, cfg.heldout_windows)
+    select, measure = cache["heldout"]
     progress(f"{run_dir}: {attrs['model']['id']} block {layer}, held-out {select.keep.sum():,} + "
              f"{measure.keep.sum():,} tokens")
 
@@ -64,6 +71,7 @@ def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print) -> 
             control_score, control_best = score(controls, tolerance)
             results["unlearning"] = {
                 "score": best_score, "control_score": control_score, "best_setting": best,
+                "warnings": _unlearning_warnings(settings, stats, cfg),
                 "best_control": control_best, "retain_tolerance_nats": tolerance,
                 "clean_forget_loss": measured["clean"]["forget"], "clean_retain_loss": measured["clean"]["retain"],
                 "settings": settings, "controls": controls,
@@ -83,6 +91,24 @@ def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print) -> 
     from .plots import plot_run
     plot_run(out_dir, results)
     return results
+
+
+def _unlearning_warnings(settings: list[dict], stats: dict, cfg: EvalConfig) -> list[str]:
+    """The ways a score of 0.0 can mean nothing (the seed's every score was 0.0), said out loud."""
+    warnings = []
+    for threshold in cfg.retain_thresholds:
+        chosen = [s for s in settings if s["retain_threshold"] == threshold]
+        if chosen and not any(s["features"] for s in chosen):
+            firing = int((stats["forget_rate"] > 0).sum())
+            warnings.append(
+                f"no feature was selected at retain threshold {threshold}: each of the {firing} features that fire on "
+                f"held-out forget text also fires on at least that fraction of retain tokens (mean retain firing "
+                f"rate {float(stats['retain_rate'].mean()):.3f}), so these settings clamp nothing; a sparser SAE "
+                f"(higher --l1) or a higher --retain-threshold can select some")
+    if all(not s["features"] for s in settings):
+        warnings.append("the unlearning score is 0.0 because no setting clamped any feature, not because "
+                        "clamping failed")
+    return warnings
 
 
 def _batches(heldout: HeldOut, batch_size: int):

@@ -138,3 +138,20 @@ def test_unknown_run_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert run_cli(monkeypatch, ["eval", "run_7", "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a run directory" in err and "Traceback" not in err
+
+
+def test_a_score_from_settings_that_clamp_nothing_says_so():
+    from evaluate.config import EvalConfig
+    from evaluate.runner import _unlearning_settings, _unlearning_warnings
+
+    cfg = EvalConfig(retain_thresholds=[0.001, 0.01], n_features=[2], multipliers=[25.0])
+    dense = {"forget_rate": np.array([0.5, 0.4, 0.3]), "retain_rate": np.array([0.2, 0.3, 0.05])}
+    settings, _ = _unlearning_settings(dense, cfg)
+    assert all(s["features"] == [] for s in settings)
+    warnings = _unlearning_warnings(settings, dense, cfg)
+    assert len(warnings) == 3 and "retain threshold 0.001" in warnings[0] and "clamped any feature" in warnings[2]
+    sparse = {"forget_rate": np.array([0.5, 0.4, 0.3]), "retain_rate": np.array([0.2, 0.005, 0.0])}
+    settings, _ = _unlearning_settings(sparse, cfg)
+    assert [s["features"] for s in settings] == [[2], [1, 2]]  # most frequent on forget first
+    warnings = _unlearning_warnings(settings, sparse, cfg)
+    assert len(warnings) == 1 and "retain threshold 0.001" in warnings[0]
