@@ -76,3 +76,15 @@ def test_device_resident_mode_gives_the_same_batches(store):
     resident = list(loader(store, resident=True).iterate(0, steps=10))
     for a, b in zip(streamed, resident):
         assert np.array_equal(a.rows, b.rows) and torch.equal(a.x, b.x)
+
+
+@pytest.mark.parametrize("stop_after", [0, 1, 3])
+def test_stopping_early_leaves_no_reader_thread_behind(store, stop_after):
+    """A reader thread still decoding at interpreter exit aborts the process; closing must join it."""
+    import threading
+
+    batches = loader(store).iterate(0, steps=50)
+    for _ in range(stop_after + 1):
+        next(batches)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name == "shard-reader"]

@@ -179,7 +179,15 @@ class ShardLoader:
                     raise item
                 yield item
         finally:
+            # Join the reader before returning: a daemon thread still decoding a chunk (C code) when
+            # the interpreter exits aborts the process ("terminate called without an active exception").
             stop.set()
+            while thread.is_alive():
+                try:
+                    ready.get_nowait()  # unblock a put of its last item
+                except queue.Empty:
+                    pass
+                thread.join(timeout=0.05)
 
     def _fits_on_device(self) -> bool:
         """Load the store onto the GPU when it takes under half of the free memory."""
