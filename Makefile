@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
 
 SAEBENCH_VENV := .venv-saebench
 
-.PHONY: demo test saebench-env clean-venv
+.PHONY: demo study test saebench-env clean-venv
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
 # harvest once, train a sweep of four ratio-ranked SAEs in lockstep from the cache, evaluate them
@@ -17,6 +17,13 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline train --sweep configs/sweeps/demo.yaml
 	$(VENV)/bin/pipeline eval $$(ls -d runs/run_* | sort -t_ -k2 -n | tail -4) --config configs/eval-demo.yaml
 	$(VENV)/bin/pipeline report --out reports/demo
+
+# The study of docs/results-demo.md: 1M tokens, 3 lambda_2 x 3 seeds, about an hour on 2 CPU cores.
+study: $(VENV)/.installed
+	$(VENV)/bin/pipeline harvest --config configs/demo-1m.yaml
+	$(VENV)/bin/pipeline train --sweep configs/study.yaml
+	$(VENV)/bin/pipeline eval $$(ls -d runs/study/run_* | sort -t_ -k2 -n) --config configs/eval-study.yaml
+	$(VENV)/bin/pipeline report --runs-dir runs/study --out reports/study
 
 # Both environments: the project's, and SAEBench's (for `pipeline eval --saebench` and its tests).
 test: $(VENV)/.installed $(SAEBENCH_VENV)/.installed
