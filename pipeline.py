@@ -163,7 +163,7 @@ def eval_(
     seed: Annotated[Optional[int], typer.Option(help=_edoc("seed"))] = None,
     device: Annotated[Optional[str], typer.Option(help=_edoc("device"))] = None,
     dtype: Annotated[Optional[str], typer.Option(help=_edoc("dtype"))] = None,
-    saebench: Annotated[bool, typer.Option("--saebench", help="Run SAEBench's own unlearning eval (sae-bench package, gemma-2-2b-it, WMDP/MMLU) instead of the offline suite.")] = False,
+    saebench: Annotated[bool, typer.Option("--saebench", help="Run SAEBench's own evals instead of the offline suite: unlearning (gemma-2-2b-it, WMDP/MMLU) and core, as --suite selects. Needs .venv-saebench (make saebench-env).")] = False,
     saebench_model: Annotated[Optional[str], typer.Option(help=_edoc("saebench_model"))] = None,
     saebench_forget_corpus: Annotated[Optional[Path], typer.Option(help=_edoc("saebench_forget_corpus"))] = None,
     saebench_artifacts: Annotated[Optional[Path], typer.Option(help=_edoc("saebench_artifacts"))] = None,
@@ -171,6 +171,9 @@ def eval_(
     saebench_llm_dtype: Annotated[Optional[str], typer.Option(help=_edoc("saebench_llm_dtype"))] = None,
     saebench_dataset_size: Annotated[Optional[int], typer.Option(help=_edoc("saebench_dataset_size"))] = None,
     saebench_seq_len: Annotated[Optional[int], typer.Option(help=_edoc("saebench_seq_len"))] = None,
+    saebench_core_dataset: Annotated[Optional[str], typer.Option(help=_edoc("saebench_core_dataset"))] = None,
+    saebench_core_context: Annotated[Optional[int], typer.Option(help=_edoc("saebench_core_context"))] = None,
+    saebench_core_batches: Annotated[Optional[int], typer.Option(help=_edoc("saebench_core_batches"))] = None,
     saebench_baseline_min: Annotated[Optional[float], typer.Option(help=_edoc("saebench_baseline_min"))] = None,
 ):
     """Evaluate runs (unlearning, core, specialisation) into each run's eval/; --saebench for SAEBench's own."""
@@ -183,7 +186,9 @@ def eval_(
                      saebench_model=saebench_model, saebench_forget_corpus=saebench_forget_corpus,
                      saebench_artifacts=saebench_artifacts, saebench_llm_batch_size=saebench_llm_batch_size,
                      saebench_llm_dtype=saebench_llm_dtype, saebench_dataset_size=saebench_dataset_size,
-                     saebench_seq_len=saebench_seq_len, saebench_baseline_min=saebench_baseline_min)
+                     saebench_seq_len=saebench_seq_len, saebench_baseline_min=saebench_baseline_min,
+                     saebench_core_dataset=saebench_core_dataset, saebench_core_context=saebench_core_context,
+                     saebench_core_batches=saebench_core_batches)
     for line in run_eval(runs, runs_dir, config, overrides, saebench=saebench):
         typer.echo(line)
 

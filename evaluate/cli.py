@@ -27,17 +27,22 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
         raise TrainError(f"invalid eval options: {problems}") from None
     run_dirs = [resolve_run(name, runs_dir) for name in runs]  # every name checked before any work starts
     if saebench:
-        from .saebench import require_sae_bench, run_saebench
+        from .saebench import require_sae_bench, run_saebench, run_saebench_core
 
         require_sae_bench()
         for name, run_dir in zip(runs, run_dirs):
-            result = run_saebench(run_dir, cfg, progress=lambda line: None)
-            best = result["best_setting"]
-            yield (f"{name}: SAEBench unlearning score {result['score']:.4f} on {result['model']} (known questions "
-                   f"without intervention: WMDP-bio {result['baseline']['wmdp_bio']:.3f}, MMLU "
-                   f"{result['baseline']['mmlu_pooled']:.3f}; best setting: "
-                   + (f"N={best['n_features']}, x{best['multiplier']}, retain < {best['retain_threshold']})"
-                      if best else "none passes the MMLU gate)"))
+            if "unlearning" in cfg.suite:
+                result = run_saebench(run_dir, cfg, progress=lambda line: None)
+                best = result["best_setting"]
+                yield (f"{name}: SAEBench unlearning score {result['score']:.4f} on {result['model']} (known questions "
+                       f"without intervention: WMDP-bio {result['baseline']['wmdp_bio']:.3f}, MMLU "
+                       f"{result['baseline']['mmlu_pooled']:.3f}; best setting: "
+                       + (f"N={best['n_features']}, x{best['multiplier']}, retain < {best['retain_threshold']})"
+                          if best else "none passes the MMLU gate)"))
+            if "core" in cfg.suite:
+                core = run_saebench_core(run_dir, cfg, progress=lambda line: None)
+                yield (f"{name}: SAEBench core on {core['model']}: EV {core['explained_variance']:.3f}, CE score "
+                       f"{core['ce_loss_score']:.3f}, KL score {core['kl_div_score']:.3f}, L0 {core['l0']:.1f}")
         return
     from .runner import evaluate_run
 

@@ -62,6 +62,12 @@ class EvalConfig(BaseModel):
     """Sequences of forget and of retain text for the firing-rate pass (SAEBench's default)."""
     saebench_seq_len: int = Field(1024, gt=1)
     """Tokens per sequence in the firing-rate pass (SAEBench's default)."""
+    saebench_core_dataset: str = "Skylion007/openwebtext"
+    """Text for SAEBench's core eval (a `datasets` id, streamed; SAEBench's default)."""
+    saebench_core_context: int = Field(128, gt=1)
+    """Context length of SAEBench's core eval (its default)."""
+    saebench_core_batches: int = Field(16, gt=0)
+    """Batches of prompts for each part of SAEBench's core eval (reconstruction; sparsity and variance)."""
     saebench_baseline_min: float = Field(0.99, ge=0, le=1)
     """The model without intervention must answer at least this fraction of the known WMDP-bio and of
     the known MMLU questions; below it SAEBench's 0.99 gate can never pass and every score is 0."""

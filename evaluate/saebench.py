@@ -1,4 +1,4 @@
-"""`pipeline eval RUN --saebench`: SAEBench's own unlearning eval, through the sae-bench package.
+"""`pipeline eval RUN --saebench`: SAEBench's own unlearning and core evals, through the sae-bench package.
 
 SAEBench scores unlearning as multiple-choice accuracy: the run's SAE is spliced into the instruct
 model (gemma-2-2b-it), features that fire on the WMDP bio forget corpus but rarely on wikitext are
@@ -95,7 +95,7 @@ def load_instruct_model(model_name: str, device: str, dtype: str):
         locate_model(f"google/{model_name}", None)
         return HookedTransformer.from_pretrained_no_processing(model_name, device=device, dtype=dtype)
     except HarvestError as exc:
-        raise TrainError(f"SAEBench needs {model_name}: {exc}") from None
+        raise TrainError(f"SAEBench needs {model_name}: {_hub_problem(exc)}") from None
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load {model_name} for SAEBench: {str(exc).splitlines()[0]}") from None
 
@@ -182,6 +182,73 @@ def run_saebench(run_dir: Path, cfg: EvalConfig, model=None, progress=print) -> 
     return result
 
 
+def run_saebench_core(run_dir: Path, cfg: EvalConfig, model=None, dataset=None, progress=print) -> dict:
+    """SAEBench's core eval (sae-bench `run_evals`) on the run's own base model; writes
+    eval/saebench_core.json. `dataset`: text to evaluate on, a `datasets` id or a Dataset (default
+    SAEBench's, openwebtext, streamed)."""
+    require_sae_bench()
+    from sae_bench.evals.core.eval_config import CoreEvalConfig
+    from sae_bench.evals.core.main import run_evals
+    from sae_lens.training.activations_store import ActivationsStore
+
+    sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    model_name = sae_cfg["metadata"]["model_name"]
+    if model is None:
+        model = load_base_model(model_name, cfg.device if cfg.device != "auto" else _auto_device(),
+                                cfg.saebench_llm_dtype)
+    device = torch.device(model.cfg.device)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.saebench_llm_dtype]
+    sae = saebench_sae(run_dir, model.cfg.model_name, device, dtype)
+    dataset = cfg.saebench_core_dataset if dataset is None else dataset
+    core_cfg = CoreEvalConfig(model_name=model.cfg.model_name, llm_dtype=cfg.saebench_llm_dtype,
+                              batch_size_prompts=cfg.saebench_llm_batch_size,
+                              n_eval_reconstruction_batches=cfg.saebench_core_batches,
+                              n_eval_sparsity_variance_batches=cfg.saebench_core_batches,
+                              dataset=dataset if isinstance(dataset, str) else "in-memory",
+                              context_size=cfg.saebench_core_context, exclude_special_tokens_from_reconstruction=True,
+                              compute_kl=True, compute_ce_loss=True, compute_l2_norms=True,
+                              compute_sparsity_metrics=True, compute_variance_metrics=True)
+    progress(f"{run_dir}: SAEBench core on {model.cfg.model_name} at {sae.cfg.hook_name}")
+    torch.set_grad_enabled(False)
+    try:
+        activations = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=cfg.saebench_core_context,
+                                                store_batch_size_prompts=cfg.saebench_llm_batch_size,
+                                                device=str(device))
+    except (OSError, ValueError, ConnectionError) as exc:
+        raise TrainError(f"SAEBench core cannot read its text {dataset!r}: {str(exc).splitlines()[0]}") from None
+    activations.shuffle_input_dataset(seed=cfg.seed)
+    tokenizer = model.tokenizer
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    metrics, _ = run_evals(sae, activations, model, core_cfg, ignore_tokens=special)
+    flat = {key: value for group in metrics.values() for key, value in group.items()}
+    result = {**{k: flat.get(k) for k in ("explained_variance", "mse", "cossim", "l0", "l1", "ce_loss_score",
+                                          "kl_div_score", "ce_loss_with_sae", "ce_loss_without_sae",
+                                          "ce_loss_with_ablation")},
+              "metrics": metrics, "model": model.cfg.model_name, "hook_name": sae.cfg.hook_name,
+              "dataset": core_cfg.dataset, "saebench_config": core_cfg.model_dump() if hasattr(core_cfg, "model_dump")
+              else {k: v for k, v in vars(core_cfg).items() if not k.startswith("_")}, "versions": _versions()}
+    (run_dir / "eval").mkdir(exist_ok=True)
+    write_json(run_dir / "eval" / "saebench_core.json", result)
+    return result
+
+
+def load_base_model(model_id: str, device: str, dtype: str):
+    """The run's own model as a TransformerLens model (core measures the SAE where it was trained)."""
+    from transformer_lens import HookedTransformer
+
+    from harvest.errors import HarvestError
+    from harvest.model import locate_model
+
+    try:
+        locate_model(model_id, None)
+        return HookedTransformer.from_pretrained_no_processing(model_id, device=device, dtype=dtype)
+    except HarvestError as exc:
+        raise TrainError(f"SAEBench core needs {model_id}: {_hub_problem(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"SAEBench core cannot load {model_id} through TransformerLens: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
 def known_question_accuracy(model, conf, artifacts: Path) -> dict:
     """Accuracy of the model without intervention on SAEBench's known questions (made first if missing)."""
     from sae_bench.evals.unlearning.utils.metrics import calculate_MCQ_metrics, save_target_question_ids
@@ -218,6 +285,12 @@ def _setting(path: Path) -> dict:
 def _best(settings: list[dict]) -> dict | None:
     allowed = [s for s in settings if s["mmlu_pooled_accuracy"] >= 0.99]
     return min(allowed, key=lambda s: s["wmdp_bio_accuracy"]) if allowed else None
+
+
+def _hub_problem(exc: Exception) -> str:
+    """The loader's diagnosis, with the fixes that apply to an eval (a harvest's advice does not)."""
+    return (f"{str(exc).split(':')[0]}; accept the model's licence on huggingface.co and `hf auth login`, or fill "
+            f"the Hugging Face cache where the hub is reachable and set HF_HUB_OFFLINE=1")
 
 
 def _auto_device() -> str:

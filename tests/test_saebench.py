@@ -213,3 +213,46 @@ def test_saebench_names_a_missing_forget_corpus(harness, tmp_path):
         update={"saebench_forget_corpus": tmp_path / "nowhere.jsonl"})
     with pytest.raises(TrainError, match="forget corpus is missing: .*nowhere.jsonl.*cais/wmdp-corpora"):
         run_saebench(make_run(tmp_path / "run_1", seed=1), cfg, model=harness["model"])
+
+
+def test_saebench_core_sees_a_perfect_reconstruction_as_perfect(harness, tmp_path):
+    """x = relu(x) - relu(-x): an SAE with encoder [I, -I] and decoder [I; -I] reconstructs exactly."""
+    import datasets
+
+    from evaluate.saebench import run_saebench_core
+
+    d = 64
+    exact = SAE(d, 2 * d)
+    with torch.no_grad():
+        eye = torch.eye(d)
+        exact.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        exact.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        exact.b_enc.zero_()
+        exact.b_dec.zero_()
+    exact_run = tmp_path / "run_1"
+    exact.save(exact_run, metadata={"model_name": "gemma-2-2b", "hook_name": "blocks.1.hook_resid_post"})
+    text = datasets.Dataset.from_list([{"text": " ".join(np.random.default_rng(i).choice(BIO + SAFE, 150))}
+                                       for i in range(64)])
+    cfg = EvalConfig(saebench_llm_dtype="float32", saebench_core_context=64, saebench_core_batches=2,
+                     saebench_llm_batch_size=4, device="cpu")
+    result = run_saebench_core(exact_run, cfg, model=harness["model"], dataset=text, progress=lambda s: None)
+    assert result["explained_variance"] == pytest.approx(1.0, abs=1e-4)
+    assert result["ce_loss_score"] == pytest.approx(1.0, abs=1e-3)
+    assert result["mse"] == pytest.approx(0.0, abs=1e-6)
+    saved = json.loads((exact_run / "eval" / "saebench_core.json").read_text())
+    assert saved["l0"] == result["l0"] and 0 < result["l0"] <= d  # one of each +/- pair fires per nonzero dim
+
+    lossy = make_run(tmp_path / "run_2", seed=1)
+    worse = run_saebench_core(lossy, cfg, model=harness["model"], dataset=text, progress=lambda s: None)
+    assert worse["explained_variance"] < 0.9 and worse["ce_loss_score"] < result["ce_loss_score"]
+
+
+def test_saebench_cli_without_the_model_is_one_clear_line(harness, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine with no hub access and an empty cache
+    run = make_run(tmp_path / "run_1", seed=1)
+    code = run_cli(monkeypatch, ["eval", str(run), "--saebench", "--saebench-forget-corpus", str(harness["forget"]),
+                                 "--saebench-artifacts", str(tmp_path / "artifacts")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "SAEBench needs gemma-2-2b-it" in err and "hf auth login" in err
+    assert not (run / "eval" / "saebench_unlearning.json").exists()
