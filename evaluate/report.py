@@ -72,6 +72,7 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     groups = seed_groups(rows)
+    shown = [(c, k) for c, k in COLUMNS if any(r[c] is not None for r in rows)]  # the CSV keeps every column
     lines = ["# ratio-sae report", "",
              "Unlearning: SAEBench's selection and clamp, scored as the largest increase of next-token loss (nats) on",
              "held-out dangerous text among settings whose safe-text loss rises by at most the tolerance; the control",
@@ -79,10 +80,10 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
              "Core: SAEBench's names. Specialisation: r on held-out labelled text; decoder |cos| among the",
              "dangerous-specific features' rows against random pairs of live features.", "",
              "## Runs", "",
-             "| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c, _ in COLUMNS) + " |" for r in rows]
+             "| " + " | ".join(c for c, _ in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c, _ in shown) + " |" for r in rows]
     if any(len(g["runs"]) > 1 for g in groups):
-        metrics = [c for c, _ in COLUMNS if c not in ("run", "seed", "steps", *SETTING_KEYS)]
+        metrics = [c for c, _ in shown if c not in ("run", "seed", "steps", *SETTING_KEYS)]
         lines += ["", "## Across seeds (mean ± standard deviation)", "",
                   "| " + " | ".join(["setting", "seeds", *metrics]) + " |", "|" + "---|" * (len(metrics) + 2)]
         for g in groups:
@@ -156,15 +157,19 @@ def _plot_training(loaded, rows, path: Path) -> None:
 
 def _plot_r_histograms(loaded, rows, path: Path) -> None:
     specs = [(row, data["specialization"]) for data, row in zip(loaded, rows) if data["specialization"]]
-    fig, axes = plt.subplots(1, max(len(specs), 1), figsize=(2.6 * max(len(specs), 1), 2.8), sharey=True,
-                             squeeze=False)
-    for ax, (row, spec) in zip(axes[0], specs):
+    cols = min(max(len(specs), 1), 5)
+    lines = max(-(-len(specs) // cols), 1)
+    fig, axes = plt.subplots(lines, cols, figsize=(2.6 * cols, 2.6 * lines), sharex=True, sharey=True, squeeze=False)
+    for ax in axes.flat[len(specs):]:
+        ax.set_visible(False)
+    for ax, (row, spec) in zip(axes.flat, specs):
         edges, counts = spec["r_histogram"]["edges"], spec["r_histogram"]["counts"]
         ax.bar(edges[:-1], counts, width=edges[1] - edges[0], align="edge", color="tab:red", alpha=0.8)
         ax.axvline(spec["r_threshold"], color="k", ls="--", lw=1)
         ax.set_title(f"{row['run']}: {_label(row)}\n{spec['n_dangerous_specific']} specific", fontsize=7)
         ax.set_xlabel("r", fontsize=7)
-    axes[0][0].set_ylabel("features")
+    for line in axes:
+        line[0].set_ylabel("features")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
