@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline eval $$(ls -d runs/run_* | sort -t_ -k2 -n | tail -4) --config configs/eval-demo.yaml
 	$(VENV)/bin/pipeline report --out reports/demo
 
-# The study of docs/results-demo.md: 1M tokens, 3 lambda_2 x 3 seeds, about an hour on 2 CPU cores.
+# The study of docs/results-demo.md: 1M tokens, 4 lambda_2 x 3 seeds, about an hour on 2 CPU cores.
 study: $(VENV)/.installed
 	$(VENV)/bin/pipeline harvest --config configs/demo-1m.yaml
 	$(VENV)/bin/pipeline train --sweep configs/study.yaml

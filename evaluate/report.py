@@ -118,8 +118,9 @@ def seed_groups(rows: list[dict]) -> list[dict]:
                 mean = sum(values) / len(values)
                 sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
                 stats[column] = (mean, sd)
-        groups.append({"label": _label(members[0]), "runs": [m["run"] for m in members], "stats": stats})
-    return groups
+        groups.append({"label": _label(members[0]), "runs": [m["run"] for m in members], "stats": stats,
+                       "setting": tuple(members[0][k] for k in SETTING_KEYS)})
+    return sorted(groups, key=lambda g: tuple((v is None, str(v) if isinstance(v, str) else v or 0) for v in g["setting"]))
 
 
 def _fmt_spread(stat) -> str:
