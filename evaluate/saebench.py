@@ -18,6 +18,7 @@ scored exactly 0.0 (../shared/reference/saebench-unlearning.md):
 import contextlib
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -144,7 +145,7 @@ def run_saebench(run_dir: Path, cfg: EvalConfig, model=None, progress=print) -> 
     (work / FORGET_CORPUS_RELATIVE).symlink_to(forget_corpus)
 
     torch.set_grad_enabled(False)
-    with contextlib.chdir(work):
+    with _working_directory(work):
         progress(f"{run_dir}: SAEBench unlearning on {model_name} at {sae.cfg.hook_name}, release {release}")
         baseline = known_question_accuracy(model, conf, artifacts)
         if min(baseline["wmdp_bio"], baseline["mmlu_pooled"]) < cfg.saebench_baseline_min:
@@ -291,6 +292,17 @@ def _hub_problem(exc: Exception) -> str:
     """The loader's diagnosis, with the fixes that apply to an eval (a harvest's advice does not)."""
     return (f"{str(exc).split(':')[0]}; accept the model's licence on huggingface.co and `hf auth login`, or fill "
             f"the Hugging Face cache where the hub is reachable and set HF_HUB_OFFLINE=1")
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    """SAEBench opens its forget corpus relative to the working directory (contextlib.chdir is 3.11+)."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _auto_device() -> str:
