@@ -29,6 +29,9 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
     if saebench:
         from .saebench import require_sae_bench, run_saebench, run_saebench_core
 
+        if not {"unlearning", "core"} & set(cfg.suite):
+            raise TrainError("--saebench runs SAEBench's unlearning and core evals; specialization has no SAEBench "
+                             "counterpart (run it without --saebench)")
         require_sae_bench()
         for name, run_dir in zip(runs, run_dirs):
             if "unlearning" in cfg.suite:
