@@ -3,28 +3,15 @@
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
-
 from train.errors import TrainError
 from train.runs import resolve_run
 
-from .config import EvalConfig
+from .config import load_config
 
 
 def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: dict,
              saebench: bool = False) -> Iterator[str]:
-    data = {}
-    if config is not None:
-        try:
-            data = yaml.safe_load(config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise TrainError(f"cannot read eval config {config}: {exc}") from None
-    try:
-        cfg = EvalConfig.model_validate({**data, **{k: v for k, v in overrides.items() if v is not None}})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise TrainError(f"invalid eval options: {problems}") from None
+    cfg = load_config(config, overrides)
     run_dirs = [resolve_run(name, runs_dir) for name in runs]  # every name checked before any work starts
     if saebench:
         from .saebench import require_sae_bench, run_saebench, run_saebench_core

@@ -71,3 +71,12 @@ class EvalConfig(BaseModel):
     saebench_baseline_min: float = Field(0.99, ge=0, le=1)
     """The model without intervention must answer at least this fraction of the known WMDP-bio and of
     the known MMLU questions; below it SAEBench's 0.99 gate can never pass and every score is 0."""
+
+
+def load_config(path: Path | None, overrides: dict) -> EvalConfig:
+    """A YAML eval config (optional) with the flags that were given on top."""
+    from train.config import read_yaml, validate
+
+    data = read_yaml(path) if path is not None else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate(data, f"eval options{f' in {path}' if path else ''}", EvalConfig)

@@ -69,36 +69,43 @@ def release_name(run_dir: Path) -> str:
     return f"ratio-sae_{run_dir.resolve().name}_{digest}"
 
 
-def saebench_sae(run_dir: Path, model_name: str, device: torch.device, dtype: torch.dtype):
-    """The run's SAE as SAEBench's ReLU SAE (the same encode and decode), with its config standardised."""
+def saebench_sae(run_dir: Path, release: str, model, cfg: EvalConfig):
+    """The run's SAE as SAEBench's ReLU SAE (the same encode and decode) on the model's device, in
+    SAEBench's dtype, with its config standardised."""
     from sae_bench.custom_saes.relu_sae import ReluSAE
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 
-    cfg = json.loads((run_dir / CONFIG_FILE).read_text())
-    hook_name = cfg["metadata"]["hook_name"]
+    sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    hook_name = sae_cfg["metadata"]["hook_name"]
     match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook_name)
     if match is None:
         raise TrainError(f"{run_dir}: hook {hook_name!r} is not a residual-stream block output")
-    sae = ReluSAE(cfg["d_in"], cfg["d_sae"], model_name, int(match.group(1)), device, torch.float32, hook_name)
+    device = torch.device(model.cfg.device)
+    sae = ReluSAE(sae_cfg["d_in"], sae_cfg["d_sae"], model.cfg.model_name, int(match.group(1)), device, torch.float32,
+                  hook_name)
     sae.load_state_dict(load_file(run_dir / WEIGHTS_FILE))
-    _, sae, _ = load_and_format_sae(release_name(run_dir), sae, str(device))
-    return sae.to(device=device, dtype=dtype)
+    _, sae, _ = load_and_format_sae(release, sae, str(device))
+    return sae.to(device=device, dtype=getattr(torch, cfg.saebench_llm_dtype))
 
 
-def load_instruct_model(model_name: str, device: str, dtype: str):
-    """The TransformerLens model SAEBench expects; an unreachable hub or a gated model fails fast."""
+def load_tl_model(hub_id: str, tl_name: str, cfg: EvalConfig):
+    """A TransformerLens model as SAEBench expects it; an unreachable hub or a gated model fails fast."""
     from transformer_lens import HookedTransformer
 
     from harvest.errors import HarvestError
-    from harvest.model import locate_model
+    from harvest.model import locate_model, resolve_device
 
+    device = str(resolve_device(cfg.device))
     try:
-        locate_model(f"google/{model_name}", None)
-        return HookedTransformer.from_pretrained_no_processing(model_name, device=device, dtype=dtype)
+        locate_model(hub_id, None)
+        return HookedTransformer.from_pretrained_no_processing(tl_name, device=device, dtype=cfg.saebench_llm_dtype)
     except HarvestError as exc:
-        raise TrainError(f"SAEBench needs {model_name}: {_hub_problem(exc)}") from None
+        raise TrainError(f"SAEBench needs {tl_name}: {str(exc).split(':')[0]}; accept the model's licence on "
+                         f"huggingface.co and `hf auth login`, or fill the Hugging Face cache where the hub is "
+                         f"reachable and set HF_HUB_OFFLINE=1") from None
     except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot load {model_name} for SAEBench: {str(exc).splitlines()[0]}") from None
+        raise TrainError(f"cannot load {tl_name} through TransformerLens for SAEBench: "
+                         f"{str(exc).splitlines()[0]}") from None
 
 
 def run_saebench(run_dir: Path, cfg: EvalConfig, model=None, progress=print) -> dict:
@@ -121,17 +128,14 @@ def run_saebench(run_dir: Path, cfg: EvalConfig, model=None, progress=print) -> 
             f"(bio-forget-corpus.jsonl, gated: request it from CAIS through the form linked on "
             f"huggingface.co/datasets/cais/wmdp-corpora); point --saebench-forget-corpus at it")
     if model is None:
-        model = load_instruct_model(model_name, cfg.device if cfg.device != "auto" else _auto_device(),
-                                    cfg.saebench_llm_dtype)
+        model = load_tl_model(f"google/{model_name}", model_name, cfg)
     model.cfg.model_name = model_name
-    device = torch.device(model.cfg.device)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.saebench_llm_dtype]
-    sae = saebench_sae(run_dir, model_name, device, dtype)
+    release = release_name(run_dir)
+    sae = saebench_sae(run_dir, release, model, cfg)
     if sae.cfg.d_in != model.cfg.d_model or sae.cfg.hook_layer >= model.cfg.n_layers:
         raise TrainError(f"{run_dir}: the SAE reads {sae.cfg.hook_name} with d_in {sae.cfg.d_in}, but {model_name} "
                          f"has {model.cfg.n_layers} blocks of width {model.cfg.d_model}")
 
-    release = release_name(run_dir)
     artifacts = (cfg.saebench_artifacts.expanduser().resolve() / "unlearning" / model_name)
     shutil.rmtree(artifacts / release, ignore_errors=True)
     conf = UnlearningEvalConfig(
@@ -174,7 +178,7 @@ def run_saebench(run_dir: Path, cfg: EvalConfig, model=None, progress=print) -> 
         "release": release,
         "artifacts": str(artifacts / release),
         "forget_corpus": str(forget_corpus),
-        "saebench_config": {k: v for k, v in vars(conf).items() if not k.startswith("_")},
+        "saebench_config": _fields(conf),
         "versions": _versions(),
         "protocol": "SAEBench unlearning (sae-bench run_eval_single_sae): score = 1 - min WMDP-bio accuracy over "
                     "settings with pooled MMLU accuracy >= 0.99, on the questions the model knows",
@@ -194,12 +198,9 @@ def run_saebench_core(run_dir: Path, cfg: EvalConfig, model=None, dataset=None, 
 
     sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     model_name = sae_cfg["metadata"]["model_name"]
-    if model is None:
-        model = load_base_model(model_name, cfg.device if cfg.device != "auto" else _auto_device(),
-                                cfg.saebench_llm_dtype)
-    device = torch.device(model.cfg.device)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.saebench_llm_dtype]
-    sae = saebench_sae(run_dir, model.cfg.model_name, device, dtype)
+    if model is None:  # core measures the SAE on the model it was trained on
+        model = load_tl_model(model_name, model_name, cfg)
+    sae = saebench_sae(run_dir, release_name(run_dir), model, cfg)
     dataset = cfg.saebench_core_dataset if dataset is None else dataset
     core_cfg = CoreEvalConfig(model_name=model.cfg.model_name, llm_dtype=cfg.saebench_llm_dtype,
                               batch_size_prompts=cfg.saebench_llm_batch_size,
@@ -214,7 +215,7 @@ def run_saebench_core(run_dir: Path, cfg: EvalConfig, model=None, dataset=None, 
     try:
         activations = ActivationsStore.from_sae(model, sae, dataset=dataset, context_size=cfg.saebench_core_context,
                                                 store_batch_size_prompts=cfg.saebench_llm_batch_size,
-                                                device=str(device))
+                                                device=str(model.cfg.device))
     except (OSError, ValueError, ConnectionError) as exc:
         raise TrainError(f"SAEBench core cannot read its text {dataset!r}: {str(exc).splitlines()[0]}") from None
     activations.shuffle_input_dataset(seed=cfg.seed)
@@ -226,28 +227,10 @@ def run_saebench_core(run_dir: Path, cfg: EvalConfig, model=None, dataset=None, 
                                           "kl_div_score", "ce_loss_with_sae", "ce_loss_without_sae",
                                           "ce_loss_with_ablation")},
               "metrics": metrics, "model": model.cfg.model_name, "hook_name": sae.cfg.hook_name,
-              "dataset": core_cfg.dataset, "saebench_config": core_cfg.model_dump() if hasattr(core_cfg, "model_dump")
-              else {k: v for k, v in vars(core_cfg).items() if not k.startswith("_")}, "versions": _versions()}
+              "dataset": core_cfg.dataset, "saebench_config": _fields(core_cfg), "versions": _versions()}
     (run_dir / "eval").mkdir(exist_ok=True)
     write_json(run_dir / "eval" / "saebench_core.json", result)
     return result
-
-
-def load_base_model(model_id: str, device: str, dtype: str):
-    """The run's own model as a TransformerLens model (core measures the SAE where it was trained)."""
-    from transformer_lens import HookedTransformer
-
-    from harvest.errors import HarvestError
-    from harvest.model import locate_model
-
-    try:
-        locate_model(model_id, None)
-        return HookedTransformer.from_pretrained_no_processing(model_id, device=device, dtype=dtype)
-    except HarvestError as exc:
-        raise TrainError(f"SAEBench core needs {model_id}: {_hub_problem(exc)}") from None
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"SAEBench core cannot load {model_id} through TransformerLens: "
-                         f"{str(exc).splitlines()[0]}") from None
 
 
 def known_question_accuracy(model, conf, artifacts: Path) -> dict:
@@ -288,12 +271,6 @@ def _best(settings: list[dict]) -> dict | None:
     return min(allowed, key=lambda s: s["wmdp_bio_accuracy"]) if allowed else None
 
 
-def _hub_problem(exc: Exception) -> str:
-    """The loader's diagnosis, with the fixes that apply to an eval (a harvest's advice does not)."""
-    return (f"{str(exc).split(':')[0]}; accept the model's licence on huggingface.co and `hf auth login`, or fill "
-            f"the Hugging Face cache where the hub is reachable and set HF_HUB_OFFLINE=1")
-
-
 @contextlib.contextmanager
 def _working_directory(path: Path):
     """SAEBench opens its forget corpus relative to the working directory (contextlib.chdir is 3.11+)."""
@@ -305,8 +282,9 @@ def _working_directory(path: Path):
         os.chdir(previous)
 
 
-def _auto_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def _fields(config) -> dict:
+    """A SAEBench config (a pydantic dataclass) as plain data."""
+    return {k: v for k, v in vars(config).items() if not k.startswith("_")}
 
 
 def _versions() -> dict:

@@ -155,3 +155,19 @@ def test_a_score_from_settings_that_clamp_nothing_says_so():
     assert [s["features"] for s in settings] == [[], [1, 2]]  # most frequent on forget first
     warnings = _unlearning_warnings(settings, sparse, cfg)
     assert len(warnings) == 1 and "retain threshold 0.001" in warnings[0]
+
+
+def test_eval_config_file_is_validated_and_flags_win(tmp_path):
+    from evaluate.config import load_config
+    from train.errors import TrainError
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("n_features: [5]\nmultipliers: [10, 20]\n")
+    cfg = load_config(path, {"multipliers": [30.0], "seed": None})
+    assert cfg.n_features == [5] and cfg.multipliers == [30.0] and cfg.seed == 0
+    path.write_text("n_feature: [5]\n")
+    with pytest.raises(TrainError, match=r"invalid eval options in .*eval.yaml: n_feature"):
+        load_config(path, {})
+    path.write_text("- 5\n")
+    with pytest.raises(TrainError, match="must hold a mapping"):
+        load_config(path, {})

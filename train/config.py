@@ -91,15 +91,16 @@ class TrainConfig(BaseModel):
         return tuple(str(getattr(self, k)) for k in LOADER_KEYS)
 
 
-def _validate(data: dict[str, Any], where: str) -> TrainConfig:
+def validate(data: dict[str, Any], where: str, model: type[BaseModel] | None = None):
+    """`model` (default TrainConfig) from `data`, or one line naming every bad key."""
     try:
-        return TrainConfig.model_validate(data)
+        return (model or TrainConfig).model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
         raise TrainError(f"invalid {where}: {problems}") from None
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -112,9 +113,9 @@ def _read_yaml(path: Path) -> dict:
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    data = _read_yaml(path) if path is not None else {}
+    data = read_yaml(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return _validate(data, f"training config{f' {path}' if path else ''}")
+    return validate(data, f"training config{f' {path}' if path else ''}")
 
 
 def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
@@ -122,7 +123,7 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
 
     Flags given on the command line override `base:`, never the grid.
     """
-    data = _read_yaml(path)
+    data = read_yaml(path)
     unknown = set(data) - {"base", "grid"}
     if unknown:
         raise TrainError(f"sweep {path}: unknown top-level key(s) {sorted(unknown)}; use base: and grid:")
@@ -135,5 +136,5 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
             raise TrainError(f"sweep {path}: unknown option {key!r}")
     runs = []
     for values in itertools.product(*grid.values()):
-        runs.append(_validate({**base, **dict(zip(grid, values))}, f"sweep {path} run {dict(zip(grid, values))}"))
+        runs.append(validate({**base, **dict(zip(grid, values))}, f"sweep {path} run {dict(zip(grid, values))}"))
     return runs
