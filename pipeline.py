@@ -205,6 +205,42 @@ def report(
     typer.echo(f"wrote {make_report(runs or [], runs_dir, out)}")
 
 
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="CI mode: the tiny random Gemma-2, a few steps; checks that every benchmark runs, says nothing about speed.")] = False,
+    config: Annotated[Path, typer.Option(help="Harvest config: the model, layer, text, batch size and codec of the harvest benchmark.")] = Path("configs/demo.yaml"),
+    model: Annotated[Optional[str], typer.Option(help="Instead of the config's model: random:gemma-2-2b or random:tiny (random weights and token ids).")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="Instead of the config's layer.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="Harvest compute dtype: auto, bfloat16 or float32.")] = "auto",
+    windows: Annotated[int, typer.Option(help="Windows the harvest benchmark runs.")] = 256,
+    context_length: Annotated[Optional[int], typer.Option(help="Window length for random models (text keeps the config's).")] = None,
+    harvest_batch: Annotated[Optional[int], typer.Option(help="Windows per forward pass, instead of the config's.")] = None,
+    shards: Annotated[Optional[Path], typer.Option(help="Store for the training benchmarks (default: the one the harvest benchmark writes).")] = None,
+    train_batch: Annotated[int, typer.Option(help="Training batch size, tokens.")] = 2048,
+    steps: Annotated[int, typer.Option(help="Timed steps per measurement.")] = 20,
+    repeats: Annotated[int, typer.Option(help="Repeats of each measurement (median, min, max).")] = 3,
+    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also run SAELens and dictionary_learning in their environment.")] = True,
+    peer_python: Annotated[Path, typer.Option(help="Python of the peers' environment.")] = Path(".venv-saebench/bin/python"),
+    results: Annotated[Optional[Path], typer.Option(help="Markdown file the dated tables are appended to.")] = Path("bench/RESULTS.md"),
+    no_record: Annotated[bool, typer.Option("--no-record", help="Print only; append nothing.")] = False,
+):
+    """Benchmarks: harvest vs bare and naive forward passes, training, lockstep, loader, peers, ceilings."""
+    from bench.runner import BenchConfig, run_bench
+
+    try:
+        cfg = BenchConfig(quick=quick, config=config, model=model, layer=layer, device=device, dtype=dtype,
+                          windows=windows, context_length=context_length, harvest_batch=harvest_batch, shards=shards,
+                          train_batch=train_batch, steps=steps, repeats=repeats, peers=peers, peer_python=peer_python,
+                          results=None if no_record else results)
+        report = run_bench(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    typer.echo(report.markdown())
+    if cfg.results is not None:
+        typer.echo(f"appended to {cfg.results}")
+
+
 def run() -> None:
     """Console-script entry point: user errors become one line and a non-zero exit."""
     try:

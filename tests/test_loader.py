@@ -1,5 +1,7 @@
 """The shard loader: stratified, deterministic, resumable batches of committed rows."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,27 @@ def test_stopping_early_leaves_no_reader_thread_behind(store, stop_after):
         next(batches)
     batches.close()
     assert not [t for t in threading.enumerate() if t.name == "shard-reader"]
+
+
+def test_wait_time_counts_the_trainer_blocked_on_a_slow_reader(store, monkeypatch):
+    loader = ShardLoader(store, batch_size=64, window_chunks=1)
+    real_acts = store.acts
+    reads = []
+
+    def slow_acts(*args):
+        reads.append(args)
+        time.sleep(0.05)
+        return real_acts(*args)
+
+    monkeypatch.setattr(store, "acts", slow_acts)
+    for _ in loader.iterate(0, steps=loader.batches_per_epoch()):
+        pass
+    # the consumer is fast: it waited about one slow read for every window but the first (and the
+    # one read ahead, which it may not have used)
+    assert len(reads) > 4
+    assert loader.wait_seconds >= 0.8 * 0.05 * (len(reads) - 2)
+    fast = ShardLoader(store, batch_size=64, window_chunks=1)
+    monkeypatch.setattr(store, "acts", real_acts)
+    for _ in fast.iterate(0, steps=fast.batches_per_epoch()):
+        time.sleep(0.01)  # a consumer slower than the reader never waits for long
+    assert fast.wait_seconds < loader.wait_seconds

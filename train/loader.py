@@ -17,6 +17,7 @@ and batches are gathered on the device.
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,6 +69,8 @@ class ShardLoader:
             raise ValueError(f"the store at {store.path} must hold both dangerous and safe rows")
         self.resident = self._fits_on_device() if resident is None else resident
         self._resident_acts: torch.Tensor | None = None
+        self.wait_seconds = 0.0
+        """Seconds the consumer waited for the reader after its first window: the loader starving the trainer."""
 
     # --- the schedule --------------------------------------------------------------------------
 
@@ -173,8 +176,13 @@ class ShardLoader:
         thread = threading.Thread(target=read_ahead, daemon=True, name="shard-reader")
         thread.start()
         try:
+            first = True
             while True:
+                waited = time.perf_counter()
                 item = ready.get()
+                if not first:
+                    self.wait_seconds += time.perf_counter() - waited
+                first = False
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -1,0 +1,1 @@
+"""Benchmarks of each stage against the hardware's limits and against peer libraries (`pipeline bench`)."""

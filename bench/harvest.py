@@ -1,0 +1,114 @@
+"""Harvest against the two ways of getting the same activations without this project's harvester.
+
+On the same windows, in turn within each repeat:
+- bare: the forward pass up to the hooked block and no further (what any harvester must pay);
+- naive: the whole model with `output_hidden_states=True`, keeping layer L (what a harvester that
+  does not stop the forward pays: every later block, the final norm and the LM head);
+- harvest: the project's harvest loop (`harvest.harvester._run`): the cut forward, selecting the
+  stored tokens, the bf16 cast, compression, writing and committing, into a fresh store;
+- write: storing the rows alone, to tell whether compression keeps up with the forward.
+"""
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harvest.config import load_config
+from harvest.harvester import _run
+from harvest.info import compression_ratio
+from harvest.model import BlockOutput
+from harvest.packing import Plan, build_plan
+from harvest.store import COLUMNS, ShardStore
+
+from .models import BenchModel
+from .results import Measurement, Report
+
+
+def random_plan(windows: int, context_length: int, vocab_size: int, seed: int = 0) -> Plan:
+    """Random token ids, BOS first; each window is one document, alternately dangerous and safe."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab_size, size=(windows, context_length), dtype=np.int64)
+    ids[:, 0] = 2
+    doc = np.repeat(np.arange(windows, dtype=np.int32)[:, None], context_length, axis=1)
+    doc[:, 0] = -1
+    return Plan(ids, doc, (np.arange(windows) % 2).astype(np.uint8))
+
+
+def text_plan(config: Path, tokenizer, windows: int) -> tuple[Plan, dict]:
+    """The first `windows` windows of the harvest a config describes (real text, real labels)."""
+    cfg = load_config(config, {})
+    full = build_plan(cfg, tokenizer)
+    return Plan(full.input_ids[:windows], full.doc[:windows], full.source[:windows], full.sources), \
+        {"codec": cfg.codec, "clevel": cfg.clevel, "chunk_rows": cfg.chunk_rows, "batch_size": cfg.batch_size,
+         "labels": [u.label for u in full.sources]}
+
+
+def bench_attrs(bm: BenchModel, labels: list[str]) -> dict:
+    """The attributes the loader needs from a benchmark store: what it is and each source's label."""
+    return {"model": {"id": "benchmark"}, "layer": bm.layer, "d_model": bm.d_model, "hook": "resid_post",
+            "sources": [{"name": f"source-{i}", "label": label} for i, label in enumerate(labels)]}
+
+
+def run(report: Report, bm: BenchModel, plan: Plan, labels: list[str], *, batch_size: int, chunk_rows: int,
+        codec: str, clevel: int, repeats: int, keep: Path) -> Path:
+    """Time the four passes; leave the last harvested store at `keep` for the training benchmarks."""
+    rows = int(plan.rows_per_window.sum())
+    batches = [torch.from_numpy(plan.input_ids[w:w + batch_size]) for w in range(0, len(plan.input_ids), batch_size)]
+    layer_out = BlockOutput(bm.model, bm.blocks[bm.layer], bm.device)
+    layer_out(batches[0])  # warm-up
+    bare, naive, harvested, write, ratios = [], [], [], [], []
+    for repeat in range(repeats):
+        bare.append(rows / _seconds(lambda: [layer_out(b) for b in batches], bm.device))
+        layer_out.close()  # the whole model runs for the naive pass
+        naive.append(rows / _seconds(lambda: [_naive(bm, b) for b in batches], bm.device))
+        layer_out = BlockOutput(bm.model, bm.blocks[bm.layer], bm.device)
+        path = keep if repeat == repeats - 1 else Path(tempfile.mkdtemp(dir=keep.parent)) / "s"
+        store = ShardStore.create(path, rows=rows, d_model=bm.d_model, chunk_rows=chunk_rows, codec=codec,
+                                  clevel=clevel, attrs=bench_attrs(bm, labels))
+        harvested.append(_run(store, plan, layer_out, batch_size, progress=False).tokens_per_s)
+        ratios.append(compression_ratio(store))
+        write.append(rows / _rewrite_seconds(store, bm.d_model, chunk_rows, codec, clevel, keep.parent))
+    layer_out.close()
+    setting = f"{str(bm.dtype).removeprefix('torch.')}, batch {batch_size}x{plan.input_ids.shape[1]}, {rows:,} tokens"
+    m_bare = Measurement("harvest", "bare forward to the block", bare, note=setting)
+    m_naive = Measurement("harvest", "naive: full forward, output_hidden_states", naive)
+    m_harvest = Measurement("harvest", "harvest (forward, select, compress, write, commit)", harvested,
+                            note=f"{codec}-{clevel}, compression {np.median(ratios):.3f}x")
+    m_write = Measurement("harvest", "store writing alone (compress + write)", write)
+    report.measurements += [m_bare, m_naive, m_harvest, m_write]
+    report.ratio("harvest / bare forward", m_harvest.median / m_bare.median, at_least=0.9)
+    report.ratio("harvest / naive full forward", m_harvest.median / m_naive.median, at_least=2.0)
+    report.ratio("store writing / bare forward (compression keeps up)", m_write.median / m_bare.median, at_least=1.0)
+    return keep
+
+
+@torch.inference_mode()
+def _naive(bm: BenchModel, input_ids: torch.Tensor) -> np.ndarray:
+    out = bm.model(input_ids=input_ids.to(bm.device), output_hidden_states=True, use_cache=False)
+    return out.hidden_states[bm.layer + 1].to(torch.bfloat16).cpu()
+
+
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _rewrite_seconds(store: ShardStore, d_model: int, chunk_rows: int, codec: str, clevel: int, tmp: Path) -> float:
+    """Time writing a harvested store's rows into a new one (its columns already in memory)."""
+    columns = {name: store.read(name, 0, store.rows_committed) for name in COLUMNS}
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        target = ShardStore.create(Path(d) / "w", rows=store.rows_committed, d_model=d_model, chunk_rows=chunk_rows,
+                                   codec=codec, clevel=clevel, attrs={})
+        start = time.perf_counter()
+        for c in range(0, store.rows_committed, chunk_rows):
+            target.write_rows(c, {k: v[c:c + chunk_rows] for k, v in columns.items()})
+            target.commit(min(c + chunk_rows, store.rows_committed))
+        return time.perf_counter() - start

@@ -1,0 +1,175 @@
+"""`pipeline bench`: every benchmark in turn, one report, appended to bench/RESULTS.md."""
+
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harvest.config import load_config
+from harvest.model import locate_model, resolve_device
+from harvest.store import ShardStore
+
+from . import ceilings, harvest, train
+from .machine import describe
+from .models import bench_model
+from .results import Measurement, Report
+
+PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = False
+    """CI mode: the tiny random Gemma-2, a few steps. It checks that every benchmark runs; its figures mean nothing."""
+    config: Path = Path("configs/demo.yaml")
+    """Harvest config: the model, layer, text, batch size and codec of the harvest benchmark."""
+    model: str | None = None
+    """Instead of the config's model: `random:gemma-2-2b` or `random:tiny` (random weights, random token ids)."""
+    layer: int | None = None
+    """Instead of the config's layer."""
+    device: str = "auto"
+    dtype: str = "auto"
+    windows: int = 256
+    """Windows of context_length tokens the harvest benchmark runs."""
+    context_length: int | None = None
+    """Instead of the config's (random models only: text windows keep the config's)."""
+    harvest_batch: int | None = None
+    """Windows per forward pass, instead of the config's."""
+    shards: Path | None = None
+    """Store the training benchmarks read; default: the one the harvest benchmark has just written."""
+    train_batch: int = 2048
+    steps: int = 20
+    repeats: int = 3
+    sizes: list[float] = field(default_factory=lambda: [1, 4, 8])
+    """Dictionary sizes, in multiples of d_in (16384 latents are added on CUDA)."""
+    lockstep: list[int] = field(default_factory=lambda: [1, 4, 8])
+    peers: bool = True
+    """Also run the peer libraries (SAELens, dictionary_learning) in their own environment."""
+    peer_python: Path = Path(".venv-saebench/bin/python")
+    results: Path | None = Path("bench/RESULTS.md")
+    """Where the dated tables are appended; None: print only."""
+
+    def __post_init__(self):
+        if self.quick:
+            self.model = self.model or "random:tiny"
+            self.layer = 2 if self.layer is None else self.layer
+            self.windows, self.context_length, self.harvest_batch = 16, 64, 4
+            self.train_batch, self.steps, self.repeats = 256, 3, 2
+            self.sizes, self.lockstep = [1, 2], [1, 2]
+        for name in ("windows", "train_batch", "steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.sizes or min(self.sizes) <= 0 or not self.lockstep or min(self.lockstep) < 1:
+            raise ValueError("dictionary sizes must be positive and lockstep group sizes at least 1")
+
+
+def run_bench(cfg: BenchConfig) -> Report:
+    harvest_cfg = load_config(cfg.config, {})
+    device = resolve_device(cfg.device)
+    spec = cfg.model or harvest_cfg.model
+    layer = harvest_cfg.layer if cfg.layer is None else cfg.layer
+    mode = "quick (CI check; figures not meaningful)" if cfg.quick else "full"
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    report = Report(f"{stamp} · {device.type.upper()} · {mode}", describe(device))
+
+    peaks = ceilings.measure(device, cfg.repeats, cfg.quick)
+    report.measurements += list(peaks.values())
+    bm = bench_model(spec, layer, device, cfg.dtype)
+    report.machine["model"] = f"{spec}, layer {layer} of {len(bm.blocks)}, d_model {bm.d_model}, " \
+                              f"{bm.flop_per_token() / 1e9:.3g} GFLOP/token to the block"
+    batch = cfg.harvest_batch or harvest_cfg.batch_size
+    with tempfile.TemporaryDirectory(prefix="ratio-sae-bench-") as tmp:
+        work = Path(tmp)
+        if bm.tokenizer is None:
+            plan = harvest.random_plan(cfg.windows, cfg.context_length or harvest_cfg.context_length, bm.vocab_size)
+            labels = ["dangerous", "safe"]
+        else:
+            plan, settings = harvest.text_plan(cfg.config, bm.tokenizer, cfg.windows)
+            labels = settings["labels"]
+        chunk_rows = min(harvest_cfg.chunk_rows, max(256, int(plan.rows_per_window.sum()) // 8))
+        harvested = harvest.run(report, bm, plan, labels, batch_size=batch, chunk_rows=chunk_rows,
+                                codec=harvest_cfg.codec, clevel=harvest_cfg.clevel, repeats=cfg.repeats,
+                                keep=work / "harvested")
+        if device.type == "cuda":
+            peak = peaks["matmul_bfloat16"].median * 1e12
+            tok_s = next(m for m in report.measurements if m.name.startswith("harvest (")).median
+            report.ratio(f"harvest model FLOP utilisation of bf16 peak ({bm.flop_per_token() / 1e9:.3g} GFLOP/token)",
+                         tok_s * bm.flop_per_token() / peak, at_least=0.5)
+        if cfg.peers and bm.tokenizer is not None:
+            _peer_harvest(report, cfg, spec, layer, plan, batch, work)
+        del bm
+        store = ShardStore.open(cfg.shards or harvested)
+        d = store.d_model
+        sizes = sorted({round(m * d) for m in cfg.sizes} | ({16384} if device.type == "cuda" else set()))
+        train.run(report, store, device=device, batch_size=cfg.train_batch, steps=cfg.steps, repeats=cfg.repeats,
+                  sizes=sizes, lockstep=cfg.lockstep,
+                  peak_flops=peaks["matmul_bfloat16"].median * 1e12 if device.type == "cuda" else None,
+                  pinned_gbps=peaks["pinned_h2d"].median if "pinned_h2d" in peaks else None, work_dir=work)
+        if cfg.peers and device.type == "cpu":
+            _peer_train(report, cfg, store, sizes[:2], work)
+    if cfg.results is not None:
+        report.append_to(cfg.results)
+    return report
+
+
+def _peer(cfg: BenchConfig, args: list[str]) -> list[dict]:
+    """Run bench/peers.py in the peers' environment; its JSON lines, or one error record."""
+    if not cfg.peer_python.exists():
+        return [{"error": f"no peer environment at {cfg.peer_python} (make saebench-env)"}]
+    done = subprocess.run([str(cfg.peer_python), str(PEERS_SCRIPT), *args], capture_output=True, text=True)
+    records = []
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    if not records:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        records.append({"error": f"peers.py exited {done.returncode}: {tail}"})
+    return records
+
+
+def _record_peers(report: Report, records: list[dict], ours: Measurement | None, what: str) -> None:
+    for rec in records:
+        peer = rec.get("peer", "peer")
+        if "error" in rec or "tok_per_s" not in rec:
+            report.ratio(f"{what} / {peer}", None, at_least=1.0, note=rec.get("error", "no figure"))
+            continue
+        samples = rec.get("samples") or [rec["tok_per_s"]]
+        m = Measurement("peers", f"{peer}" + (f", d_sae {rec['d_sae']}" if "d_sae" in rec else ""), samples,
+                        note=rec.get("notes", ""))
+        report.measurements.append(m)
+        if ours is not None:
+            report.ratio(f"{what} / {m.name}", ours.median / m.median, at_least=1.0)
+
+
+def _peer_harvest(report: Report, cfg: BenchConfig, spec: str, layer: int, plan, batch: int, work: Path) -> None:
+    _, model_dir = locate_model(spec, None)
+    if model_dir is None:
+        report.ratio("harvest / SAELens cache runner", None, note=f"{spec} is not a local directory")
+        return
+    tokens = work / "tokens.npy"
+    np.save(tokens, plan.input_ids)
+    records = _peer(cfg, ["harvest", "--model-dir", str(model_dir), "--layer", str(layer), "--tokens", str(tokens),
+                          "--batch-size", str(batch), "--repeats", str(cfg.repeats)])
+    ours = next(m for m in report.measurements if m.name.startswith("harvest ("))
+    _record_peers(report, records, ours, "harvest")
+
+
+def _peer_train(report: Report, cfg: BenchConfig, store: ShardStore, sizes: list[int], work: Path) -> None:
+    rows = min(store.rows_committed, (cfg.steps + 3) * cfg.train_batch)
+    acts = work / "acts.npy"
+    np.save(acts, store.acts(0, rows).float().numpy())
+    for d_sae in sizes:
+        ours = next(m for m in report.measurements if m.name.startswith(f"baseline step, d_sae {d_sae} "))
+        for peer in ("dictionary_learning", "sae_lens"):
+            records = _peer(cfg, ["train", "--acts", str(acts), "--d-sae", str(d_sae), "--batch-size",
+                                  str(cfg.train_batch), "--steps", str(cfg.steps), "--repeats", str(cfg.repeats),
+                                  "--peer", peer])
+            _record_peers(report, records, ours, f"baseline d_sae {d_sae}")
