@@ -62,8 +62,8 @@ class TrainConfig(BaseModel):
     """Reconstruction term: mean ||x - x_hat||_2 (`l2`, the seed's template) or its square (`mse`)."""
     window_chunks: int = Field(32, gt=0)
     """Chunks per shuffle window of the loader."""
-    ortho_block: int = Field(4096, gt=0)
-    """Rows per block of the pairwise term (memory: ortho_block x d_sae)."""
+    ortho_block: int = Field(2048, gt=0)
+    """Rows per square block of the pairwise term (memory: two ortho_block x ortho_block matrices)."""
     device: str = "auto"
     """`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`."""
     autocast: bool = False
