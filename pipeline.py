@@ -220,6 +220,8 @@ def bench(
     train_batch: Annotated[int, typer.Option(help="Training batch size, tokens.")] = 2048,
     steps: Annotated[int, typer.Option(help="Timed steps per measurement.")] = 20,
     repeats: Annotated[int, typer.Option(help="Repeats of each measurement (median, min, max).")] = 3,
+    sizes: Annotated[str, typer.Option(help="Dictionary sizes in multiples of d_in, comma-separated (16384 latents are added on CUDA).")] = "1,4,8",
+    lockstep: Annotated[str, typer.Option(help="Lockstep group sizes K, comma-separated.")] = "1,4,8",
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also run SAELens and dictionary_learning in their environment.")] = True,
     peer_python: Annotated[Path, typer.Option(help="Python of the peers' environment.")] = Path(".venv-saebench/bin/python"),
     results: Annotated[Optional[Path], typer.Option(help="Markdown file the dated tables are appended to.")] = Path("bench/RESULTS.md"),
@@ -231,8 +233,9 @@ def bench(
     try:
         cfg = BenchConfig(quick=quick, config=config, model=model, layer=layer, device=device, dtype=dtype,
                           windows=windows, context_length=context_length, harvest_batch=harvest_batch, shards=shards,
-                          train_batch=train_batch, steps=steps, repeats=repeats, peers=peers, peer_python=peer_python,
-                          results=None if no_record else results)
+                          train_batch=train_batch, steps=steps, repeats=repeats,
+                          sizes=[float(v) for v in sizes.split(",")], lockstep=[int(v) for v in lockstep.split(",")],
+                          peers=peers, peer_python=peer_python, results=None if no_record else results)
         report = run_bench(cfg)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
