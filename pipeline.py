@@ -205,6 +205,13 @@ def report(
     typer.echo(f"wrote {make_report(runs or [], runs_dir, out)}")
 
 
+def _numbers(text: str, kind: type, option: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+
 @app.command()
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="CI mode: the tiny random Gemma-2, a few steps; checks that every benchmark runs, says nothing about speed.")] = False,
@@ -234,7 +241,7 @@ def bench(
         cfg = BenchConfig(quick=quick, config=config, model=model, layer=layer, device=device, dtype=dtype,
                           windows=windows, context_length=context_length, harvest_batch=harvest_batch, shards=shards,
                           train_batch=train_batch, steps=steps, repeats=repeats,
-                          sizes=[float(v) for v in sizes.split(",")], lockstep=[int(v) for v in lockstep.split(",")],
+                          sizes=_numbers(sizes, float, "--sizes"), lockstep=_numbers(lockstep, int, "--lockstep"),
                           peers=peers, peer_python=peer_python, results=None if no_record else results)
         report = run_bench(cfg)
     except (ValueError, FileNotFoundError) as exc:
