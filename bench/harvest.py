@@ -37,13 +37,11 @@ def random_plan(windows: int, context_length: int, vocab_size: int, seed: int = 
     return Plan(ids, doc, (np.arange(windows) % 2).astype(np.uint8))
 
 
-def text_plan(config: Path, tokenizer, windows: int) -> tuple[Plan, dict]:
-    """The first `windows` windows of the harvest a config describes (real text, real labels)."""
-    cfg = load_config(config, {})
-    full = build_plan(cfg, tokenizer)
-    return Plan(full.input_ids[:windows], full.doc[:windows], full.source[:windows], full.sources), \
-        {"codec": cfg.codec, "clevel": cfg.clevel, "chunk_rows": cfg.chunk_rows, "batch_size": cfg.batch_size,
-         "labels": [u.label for u in full.sources]}
+def text_plan(config: Path, tokenizer, windows: int) -> tuple[Plan, list[str]]:
+    """The first `windows` windows of the harvest a config describes, and its sources' labels."""
+    full = build_plan(load_config(config, {}), tokenizer)
+    plan = Plan(full.input_ids[:windows], full.doc[:windows], full.source[:windows], full.sources)
+    return plan, [u.label for u in full.sources]
 
 
 def bench_attrs(bm: BenchModel, labels: list[str]) -> dict:

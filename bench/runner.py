@@ -20,6 +20,7 @@ from .models import bench_model
 from .results import Measurement, Report
 
 PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
+SECTIONS = ("harvest", "train", "lockstep", "loader")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class BenchConfig:
     sizes: list[float] = field(default_factory=lambda: [1, 4, 8])
     """Dictionary sizes, in multiples of d_in (16384 latents are added on CUDA)."""
     lockstep: list[int] = field(default_factory=lambda: [1, 4, 8])
+    only: list[str] = field(default_factory=lambda: list(SECTIONS))
+    """Which benchmarks to run (the ceilings always run)."""
     peers: bool = True
     """Also run the peer libraries (SAELens, dictionary_learning) in their own environment."""
     peer_python: Path = Path(".venv-saebench/bin/python")
@@ -66,55 +69,70 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.sizes or min(self.sizes) <= 0 or not self.lockstep or min(self.lockstep) < 1:
             raise ValueError("dictionary sizes must be positive and lockstep group sizes at least 1")
+        unknown = set(self.only) - set(SECTIONS)
+        if unknown or not self.only:
+            raise ValueError(f"--only takes some of {', '.join(SECTIONS)}, got {', '.join(self.only) or 'nothing'}")
+        if "harvest" not in self.only and self.shards is None:
+            raise ValueError("without the harvest benchmark, --shards must name the store to train from")
 
 
 def run_bench(cfg: BenchConfig) -> Report:
     harvest_cfg = load_config(cfg.config, {})
     device = resolve_device(cfg.device)
-    spec = cfg.model or harvest_cfg.model
-    layer = harvest_cfg.layer if cfg.layer is None else cfg.layer
     mode = "quick (CI check; figures not meaningful)" if cfg.quick else "full"
+    if set(cfg.only) != set(SECTIONS):
+        mode += ", only " + ", ".join(cfg.only)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     report = Report(f"{stamp} · {device.type.upper()} · {mode}", describe(device))
 
     peaks = ceilings.measure(device, cfg.repeats, cfg.quick)
     report.measurements += list(peaks.values())
+    with tempfile.TemporaryDirectory(prefix="ratio-sae-bench-") as tmp:
+        work = Path(tmp)
+        harvested = _harvest(report, cfg, harvest_cfg, device, peaks, work) if "harvest" in cfg.only else None
+        store = ShardStore.open(cfg.shards or harvested)
+        d = store.d_model
+        sizes = sorted({round(m * d) for m in cfg.sizes} | ({16384} if device.type == "cuda" else set()))
+        common = dict(device=device, batch_size=cfg.train_batch, repeats=cfg.repeats)
+        if "train" in cfg.only:
+            train.run_trainers(report, store, steps=cfg.steps, sizes=sizes, **common,
+                               peak_flops=peaks["matmul_bfloat16"].median * 1e12 if device.type == "cuda" else None)
+            if cfg.peers and device.type == "cpu":
+                _peer_train(report, cfg, store, sizes[:2], work)
+        if "lockstep" in cfg.only:
+            train.run_lockstep(report, store, steps=cfg.steps, lockstep=cfg.lockstep, **common)
+        if "loader" in cfg.only:
+            train.run_loader(report, store, **common, work_dir=work,
+                             pinned_gbps=peaks["pinned_h2d"].median if "pinned_h2d" in peaks else None)
+    if cfg.results is not None:
+        report.append_to(cfg.results)
+    return report
+
+
+def _harvest(report: Report, cfg: BenchConfig, harvest_cfg, device: torch.device, peaks: dict, work: Path) -> Path:
+    """The harvest benchmark; returns the store it wrote, which the training benchmarks read by default."""
+    spec = cfg.model or harvest_cfg.model
+    layer = harvest_cfg.layer if cfg.layer is None else cfg.layer
     bm = bench_model(spec, layer, device, cfg.dtype)
     report.machine["model"] = f"{spec}, layer {layer} of {len(bm.blocks)}, d_model {bm.d_model}, " \
                               f"{bm.flop_per_token() / 1e9:.3g} GFLOP/token to the block"
     batch = cfg.harvest_batch or harvest_cfg.batch_size
-    with tempfile.TemporaryDirectory(prefix="ratio-sae-bench-") as tmp:
-        work = Path(tmp)
-        if bm.tokenizer is None:
-            plan = harvest.random_plan(cfg.windows, cfg.context_length or harvest_cfg.context_length, bm.vocab_size)
-            labels = ["dangerous", "safe"]
-        else:
-            plan, settings = harvest.text_plan(cfg.config, bm.tokenizer, cfg.windows)
-            labels = settings["labels"]
-        chunk_rows = min(harvest_cfg.chunk_rows, max(256, int(plan.rows_per_window.sum()) // 8))
-        harvested = harvest.run(report, bm, plan, labels, batch_size=batch, chunk_rows=chunk_rows,
-                                codec=harvest_cfg.codec, clevel=harvest_cfg.clevel, repeats=cfg.repeats,
-                                keep=work / "harvested")
-        if device.type == "cuda":
-            peak = peaks["matmul_bfloat16"].median * 1e12
-            tok_s = next(m for m in report.measurements if m.name.startswith("harvest (")).median
-            report.ratio(f"harvest model FLOP utilisation of bf16 peak ({bm.flop_per_token() / 1e9:.3g} GFLOP/token)",
-                         tok_s * bm.flop_per_token() / peak, at_least=0.5)
-        if cfg.peers and bm.tokenizer is not None:
-            _peer_harvest(report, cfg, spec, layer, plan, batch, work)
-        del bm
-        store = ShardStore.open(cfg.shards or harvested)
-        d = store.d_model
-        sizes = sorted({round(m * d) for m in cfg.sizes} | ({16384} if device.type == "cuda" else set()))
-        train.run(report, store, device=device, batch_size=cfg.train_batch, steps=cfg.steps, repeats=cfg.repeats,
-                  sizes=sizes, lockstep=cfg.lockstep,
-                  peak_flops=peaks["matmul_bfloat16"].median * 1e12 if device.type == "cuda" else None,
-                  pinned_gbps=peaks["pinned_h2d"].median if "pinned_h2d" in peaks else None, work_dir=work)
-        if cfg.peers and device.type == "cpu":
-            _peer_train(report, cfg, store, sizes[:2], work)
-    if cfg.results is not None:
-        report.append_to(cfg.results)
-    return report
+    if bm.tokenizer is None:
+        plan = harvest.random_plan(cfg.windows, cfg.context_length or harvest_cfg.context_length, bm.vocab_size)
+        labels = ["dangerous", "safe"]
+    else:
+        plan, labels = harvest.text_plan(cfg.config, bm.tokenizer, cfg.windows)
+    chunk_rows = min(harvest_cfg.chunk_rows, max(256, int(plan.rows_per_window.sum()) // 8))
+    harvested = harvest.run(report, bm, plan, labels, batch_size=batch, chunk_rows=chunk_rows,
+                            codec=harvest_cfg.codec, clevel=harvest_cfg.clevel, repeats=cfg.repeats,
+                            keep=work / "harvested")
+    if device.type == "cuda":
+        tok_s = next(m for m in report.measurements if m.name.startswith("harvest (")).median
+        report.ratio(f"harvest model FLOP utilisation of bf16 peak ({bm.flop_per_token() / 1e9:.3g} GFLOP/token)",
+                     tok_s * bm.flop_per_token() / (peaks["matmul_bfloat16"].median * 1e12), at_least=0.5)
+    if cfg.peers and bm.tokenizer is not None:
+        _peer_harvest(report, cfg, spec, layer, plan, batch, work)
+    return harvested
 
 
 def _peer(cfg: BenchConfig, args: list[str]) -> list[dict]:

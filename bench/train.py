@@ -70,23 +70,30 @@ def time_end_to_end(trainers, loader: ShardLoader, steps: int, device) -> tuple[
     return seconds, (loader.wait_seconds - waited) / seconds
 
 
-def run(report: Report, store: ShardStore, *, device: torch.device, batch_size: int, steps: int, repeats: int,
-        sizes: list[int], lockstep: list[int], peak_flops: float | None, pinned_gbps: float | None,
-        work_dir: Path) -> None:
-    d = store.d_model
-    tokens = steps * batch_size
-    loader = ShardLoader(store, batch_size=batch_size, window_chunks=WINDOW_CHUNKS, device=device, resident=False)
-    batches = [(b.x, b.dangerous) for b in loader.iterate(0, steps=steps + 2)]
-    warm, batches = batches[:2], batches[2:]
+class _Rates:
+    """Tokens/s of groups of trainers on the same in-memory batches, one figure per repeat."""
 
-    def rate(name: str, d_sae: int, k: int = 1) -> list[float]:
+    def __init__(self, store: ShardStore, device: torch.device, batch_size: int, steps: int, repeats: int):
+        self.d, self.device, self.repeats = store.d_model, device, repeats
+        self.tokens = steps * batch_size
+        loader = ShardLoader(store, batch_size=batch_size, window_chunks=WINDOW_CHUNKS, device=device, resident=False)
+        batches = [(b.x, b.dangerous) for b in loader.iterate(0, steps=steps + 2)]
+        self.warm, self.batches = batches[:2], batches[2:]
+
+    def __call__(self, name: str, d_sae: int, k: int = 1) -> list[float]:
         runs = []
-        for _ in range(repeats):
-            trainers = make_trainers(name, d, d_sae, k, device)
-            time_steps(trainers, warm, device)
-            runs.append(tokens / time_steps(trainers, batches, device))
+        for _ in range(self.repeats):
+            trainers = make_trainers(name, self.d, d_sae, k, self.device)
+            time_steps(trainers, self.warm, self.device)
+            runs.append(self.tokens / time_steps(trainers, self.batches, self.device))
         return runs
 
+
+def run_trainers(report: Report, store: ShardStore, *, device: torch.device, batch_size: int, steps: int,
+                 repeats: int, sizes: list[int], peak_flops: float | None) -> None:
+    d = store.d_model
+    tokens = steps * batch_size
+    rate = _Rates(store, device, batch_size, steps, repeats)
     setting = f"batch {batch_size}, {steps} steps, d_in {d}"
     for d_sae in sizes:
         base = Measurement("train", f"baseline step, d_sae {d_sae} ({d_sae / d:g} x d_in)", rate("baseline", d_sae),
@@ -123,7 +130,14 @@ def run(report: Report, store: ShardStore, *, device: torch.device, batch_size: 
                 report.ratio(f"time the trainer waited for the loader, d_sae {d_sae}, streamed", max(waits),
                              at_most=0.05, note="worst of the repeats; the first window's read is excluded")
 
-    # Lockstep: cost per SAE, steps alone and fed by the loader.
+
+
+def run_lockstep(report: Report, store: ShardStore, *, device: torch.device, batch_size: int, steps: int,
+                 repeats: int, lockstep: list[int]) -> None:
+    """Cost per SAE of K SAEs stepping on each batch, steps alone and fed by the loader."""
+    d = store.d_model
+    tokens = steps * batch_size
+    rate = _Rates(store, device, batch_size, steps, repeats)
     per_sae: dict[tuple[str, int], float] = {}
     for k in lockstep:
         steps_only = [r * k for r in rate("ratio", d, k)]  # SAE-tokens per second
@@ -146,11 +160,9 @@ def run(report: Report, store: ShardStore, *, device: torch.device, batch_size: 
                      at_most=0.5)
         report.ratio(f"per-SAE cost K={k_max} / K=1, steps alone", per_sae["alone", k_max] / per_sae["alone", 1])
 
-    _loader_alone(report, store, device=device, batch_size=batch_size, repeats=repeats, pinned_gbps=pinned_gbps,
-                  work_dir=work_dir)
 
-
-def _loader_alone(report: Report, store: ShardStore, *, device, batch_size, repeats, pinned_gbps, work_dir) -> None:
+def run_loader(report: Report, store: ShardStore, *, device, batch_size, repeats, pinned_gbps, work_dir) -> None:
+    """The loader alone against straight Zarr reads, on a compressed and an uncompressed copy of the same rows."""
     d = store.d_model
     chunks = min(store.rows_committed // store.chunk_rows, 2 * WINDOW_CHUNKS)
     rows = chunks * store.chunk_rows
