@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
 
 SAEBENCH_VENV := .venv-saebench
 
-.PHONY: demo study test saebench-env clean-venv
+.PHONY: demo study test saebench-env peers-env clean-venv gpu-wheels
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
 # harvest once, train a sweep of four ratio-ranked SAEs in lockstep from the cache, evaluate them
@@ -25,10 +25,10 @@ study: $(VENV)/.installed
 	$(VENV)/bin/pipeline eval $$(ls -d runs/study/run_* | sort -t_ -k2 -n) --config configs/eval-study.yaml
 	$(VENV)/bin/pipeline report --runs-dir runs/study --out reports/study
 
-# Both environments: the project's, and SAEBench's (for `pipeline eval --saebench` and its tests).
-test: $(VENV)/.installed $(SAEBENCH_VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
-	$(SAEBENCH_VENV)/bin/python -m pytest -q tests/test_saebench.py
+# Both environments: the project's, and SAEBench's (for `pipeline eval --saebench`, the peer benchmarks and their tests).
+test: $(VENV)/.installed $(SAEBENCH_VENV)/.installed $(SAEBENCH_VENV)/.peers-installed
+	$(VENV)/bin/python -m pytest -q --ignore tests/test_peers.py
+	$(SAEBENCH_VENV)/bin/python -m pytest -q tests/test_saebench.py tests/test_peers.py
 
 # SAEBench pins numpy < 2 and datasets < 4, so it gets an environment of its own. The torchvision
 # it pulls from PyPI is not a CPU build and breaks transformers' imports; sae-bench never imports it.
@@ -42,6 +42,17 @@ $(SAEBENCH_VENV)/.installed: pyproject.toml constraints.txt
 	$(SAEBENCH_VENV)/bin/pip uninstall --disable-pip-version-check -q -y torchvision
 	touch $@
 
+# bench/peers.py's peers, in the SAEBench environment (SAELens is there already). dictionary-learning 0.1.0
+# pulls nnsight 0.3.x, and with it torchvision (see above), diffusers, umap-learn and circuitsvis, none of which
+# its trainers import; so it goes in without dependencies, with the few modules its import does need.
+PEERS_PKGS := dictionary-learning==0.1.0 nnsight==0.3.7 python-socketio==5.18.1 python-engineio==4.15.1 \
+	bidict==0.24.1 websocket-client==1.9.2
+peers-env: $(SAEBENCH_VENV)/.peers-installed
+
+$(SAEBENCH_VENV)/.peers-installed: $(SAEBENCH_VENV)/.installed
+	$(SAEBENCH_VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt --no-deps $(PEERS_PKGS)
+	touch $@
+
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -U pip
@@ -51,3 +62,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 clean-venv:
 	rm -rf $(VENV) $(SAEBENCH_VENV)
+
+# Wheels for the GPU machine (Python 3.12, with its own CUDA torch, transformers, typer and numpy):
+# what `pipeline bench` needs beyond those, into .whl/ (ignored), carried there for bench/gpu.sh.
+GPU_WHEELS := zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 pydantic==2.14.4 \
+	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 dill==0.4.1
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $(GPU_WHEELS)
