@@ -23,6 +23,14 @@ from train.trainers import TRAINERS
 from .results import Measurement, Report
 
 WINDOW_CHUNKS = 32
+FEED_WINDOW_CHUNKS = 4
+"""Shuffle window of the end-to-end runs. The reader works one window ahead, so a timed run must span
+several windows or it times reading more rows than it trains on; small windows keep that short."""
+
+
+def feed_steps(store: ShardStore, batch_size: int, steps: int) -> int:
+    """At least five whole windows' worth of batches."""
+    return max(steps, 5 * max(1, FEED_WINDOW_CHUNKS * store.chunk_rows // batch_size))
 
 
 def sae_flop_per_token(d_in: int, d_sae: int) -> float:
@@ -92,7 +100,6 @@ class _Rates:
 def run_trainers(report: Report, store: ShardStore, *, device: torch.device, batch_size: int, steps: int,
                  repeats: int, sizes: list[int], peak_flops: float | None) -> None:
     d = store.d_model
-    tokens = steps * batch_size
     rate = _Rates(store, device, batch_size, steps, repeats)
     setting = f"batch {batch_size}, {steps} steps, d_in {d}"
     for d_sae in sizes:
@@ -113,10 +120,11 @@ def run_trainers(report: Report, store: ShardStore, *, device: torch.device, bat
         for d_sae in sizes if device.type == "cuda" else sizes[:1]:
             runs, waits = [], []
             for _ in range(repeats):
-                feed = ShardLoader(store, batch_size=batch_size, window_chunks=WINDOW_CHUNKS, device=device,
+                feed = ShardLoader(store, batch_size=batch_size, window_chunks=FEED_WINDOW_CHUNKS, device=device,
                                    resident=resident)
-                seconds, wait = time_end_to_end(make_trainers("baseline", d, d_sae, 1, device), feed, steps, device)
-                runs.append(tokens / seconds)
+                fed = feed_steps(store, batch_size, steps)
+                seconds, wait = time_end_to_end(make_trainers("baseline", d, d_sae, 1, device), feed, fed, device)
+                runs.append(fed * batch_size / seconds)
                 waits.append(wait)
             where = "device-resident store" if resident else "streamed from the store"
             m = Measurement("train", f"baseline end to end, d_sae {d_sae}, {where}", runs,
@@ -136,16 +144,17 @@ def run_lockstep(report: Report, store: ShardStore, *, device: torch.device, bat
                  repeats: int, lockstep: list[int]) -> None:
     """Cost per SAE of K SAEs stepping on each batch, steps alone and fed by the loader."""
     d = store.d_model
-    tokens = steps * batch_size
     rate = _Rates(store, device, batch_size, steps, repeats)
     per_sae: dict[tuple[str, int], float] = {}
     for k in lockstep:
         steps_only = [r * k for r in rate("ratio", d, k)]  # SAE-tokens per second
         fed = []
         for _ in range(repeats):
-            feed = ShardLoader(store, batch_size=batch_size, window_chunks=WINDOW_CHUNKS, device=device, resident=False)
-            seconds, _ = time_end_to_end(make_trainers("ratio", d, d, k, device), feed, steps, device)
-            fed.append(tokens / seconds)
+            feed = ShardLoader(store, batch_size=batch_size, window_chunks=FEED_WINDOW_CHUNKS, device=device,
+                               resident=False)
+            n = feed_steps(store, batch_size, steps)
+            seconds, _ = time_end_to_end(make_trainers("ratio", d, d, k, device), feed, n, device)
+            fed.append(n * batch_size / seconds)
         report.measurements += [
             Measurement("lockstep", f"K={k} ratio SAEs (d_sae {d}), steps alone, per SAE", [1e6 / r for r in steps_only],
                         unit="us/token"),
