@@ -80,6 +80,8 @@ def harvest(
                      codec=codec, clevel=clevel, chunk_rows=chunk_rows, out=out)
     cfg = load_config(config, overrides)
     result = run_harvest(cfg, overwrite=overwrite, progress=progress)
+    if not result.main_process:  # one of several `accelerate launch` processes: the main one reports
+        return
     if result.already_complete:
         typer.echo(f"The store at {result.store.path} is already complete for this config; nothing to do.")
     typer.echo(summary(result.store, result.rows_written, result.seconds))
@@ -98,10 +100,24 @@ def info(
 
 
 @app.command()
+def stats(
+    store: Annotated[Path, typer.Argument(help="Path of a shard store.")],
+    out: Annotated[Optional[Path], typer.Option(help="JSON file to write (default: <store>/stats.json, where `--normalize store_norm` looks).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Run on dask.distributed (if installed): a scheduler address such as tcp://host:8786, or local:N for N local worker processes. Default: threads in this process.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Per-dimension mean and variance, L2 norms per label and source, tokens per source and document."""
+    from harvest.stats import run_stats
+
+    typer.echo(run_stats(store, out=out, scheduler=scheduler, progress=progress))
+
+
+@app.command()
 def train(
     config: Annotated[Optional[Path], typer.Option(help="YAML config (e.g. configs/seed/run_3.yaml); flags override it.")] = None,
     sweep: Annotated[Optional[Path], typer.Option(help="Sweep YAML (base: options, grid: option -> values); each group of runs that shares its batches trains in lockstep.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a stopped run (run_N or its directory), with the rest of its lockstep group.")] = None,
+    dask: Annotated[Optional[str], typer.Option(help="Train the sweep's lockstep groups on a dask.distributed cluster, one group per worker: a scheduler address (tcp://host:8786) or local:N (N worker processes here).")] = None,
     shards: Annotated[Optional[Path], typer.Option(help=_tdoc("shards"))] = None,
     trainer: Annotated[Optional[str], typer.Option(help=_tdoc("trainer"))] = None,
     ortho: Annotated[Optional[float], typer.Option(help=_tdoc("ortho"))] = None,
@@ -140,7 +156,8 @@ def train(
                      device=device, autocast=autocast, resident=resident, log_every=log_every,
                      checkpoint_every=checkpoint_every, dead_after_tokens=dead_after_tokens, runs_dir=runs_dir,
                      halves_split=halves_split, coact_weight=coact_weight, ortho_lr_warmup=ortho_lr_warmup)
-    for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress):
+    for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
+                          dask=dask):
         typer.echo(line)
 
 

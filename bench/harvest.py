@@ -22,6 +22,7 @@ from harvest.info import compression_ratio
 from harvest.model import BlockOutput
 from harvest.packing import Plan, build_plan
 from harvest.store import COLUMNS, ShardStore
+from harvest.team import Team
 
 from .models import BenchModel
 from .results import Measurement, Report
@@ -66,7 +67,7 @@ def run(report: Report, bm: BenchModel, plan: Plan, labels: list[str], *, batch_
         path = keep if repeat == repeats - 1 else Path(tempfile.mkdtemp(dir=keep.parent)) / "s"
         store = ShardStore.create(path, rows=rows, d_model=bm.d_model, chunk_rows=chunk_rows, codec=codec,
                                   clevel=clevel, attrs=bench_attrs(bm, labels))
-        harvested.append(_run(store, plan, layer_out, batch_size, progress=False).tokens_per_s)
+        harvested.append(_run(store, plan, layer_out, batch_size, False, Team(0, 1)).tokens_per_s)
         ratios.append(compression_ratio(store))
         write.append(rows / _rewrite_seconds(store, bm.d_model, chunk_rows, codec, clevel, keep.parent))
     layer_out.close()

@@ -3,6 +3,17 @@
 Resuming: the plan is rebuilt from the same config, the batch holding the first uncommitted row is
 run again (the same windows in the same batch, so the same numbers), and writing goes on from that
 row. The result equals an uninterrupted harvest.
+
+Several processes: `accelerate launch --num_processes N pipeline.py harvest ...` (on GPUs; on CPUs
+add `--multi_gpu`, see README.md) starts N copies. Each builds the same plan, takes a contiguous
+1/N of the chunks still to write and writes those chunks whole, so no chunk file has two writers.
+Rows keep the single-process order (plan order) and every window is computed in the same batch of
+windows as in a single-process harvest, so the store is the one a single process writes (on the
+same kind of device, in the same dtype). The main process alone creates
+the store, holds the writer lock and writes the group's attributes; the others mark the chunks
+they finish (harvest/ledger.py), and the main process commits the contiguous prefix of finished
+chunks as it goes and all of them at the end. A killed launch resumes when run again, with any
+number of processes.
 """
 
 import gc
@@ -10,6 +21,7 @@ import importlib.metadata
 import shutil
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +31,12 @@ from tqdm import tqdm
 
 from .config import HarvestConfig
 from .errors import HarvestError
+from .ledger import MARKER_DIR, ChunkLedger
 from .model import BlockOutput, load_model
 from .packing import Plan, build_plan
 from .sources import describe_origin
 from .store import ShardStore
+from .team import Team
 
 
 @dataclass
@@ -31,6 +45,8 @@ class HarvestResult:
     rows_written: int
     seconds: float
     already_complete: bool = False
+    main_process: bool = True
+    """False in the other processes of a multi-process harvest: the main one reports."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,81 +61,164 @@ def tool_version() -> str:
 
 
 def harvest(cfg: HarvestConfig, *, overwrite: bool = False, progress: bool = True) -> HarvestResult:
+    team = Team.join(cfg.device)
+    result = _harvest(cfg, team, overwrite, progress)
+    team.leave()
+    return result
+
+
+def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) -> HarvestResult:
     path = cfg.store_path
-    existing = _check_existing(path, cfg, overwrite)
-    if existing is not None and existing.complete:
-        return HarvestResult(existing, 0, 0.0, already_complete=True)
-    created = path.absolute()
-    while not created.parent.exists():
-        created = created.parent
-    created = None if path.exists() else created
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        return _harvest_locked(cfg, path, overwrite, progress)
-    except BaseException:
-        if created is not None and not ShardStore.exists(path):  # failed before writing anything: leave no trace
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-
-
-def _harvest_locked(cfg: HarvestConfig, path: Path, overwrite: bool, progress: bool) -> HarvestResult:
-    with ShardStore(None, path).writer_lock():  # first: nothing below may race another writer
-        if overwrite and ShardStore.exists(path):
-            _remove_store_contents(path)
+    with ExitStack() as held_by_main:
+        complete = _on_main(team, lambda: _claim(path, cfg, overwrite, held_by_main))
+        if complete:
+            return HarvestResult(ShardStore.open(path), 0, 0.0, already_complete=True, main_process=team.is_main)
         loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                            device=cfg.device, dtype=cfg.dtype)
-        plan = build_plan(cfg, loaded.tokenizer)
-        for use in plan.sources:
+                            device=team.device(cfg.device), dtype=cfg.dtype)
+        plan = build_plan(cfg, loaded.tokenizer)  # in every process: the same plan, no need to send it
+        for use in plan.sources if team.is_main else ():
             if use.tokens < use.budget:
                 print(f"warning: source {use.spec.source} ran out after {use.tokens:,} of its {use.budget:,} tokens",
                       file=sys.stderr)
         gc.collect()
         gc.freeze()  # parsed corpora otherwise slow every later collection in the forward loop (3-5x)
         attrs = _store_attrs(cfg, loaded, plan)
-        rows_total = int(plan.rows_per_window.sum())
-        if ShardStore.exists(path) and ShardStore.open(path).rows_committed > 0:
-            store = ShardStore.open(path, mode="r+")
-            _check_same_run(store, attrs)
-        else:
-            store = ShardStore.create(path, rows=rows_total, d_model=loaded.d_model, chunk_rows=cfg.chunk_rows,
-                                      codec=cfg.codec, clevel=cfg.clevel, attrs=attrs)
+        _on_main(team, lambda: _open_or_create(path, cfg, loaded.d_model, int(plan.rows_per_window.sum()), attrs))
+        store = ShardStore.open(path, mode="r+")
         block_output = BlockOutput(loaded.model, loaded.blocks[-1], loaded.device)
-        return _run(store, plan, block_output, cfg.batch_size, progress)
+        return _run(store, plan, block_output, cfg.batch_size, progress, team)
 
 
-def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: int, progress: bool) -> HarvestResult:
+def _on_main(team: Team, work):
+    """`work()` in the main process, its result in every process; its HarvestError is raised in
+    every process, so that all of them stop with the same one-line message."""
+    if team.alone:
+        return work()
+    result, error = None, None
+    if team.is_main:
+        try:
+            result = work()
+        except HarvestError as exc:
+            error = str(exc)
+    result, error = team.from_main((result, error))
+    if error is not None:
+        raise HarvestError(error)
+    return result
+
+
+def _claim(path: Path, cfg: HarvestConfig, overwrite: bool, held: ExitStack) -> bool:
+    """Check --out, create it and take the writer lock for the life of `held`; True if the store is
+    already complete (then nothing is held)."""
+    existing = _check_existing(path, cfg, overwrite)
+    if existing is not None and existing.complete:
+        return True
+    held.enter_context(_no_trace_on_failure(path))
+    held.enter_context(ShardStore(None, path).writer_lock())  # before anything below can race another writer
+    if overwrite and ShardStore.exists(path):
+        _remove_store_contents(path)
+    return False
+
+
+@contextmanager
+def _no_trace_on_failure(path: Path):
+    """Create `path`; remove what was created if the harvest fails before the store exists."""
+    created = path.absolute()
+    while not created.parent.exists():
+        created = created.parent
+    created = None if path.exists() else created
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created is not None and not ShardStore.exists(path):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _open_or_create(path: Path, cfg: HarvestConfig, d_model: int, rows_total: int, attrs: dict) -> None:
+    if ShardStore.exists(path):
+        store = ShardStore.open(path)
+        if store.rows_committed > 0 or (path / MARKER_DIR).exists():  # something was written: resume
+            _check_same_run(store, attrs)
+            return
+    ShardStore.create(path, rows=rows_total, d_model=d_model, chunk_rows=cfg.chunk_rows,
+                      codec=cfg.codec, clevel=cfg.clevel, attrs=attrs)
+
+
+def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: int, progress: bool,
+         team: Team) -> HarvestResult:
+    ledger = ChunkLedger(store, main=team.is_main, alone=team.alone)
+    pending = ledger.pending()
+    team.wait()  # every process has read the ledger before any adds to it: all share the same `pending`
+    mine = team.share(pending)
+    rows_pending = sum(_span(ledger.rows(c, c + 1)) for c in pending)
+    rows_mine = sum(_span(ledger.rows(c, c + 1)) for c in mine)
+    done_before = store.rows_total - rows_pending
+    start = time.perf_counter()
+    bar = tqdm(total=done_before + rows_mine, initial=done_before, unit="tok", unit_scale=True, dynamic_ncols=True,
+               desc="harvest" if team.alone else f"harvest (main of {team.size} processes)",
+               disable=not (progress and team.is_main), mininterval=1.0)
+    for first, stop in _runs(mine):
+        for row, chunk in _chunks(plan, block_output, batch_size, *ledger.rows(first, stop), store.chunk_rows):
+            store.write_rows(row, chunk)
+            ledger.record(row // store.chunk_rows)
+            bar.update(len(chunk["acts"]))
+    bar.close()
+    team.wait()  # every chunk is written (and marked) before the main process commits the rest
+    seconds = time.perf_counter() - start
+    result = HarvestResult(store, rows_pending, seconds, main_process=team.is_main)
+    if team.is_main:
+        ledger.advance(timing={"seconds": round(seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1)})
+    return result
+
+
+def _span(rows: tuple[int, int]) -> int:
+    return rows[1] - rows[0]
+
+
+def _runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Consecutive chunk indices as [first, stop) ranges."""
+    runs: list[tuple[int, int]] = []
+    for c in chunks:
+        if runs and runs[-1][1] == c:
+            runs[-1] = (runs[-1][0], c + 1)
+        else:
+            runs.append((c, c + 1))
+    return runs
+
+
+def _chunks(plan: Plan, block_output: BlockOutput, batch_size: int, start: int, stop: int, chunk_rows: int):
+    """Yield (first row, columns) of each chunk of rows [start, stop), `start` on a chunk boundary.
+
+    The windows run in the batches of a whole single-process harvest (batch k holds windows
+    [k * batch_size, (k + 1) * batch_size)), whatever the range: the same windows in the same forward
+    pass give the same numbers, so any split of the chunks between runs and processes writes the
+    same store. A batch that straddles `start` or `stop` is run for the rows on this side only.
+    """
     rows_per_window = plan.rows_per_window
+    n_windows = len(rows_per_window)
     first_row = np.concatenate([[0], np.cumsum(rows_per_window)])
-    committed, total = store.rows_committed, store.rows_total
-    resumed_at = committed
-    batch_starts = range(0, len(rows_per_window), batch_size)
-    resume_batch = next(i for i, w in enumerate(batch_starts)
-                        if first_row[min(w + batch_size, len(rows_per_window))] > committed)
-    skip = committed - int(first_row[batch_starts[resume_batch]])
+    batch_starts = range(0, n_windows, batch_size)
+    batch_ends = first_row[np.minimum(np.asarray(batch_starts) + batch_size, n_windows)]
+    first_batch = int(np.argmax(batch_ends > start))
+    skip = start - int(first_row[batch_starts[first_batch]])
     pending: list[dict[str, np.ndarray]] = []
     pending_rows = 0
-    start = time.perf_counter()
-    bar = tqdm(total=total, initial=committed, unit="tok", unit_scale=True, dynamic_ncols=True,
-               desc="harvest", disable=not progress, mininterval=1.0)
-    for w in batch_starts[resume_batch:]:
-        windows = slice(w, w + batch_size)
-        columns = _batch_rows(plan, windows, block_output)
+    row = start
+    for w in batch_starts[first_batch:]:
+        columns = _batch_rows(plan, slice(w, w + batch_size), block_output)
         if skip:
             columns = {k: v[skip:] for k, v in columns.items()}
             skip = 0
         pending.append(columns)
         pending_rows += len(columns["acts"])
-        while pending_rows >= store.chunk_rows or (pending_rows and committed + pending_rows == total):
-            chunk, pending, pending_rows = _take(pending, min(store.chunk_rows, pending_rows))
-            store.write_rows(committed, chunk)
-            committed += len(chunk["acts"])
-            store.commit(committed)
-            bar.update(len(chunk["acts"]))
-    bar.close()
-    seconds = time.perf_counter() - start
-    result = HarvestResult(store, committed - resumed_at, seconds)
-    store.commit(committed, timing={"seconds": round(seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1)})
-    return result
+        while pending_rows >= chunk_rows or (pending_rows and row + pending_rows >= stop):
+            n = min(chunk_rows, pending_rows, stop - row)
+            chunk, pending, pending_rows = _take(pending, n)
+            yield row, chunk
+            row += n
+            if row == stop:
+                return
 
 
 def _batch_rows(plan: Plan, windows: slice, block_output: BlockOutput) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ a reader that stops at `rows_committed` never sees a half-written chunk, whateve
 
 import fcntl
 import functools
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -33,6 +34,13 @@ def make_compressors(codec: str, clevel: int, itemsize: int):
         return None
     # An explicit 1 MiB block: with automatic blocks zstd-1 stores real bf16 activations almost raw.
     return BloscCodec(cname=codec, clevel=clevel, shuffle="bitshuffle", typesize=itemsize, blocksize=1 << 20)
+
+
+def store_fingerprint(attrs: dict) -> str:
+    """Names a store's contents: the harvest config, model identity, committed rows. Runs record it
+    (train_config.json) and so does stats.json, so either can tell when the store has changed."""
+    key = {k: attrs.get(k) for k in ("config", "model", "layer", "rows_committed", "compute_dtype")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class ShardStore:

@@ -26,6 +26,15 @@ def make_docs(words, n_docs, seed, min_words=20, max_words=120):
     return docs
 
 
+def two_sources(root: Path, n_docs: int, seed: int) -> dict[str, Path]:
+    """A dangerous .jsonl and a safe .txt of `n_docs` documents each, under `root`."""
+    danger = root / "danger.jsonl"
+    danger.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(DANGER_WORDS, n_docs, seed)))
+    safe = root / "safe.txt"
+    safe.write_text("\n\n".join(make_docs(SAFE_WORDS, n_docs, seed + 1)))
+    return {"danger": danger, "safe_txt": safe}
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     import torch

@@ -12,19 +12,14 @@ import pytest
 
 from harvest.store import RUNTIME_ATTRS, ShardStore
 
-from .conftest import DANGER_WORDS, SAFE_WORDS, harvest_args, make_docs
+from .conftest import harvest_args, two_sources
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def big_corpora(tmp_path_factory):
-    root = tmp_path_factory.mktemp("big")
-    danger = root / "danger.jsonl"
-    danger.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_docs(DANGER_WORDS, 1500, 11)))
-    safe = root / "safe.txt"
-    safe.write_text("\n\n".join(make_docs(SAFE_WORDS, 1500, 12)))
-    return {"danger": danger, "safe_txt": safe}
+    return two_sources(tmp_path_factory.mktemp("big"), 1500, 11)
 
 
 def big_args(model, corpora, out):

@@ -11,7 +11,9 @@ from .runs import resolve_run
 
 
 def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, overrides: dict,
-              progress: bool) -> Iterator[str]:
+              progress: bool, dask: str | None = None) -> Iterator[str]:
+    if dask is not None and (sweep is None or resume is not None):
+        raise TrainError("--dask trains the lockstep groups of a --sweep on a cluster; give --sweep (and no --resume)")
     if resume is not None:
         results = _resume(resume, overrides, progress)
     elif sweep is not None:
@@ -21,23 +23,53 @@ def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, ov
         groups: dict[tuple, list[TrainConfig]] = {}
         for c in cfgs:
             groups.setdefault(c.group_key(), []).append(c)
-        yield f"Sweep {sweep}: {len(cfgs)} runs in {len(groups)} lockstep group(s)."
+        yield f"Sweep {sweep}: {len(cfgs)} runs in {len(groups)} lockstep group(s){f' on dask {dask}' if dask else ''}."
+        if dask is not None:
+            yield from _sweep_on_dask(list(groups.values()), dask)
+            return
         results = [r for group in groups.values() for r in train_group(group, progress=progress)]
     else:
         results = train_group([load_config(config, overrides)], progress=progress)
-    failures = 0
-    for r in results:
-        if r.failed:
-            failures += 1
-            yield f"{r.run_dir}: FAILED, {r.failed}"
-            continue
-        m = r.final["final_metrics"]
-        yield (f"{r.run_dir}: {r.cfg.trainer} d_sae {r.final['dict_size']} ortho {r.cfg.ortho} l1 {r.cfg.l1}, "
-               f"{r.steps} steps; loss {m.get('loss', float('nan')):.4g}, recon {m.get('recon', float('nan')):.4g}, "
-               f"L0 {m.get('l0', float('nan')):.1f}, dead {int(m.get('dead', 0))}; "
-               f"{r.final['tokens_per_s_this_session'] or 0:,.0f} tok/s (x{r.final['lockstep_size']} in lockstep)")
-    if failures:
-        raise TrainError(f"{failures} run(s) stopped on a non-finite loss; see their failed.json")
+    yield from map(_summary, results)
+    _raise_on_failures(results)
+
+
+def _sweep_on_dask(groups: list[list[TrainConfig]], address: str) -> Iterator[str]:
+    """Each group's lines as soon as it finishes; one error line at the end if any group or run failed."""
+    from .distributed import train_on_dask
+
+    results, lost = [], []
+    for outcome in train_on_dask(groups, address):
+        if outcome.error is None:
+            results += outcome.results
+            yield from map(_summary, outcome.results)
+        else:
+            lost.append(outcome)
+            yield f"{', '.join(map(str, outcome.run_dirs))}: FAILED, the lockstep group stopped: {outcome.error}"
+    _raise_on_failures(results, lost, len(groups))
+
+
+def _summary(r: RunResult) -> str:
+    if r.failed:
+        return f"{r.run_dir}: FAILED, {r.failed}"
+    m = r.final["final_metrics"]
+    return (f"{r.run_dir}: {r.cfg.trainer} d_sae {r.final['dict_size']} ortho {r.cfg.ortho} l1 {r.cfg.l1}, "
+            f"{r.steps} steps; loss {m.get('loss', float('nan')):.4g}, recon {m.get('recon', float('nan')):.4g}, "
+            f"L0 {m.get('l0', float('nan')):.1f}, dead {int(m.get('dead', 0))}; "
+            f"{r.final['tokens_per_s_this_session'] or 0:,.0f} tok/s (x{r.final['lockstep_size']} in lockstep)")
+
+
+def _raise_on_failures(results: list[RunResult], lost: list | None = None, n_groups: int = 0) -> None:
+    problems = []
+    if lost:
+        runs = ", ".join(d.name for outcome in lost for d in outcome.run_dirs)
+        problems.append(f"{len(lost)} of {n_groups} lockstep group(s) failed (runs {runs}; the other groups' "
+                        "runs are kept)")
+    diverged = sum(1 for r in results if r.failed)
+    if diverged:
+        problems.append(f"{diverged} run(s) stopped on a non-finite loss; see their failed.json")
+    if problems:
+        raise TrainError("; ".join(problems))
 
 
 def _resume(name: str, overrides: dict, progress: bool) -> list[RunResult]:

@@ -49,13 +49,17 @@ class TrainConfig(BaseModel):
     """Seeds the SAE's initialisation."""
     data_seed: int = 0
     """Seeds the batch order (shared by all SAEs of a lockstep group)."""
-    b_dec_init: Literal["mean", "zeros"] = "mean"
-    """Initial decoder bias: the mean activation of the first batches (SAELens' `mean`), or zeros.
+    b_dec_init: Literal["mean", "zeros", "store_mean"] = "mean"
+    """Initial decoder bias: the mean activation of the first batches (SAELens' `mean`), zeros, or
+    `store_mean`, the mean over every row of the store (from its statistics, see `normalize`).
     Gemma-family residual streams carry dimensions with a large constant offset that an SAE
     otherwise spends thousands of steps learning."""
-    normalize: Literal["none", "expected_norm"] = "none"
+    normalize: Literal["none", "expected_norm", "store_norm"] = "none"
     """`expected_norm`: scale inputs by sqrt(d_in) / E||x|| (estimated on the first batches), as
-    Gemma Scope and dictionary_learning do, so that l1 means the same across models and layers. The
+    Gemma Scope and dictionary_learning do, so that l1 means the same across models and layers.
+    `store_norm`: the same with E||x|| over every row of the store, from `<store>/stats.json`
+    (`pipeline stats`); if that file is missing or no longer describes the store, training first
+    computes it (one pass over the store, said on stderr) and saves it there for the next run. The
     saved SAE reads raw activations: the scale is folded into b_enc and b_dec (decoder rows stay
     unit-norm; feature activations carry the same factor)."""
     recon: Literal["l2", "mse"] = "l2"

@@ -19,12 +19,13 @@ from tqdm import tqdm
 
 from harvest.errors import HarvestError
 from harvest.model import cpu_has_native_bf16
-from harvest.store import ShardStore
+from harvest.stats import stats_for_training
+from harvest.store import ShardStore, store_fingerprint
 
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .loader import ShardLoader
-from .runs import MetricsLog, load_checkpoint, new_run_dir, save_checkpoint, store_fingerprint, write_json
+from .runs import MetricsLog, load_checkpoint, new_run_dir, save_checkpoint, write_json
 from .trainers import TRAINERS, Trainer
 
 
@@ -71,8 +72,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = None, progress: bool = True) -> list[RunResult]:
-    """Train SAEs that share every loader setting in lockstep; new run directories unless resuming."""
+def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = None, run_dirs: list[Path] | None = None,
+                progress: bool = True) -> list[RunResult]:
+    """Train SAEs that share every loader setting in lockstep; new run directories unless resuming.
+
+    `run_dirs`: empty directories numbered beforehand (a sweep on dask numbers them on its client);
+    default: the next `run_<N>` of each run's runs_dir.
+    """
+    if run_dirs is not None and (resume_dirs is not None or len(run_dirs) != len(cfgs)):
+        raise ValueError("run_dirs: one new directory per config, and not when resuming")
     if len({c.group_key() for c in cfgs}) != 1:
         raise TrainError(f"runs trained in lockstep must agree on {', '.join(LOADER_KEYS)}")
     cfg0 = cfgs[0]
@@ -90,7 +98,7 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
 
     start = 0
     if resume_dirs is None:
-        run_dirs = [new_run_dir(c.runs_dir) for c in cfgs]
+        run_dirs = run_dirs or [new_run_dir(c.runs_dir) for c in cfgs]
         for run_dir, c in zip(run_dirs, cfgs):
             write_json(run_dir / "train_config.json", {
                 **c.model_dump(mode="json"), "steps": steps, "d_in": d_model, "d_sae": c.dict_size or d_model,
@@ -124,9 +132,10 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
                          seed=cfg0.data_seed, window_chunks=cfg0.window_chunks, device=device,
                          resident=cfg0.resident)
     mean, mean_norm = _sample_statistics(loader)
+    store_mean, store_mean_norm = _store_statistics(store, cfgs, device)
     for trainer in trainers:
         b_dec = trainer.sae.b_dec.detach().clone()
-        trainer.init_from_sample(mean, mean_norm)
+        trainer.init_from_sample(mean, mean_norm, store_mean, store_mean_norm)
         if start:  # resumed: the scale is recomputed (the same sample), the bias comes from the checkpoint
             with torch.no_grad():
                 trainer.sae.b_dec.copy_(b_dec)
@@ -194,6 +203,19 @@ def _sample_statistics(loader: ShardLoader, rows: int = 16384) -> tuple[torch.Te
         norm_sum += float(x.norm(dim=1).sum())
         n += len(x)
     return total / n, norm_sum / n
+
+
+def _store_statistics(store: ShardStore, cfgs: list[TrainConfig],
+                      device: torch.device) -> tuple[torch.Tensor | None, float | None]:
+    """Mean activation and mean norm over the whole store, for `store_norm` / `store_mean` (else None)."""
+    if not any(c.normalize == "store_norm" or c.b_dec_init == "store_mean" for c in cfgs):
+        return None, None
+    try:
+        stats = stats_for_training(store)
+    except HarvestError as exc:
+        raise TrainError(str(exc)) from None
+    mean = torch.tensor(stats["activations"]["mean"], dtype=torch.float32, device=device)
+    return mean, stats["all"]["norm"]["mean"]
 
 
 def _checkpoint_step(run_dir: Path) -> str:

@@ -6,7 +6,6 @@ current by rewriting `checkpoint/latest.json` (an atomic rename), so a kill at a
 previous checkpoint usable.
 """
 
-import hashlib
 import json
 import re
 import shutil
@@ -49,12 +48,6 @@ def resolve_run(name: str, runs_dir: Path) -> Path:
     if not (candidate / "train_config.json").exists():
         raise TrainError(f"{candidate} is not a run directory (no train_config.json)")
     return candidate
-
-
-def store_fingerprint(attrs: dict) -> str:
-    """Names the store's contents: the harvest config, model identity, committed rows."""
-    key = {k: attrs.get(k) for k in ("config", "model", "layer", "rows_committed", "compute_dtype")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class MetricsLog:

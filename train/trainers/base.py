@@ -61,13 +61,18 @@ class Trainer:
                        "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
         return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
 
-    def init_from_sample(self, mean: torch.Tensor, mean_norm: float) -> None:
-        """Set the input scale and the decoder bias from a sample of the data (first batches)."""
+    def init_from_sample(self, mean: torch.Tensor, mean_norm: float, store_mean: torch.Tensor | None = None,
+                         store_mean_norm: float | None = None) -> None:
+        """Set the input scale and the decoder bias from a sample of the data (first batches) or, for
+        `store_norm` / `store_mean`, from the statistics of the whole store."""
         if self.cfg.normalize == "expected_norm":
             self.input_scale = self.sae.d_in ** 0.5 / mean_norm
-        if self.cfg.b_dec_init == "mean":
+        elif self.cfg.normalize == "store_norm":
+            self.input_scale = self.sae.d_in ** 0.5 / _required(store_mean_norm, "store_norm")
+        if self.cfg.b_dec_init in ("mean", "store_mean"):
+            chosen = mean if self.cfg.b_dec_init == "mean" else _required(store_mean, "store_mean")
             with torch.no_grad():
-                self.sae.b_dec.copy_(mean * self.input_scale)
+                self.sae.b_dec.copy_(chosen * self.input_scale)
 
     def sae_for_raw_inputs(self) -> SAE:
         """The trained SAE with the input scale folded in: it reads and writes raw activations."""
@@ -108,3 +113,8 @@ class Trainer:
             group["lr"] = base_lr * factor(self.step_count)
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
+
+def _required(value, option: str):
+    if value is None:
+        raise ValueError(f"{option} needs the store's statistics; the training loop passes them")
+    return value
