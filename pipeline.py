@@ -91,12 +91,21 @@ def harvest(
 def info(
     store: Annotated[Path, typer.Argument(help="Path of a shard store.")],
     json_output: Annotated[bool, typer.Option("--json", help="Print every fact as JSON.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Also read every committed chunk and check its checksum; exit 2 if any is corrupt.")] = False,
 ):
     """Describe a shard store: attributes, rows per label and source, committed or not, size on disk."""
-    from harvest.info import describe
+    from harvest.info import describe, verify_report
     from harvest.store import ShardStore
 
-    typer.echo(describe(ShardStore.open(store), as_json=json_output))
+    opened = ShardStore.open(store)
+    if verify:  # first: describing reads the labels, and a corrupt label chunk would stop it
+        report, intact = verify_report(opened)
+        if not intact:
+            typer.echo(report)
+            _fail(f"{store}: corrupt chunks (listed above); restore them or re-harvest (pipeline harvest --overwrite)")
+    typer.echo(describe(opened, as_json=json_output))
+    if verify and not json_output:
+        typer.echo(report)
 
 
 @app.command()

@@ -34,8 +34,10 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
                 yield (f"{name}: SAEBench core on {core['model']}: EV {core['explained_variance']:.3f}, CE score "
                        f"{core['ce_loss_score']:.3f}, KL score {core['kl_div_score']:.3f}, L0 {core['l0']:.1f}")
         return
-    from .runner import evaluate_run
+    from .runner import evaluate_run, open_run_store
 
+    for run_dir in run_dirs:  # every run's store checked before the first model loads
+        open_run_store(run_dir)
     cache = {}
     for name in runs:
         results = evaluate_run(name, runs_dir, cfg, progress=lambda line: None, cache=cache)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harvest.errors import HarvestError
 from harvest.model import BlockOutput, load_model
-from harvest.store import ShardStore
+from harvest.store import ShardStore, store_fingerprint
 from train.errors import TrainError
 from train.runs import resolve_run, write_json
-from train.sae import SAE
+from train.sae import CONFIG_FILE, SAE, WEIGHTS_FILE
 
 from .config import EvalConfig
 from .core import CoreAccumulator
@@ -32,10 +33,7 @@ from .unlearning import clamp, random_features, score, select_features
 def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print, cache: dict | None = None) -> dict:
     """Evaluate one run; `cache` keeps the model and the held-out text across the runs of one `pipeline eval`."""
     run_dir = resolve_run(name, runs_dir)
-    if not (run_dir / "sae_weights.safetensors").exists():
-        raise TrainError(f"{run_dir} has no trained SAE yet (sae_weights.safetensors); finish or resume it first")
-    train_cfg = json.loads((run_dir / "train_config.json").read_text())
-    store = ShardStore.open(Path(train_cfg["shards"]))
+    store = open_run_store(run_dir)
     attrs = store.attrs
     layer = attrs["layer"]
     started = time.perf_counter()
@@ -91,6 +89,37 @@ def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print, cac
     from .plots import plot_run
     plot_run(out_dir, results)
     return results
+
+
+def open_run_store(run_dir: Path) -> ShardStore:
+    """The store a finished run was trained on, refused if it no longer is that store.
+
+    The eval loads the model and layer the store names and draws held-out text around the store's
+    documents: a store replaced since training (another model, layer or harvest) would score the SAE
+    at the wrong place, or on text it was trained on.
+    """
+    if not (run_dir / WEIGHTS_FILE).exists():
+        raise TrainError(f"{run_dir} has no trained SAE yet ({WEIGHTS_FILE}); finish or resume it first")
+    train_cfg = json.loads((run_dir / "train_config.json").read_text())
+    try:
+        store = ShardStore.open(Path(train_cfg["shards"]))
+    except HarvestError as exc:
+        raise TrainError(f"{run_dir} was trained on {train_cfg['shards']}, which cannot be opened now: {exc}") from None
+    attrs = store.attrs
+    sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    d_in = sae_cfg["d_in"]
+    if d_in != store.d_model:
+        raise TrainError(f"{run_dir}: the SAE has d_in {d_in} but the store {store.path} has d_model {store.d_model}; "
+                         "it was trained on another store")
+    trained_on = sae_cfg.get("metadata", {})
+    now = {"model_name": attrs["model"]["id"], "hook_name": attrs["hook_name"]}
+    changed = [f"{k} {trained_on[k]!r} -> {v!r}" for k, v in now.items() if trained_on.get(k) not in (None, v)]
+    recorded = train_cfg.get("shards_fingerprint")
+    if changed or (recorded is not None and recorded != store_fingerprint(attrs)):
+        raise TrainError(f"{run_dir} was trained on another store than the one now at {store.path} "
+                         f"({'; '.join(changed) or 'fingerprint differs'}); evaluate it against the store it "
+                         "was trained on, or train a new run on this one")
+    return store
 
 
 def _unlearning_warnings(settings: list[dict], stats: dict, cfg: EvalConfig) -> list[str]:

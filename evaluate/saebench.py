@@ -251,9 +251,32 @@ def known_question_accuracy(model, conf, artifacts: Path) -> dict:
             "per_dataset": per_set}
 
 
+class _ResultUnpickler(pickle.Unpickler):
+    """SAEBench writes each setting's result only as a pickle: dicts, numbers, strings and numpy
+    arrays. Anything else in such a file did not come from SAEBench and is refused, so a planted
+    pickle cannot run code when the results are read."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+               ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}  # how protocol 2 writes bytes
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED or (module == "numpy.dtypes" and name.endswith("DType")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a SAEBench result")
+
+
+def read_result_pickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as f:
+            return _ResultUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as exc:
+        raise TrainError(f"cannot read SAEBench result {path}: {exc}") from None
+
+
 def _setting(path: Path) -> dict:
-    with path.open("rb") as f:
-        metrics = pickle.load(f)
+    metrics = read_result_pickle(path)
     params = metrics.pop("ablate_params", {})
     accuracy = {name: float(m["mean_correct"]) for name, m in metrics.items()}
     side = [m for name, m in metrics.items() if name not in IGNORED_SIDE_EFFECT_SETS]

@@ -4,8 +4,9 @@ Every field below is a key of `configs/*.yaml` and a flag of `pipeline harvest` 
 dashes). The docstrings are the documentation.
 """
 
+import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,14 +129,56 @@ class HarvestConfig(BaseModel):
         return self.model_dump(mode="json", include=set(keys))
 
 
+def closest(name: str, valid) -> str:
+    """A hint naming the closest valid key or value to a misspelt one, or "" when none is close."""
+    match = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def closest_file(path: Path) -> str:
+    """The closest file name next to a missing config or preset (`configs/seed/run_99.yaml`)."""
+    if not path.parent.is_dir():
+        return ""
+    names = [p.name for p in path.parent.iterdir() if p.is_file()]
+    match = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f" (did you mean {str(path.parent / match[0])!r}?)" if match else ""
+
+
+def _choices(annotation) -> tuple:
+    """The allowed values of a Literal field, also inside list[...] or ... | None."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(choice for arg in get_args(annotation) for choice in _choices(arg))
+
+
+def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """Every problem of `exc` as `key: message`, with the closest valid name for a misspelt key or choice."""
+    problems = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not isinstance(p, int)]
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        hint = ""
+        if err["type"] == "extra_forbidden" and loc:
+            owner = SourceSpec if model is HarvestConfig and loc[0] in ("dangerous", "safe") else model
+            hint = closest(loc[-1], owner.model_fields)
+        elif err["type"] == "literal_error" and loc and loc[0] in model.model_fields:
+            hint = closest(err["input"], _choices(model.model_fields[loc[0]].annotation))
+        problems.append(f"{key}: {err['msg']}{hint}")
+    return "; ".join(problems)
+
+
 def load_config(path: Path | None, overrides: dict[str, Any]) -> HarvestConfig:
     """Read `path` (YAML) if given, apply the flags that were set, and validate the result."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
-            raise HarvestError(f"config file not found: {path}") from None
+            raise HarvestError(f"config file not found: {path}{closest_file(Path(path))}") from None
+        except UnicodeDecodeError as exc:
+            raise HarvestError(f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        except OSError as exc:
+            raise HarvestError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             raise HarvestError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
@@ -144,7 +187,4 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HarvestConfig:
     try:
         return HarvestConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
-        )
-        raise HarvestError(f"invalid harvest config: {problems}") from None
+        raise HarvestError(f"invalid harvest config: {describe_validation_error(exc, HarvestConfig)}") from None

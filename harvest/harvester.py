@@ -16,6 +16,7 @@ chunks as it goes and all of them at the end. A killed launch resumes when run a
 number of processes.
 """
 
+import errno
 import gc
 import importlib.metadata
 import shutil
@@ -60,11 +61,29 @@ def tool_version() -> str:
         return "0+unknown"
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def harvest(cfg: HarvestConfig, *, overwrite: bool = False, progress: bool = True) -> HarvestResult:
     team = Team.join(cfg.device)
-    result = _harvest(cfg, team, overwrite, progress)
+    try:
+        result = _harvest(cfg, team, overwrite, progress)
+    except OSError as exc:
+        # Committed chunks survive a failed write (zarr renames each file into place), so the store
+        # resumes like a killed one once there is room.
+        if exc.errno not in DISK_FULL:
+            raise
+        raise HarvestError(_disk_full_message(cfg.store_path)) from None
     team.leave()
     return result
+
+
+def _disk_full_message(path: Path) -> str:
+    kept = ""
+    if ShardStore.exists(path):
+        store = ShardStore.open(path)
+        kept = f" ({store.rows_committed:,} of {store.rows_total:,} rows committed are kept)"
+    return f"disk full while writing {path}{kept}: free space and run the same command again to resume"
 
 
 def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) -> HarvestResult:

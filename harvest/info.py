@@ -56,6 +56,7 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
         "bytes_on_disk": store.disk_bytes(),
         "bytes_per_array": {name: store.disk_bytes(name) for name in COLUMNS},
         "acts_compression_ratio": round(compression_ratio(store), 4),
+        "checksums": "crc32c" if store.checksummed else None,
         "attributes": attrs,
     }
     if as_json:
@@ -72,6 +73,7 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
         f"windows      context length {a['context_length']}, BOS-separated packing, seed {a['seed']}",
         f"chunks       {store.chunk_rows} rows x {store.d_model}, codec {a['codec']}",
         f"on disk      {_size(store.disk_bytes())} (activations {compression_ratio(store):.2f}x compressed)",
+        f"checksums    {checksum_note(store)}",
         "rows by label " + ", ".join(f"{k} {v:,} ({v / max(store.rows_committed, 1):.1%})" for k, v in by_label.items()),
         "sources:",
     ]
@@ -80,3 +82,20 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
                      f"{s['documents']:,} documents; {s['origin']}")
     lines.append(f"written by   {a['tool']} {a['tool_version']}")
     return "\n".join(lines)
+
+
+def checksum_note(store: ShardStore) -> str:
+    if store.checksummed:
+        return "crc32c on every chunk (pipeline info --verify reads them all)"
+    return "no checksums (a format 1 store): a flipped byte may go unnoticed; re-harvest to add them"
+
+
+def verify_report(store: ShardStore) -> tuple[str, bool]:
+    """`pipeline info --verify`: every committed chunk read and checked; (report, whether all are intact)."""
+    problems = store.verify()
+    chunks = -(-store.rows_committed // store.chunk_rows) * len(COLUMNS)
+    checked = "checksums checked, chunks decoded" if store.checksummed else "chunks decoded; no checksums to check"
+    if not problems:
+        return f"verify       {chunks:,} committed chunks of {len(COLUMNS)} arrays intact ({checked})", True
+    lines = [f"verify       {len(problems)} of {chunks:,} committed chunks are corrupt ({checked}):"]
+    return "\n".join(lines + [f"  {p}" for p in problems]), False

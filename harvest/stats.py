@@ -53,8 +53,16 @@ def compute_stats(store: ShardStore, scheduler: str | None = None, progress: boo
         "label": da.from_zarr(store.group["label"])[:rows],
         "doc": da.from_zarr(store.group["doc"])[:rows],
     }
-    with _scheduler(scheduler) as (where, compute_on), _progress_bar(progress and scheduler is None):
-        values = dict(zip(lazy, dask.compute(*lazy.values(), scheduler=compute_on)))
+    for name in ("acts", "label", "doc"):
+        store.check_chunk_files(name, 0, rows)  # dask, reading Zarr directly, would take a lost chunk as zeros
+    try:
+        with _scheduler(scheduler) as (where, compute_on), _progress_bar(progress and scheduler is None):
+            values = dict(zip(lazy, dask.compute(*lazy.values(), scheduler=compute_on)))
+    except HarvestError:
+        raise
+    except Exception as exc:  # a checksum mismatch or an undecodable chunk: name it, as training would
+        problems = store.verify()
+        raise HarvestError(problems[0] if problems else f"{store.path}: cannot compute statistics: {exc}") from None
     return _document(store, values, where, time.perf_counter() - began)
 
 

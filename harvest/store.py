@@ -4,6 +4,11 @@ A Zarr v3 group of five row-aligned arrays (`acts` holds bf16 bits as uint16) wh
 whole row width. The arrays are created at their planned length; rows are written a whole chunk at
 a time and then committed by rewriting the group's attributes (zarr writes metadata atomically), so
 a reader that stops at `rows_committed` never sees a half-written chunk, whatever killed the writer.
+
+Every chunk ends in a crc32c checksum (format version 2; version 1 stores have none and still read).
+A chunk that fails its checksum, cannot be decoded, or whose file is missing below `rows_committed`
+(Zarr would quietly hand back the fill value) is a HarvestError naming the array and the chunk: it
+never reaches training as numbers.
 """
 
 import fcntl
@@ -14,26 +19,31 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from .errors import HarvestError
 
 FORMAT = "ratio-sae/shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: a crc32c checksum ends every chunk of every array. 1: no checksums."""
+CHECKSUM = "crc32c"
 COLUMNS = {"acts": np.uint16, "label": np.uint8, "token": np.int32, "doc": np.int32, "pos": np.int32}
 RUNTIME_ATTRS = ("timing",)
 """Attributes that describe one particular run (wall time, tokens/s), not the store's contents."""
 _LOCK_FILE = ".harvest.lock"
 
 
-def make_compressors(codec: str, clevel: int, itemsize: int):
+def make_compressors(codec: str, clevel: int, itemsize: int) -> list:
+    """The bytes-to-bytes codecs of an array: Blosc (unless "none"), then the checksum of what is on disk."""
     if codec == "none":
-        return None
+        return [Crc32cCodec()]
     # An explicit 1 MiB block: with automatic blocks zstd-1 stores real bf16 activations almost raw.
-    return BloscCodec(cname=codec, clevel=clevel, shuffle="bitshuffle", typesize=itemsize, blocksize=1 << 20)
+    blosc = BloscCodec(cname=codec, clevel=clevel, shuffle="bitshuffle", typesize=itemsize, blocksize=1 << 20)
+    return [blosc, Crc32cCodec()]
 
 
 def store_fingerprint(attrs: dict) -> str:
@@ -56,7 +66,7 @@ class ShardStore:
         # Attributes first, so that a harvest killed while creating the arrays leaves a store that
         # says what it is and that nothing is committed; mode "a" keeps the writer's lock file.
         group = zarr.open_group(str(path), mode="a", zarr_format=3)
-        group.attrs.put({**attrs, "format": FORMAT, "format_version": FORMAT_VERSION,
+        group.attrs.put({**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "checksum": CHECKSUM,
                          "rows_total": rows, "rows_committed": 0, "complete": False})
         for name, dtype in COLUMNS.items():
             shape = (rows, d_model) if name == "acts" else (rows,)
@@ -124,7 +134,9 @@ class ShardStore:
             raise ValueError(f"row {start} is not on a chunk boundary")
         n = len(columns["acts"])
         for name, values in columns.items():
-            self.group[name][start:start + n] = values
+            # Every chunk gets its file, zeros too (Zarr skips those by default, and a reopened array
+            # forgets the creation's setting): a reader can then take a missing file for a lost one.
+            self.group[name].with_config({"write_empty_chunks": True})[start:start + n] = values
 
     def commit(self, rows: int, **attrs) -> None:
         self.group.attrs.update({"rows_committed": rows, "complete": rows == self.rows_total, **attrs})
@@ -146,15 +158,21 @@ class ShardStore:
     # --- reading -------------------------------------------------------------------------------
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Committed rows [start, stop) of one column."""
+        """Committed rows [start, stop) of one column; a damaged chunk among them is a HarvestError."""
         committed = self.rows_committed
         stop = committed if stop is None else min(stop, committed)
-        return self.group[name][start:stop]
+        if stop > start:
+            self.check_chunk_files(name, start, stop)
+        try:
+            return self.group[name][start:stop]
+        except Exception as exc:  # a checksum mismatch or a frame Blosc cannot decode
+            raise self._fault_in(name, start, stop, exc) from None
 
     def acts(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Committed activations [start, stop) as a bfloat16 tensor, bit for bit as harvested.
 
-        A single chunk of an uncompressed store comes memory-mapped (no copy, nothing decoded).
+        A single chunk of an uncompressed store comes memory-mapped (nothing decoded; its checksum is
+        verified on the mapped bytes).
         """
         stop = self.rows_committed if stop is None else min(stop, self.rows_committed)
         mapped = self._mapped_chunk(start, stop) if self.uncompressed else None
@@ -163,21 +181,135 @@ class ShardStore:
 
     @functools.cached_property
     def uncompressed(self) -> bool:
+        """`acts` chunk files hold the raw little-endian rows (and, from format 2, a checksum after them)."""
         codecs = self.group["acts"].metadata.to_dict()["codecs"]
-        return [c["name"] for c in codecs] == ["bytes"] and codecs[0]["configuration"]["endian"] == "little"
+        names = [c["name"] for c in codecs]
+        return names in (["bytes"], ["bytes", CHECKSUM]) and codecs[0]["configuration"]["endian"] == "little"
+
+    @functools.cached_property
+    def checksummed(self) -> bool:
+        """Every array's chunks end in a crc32c checksum (stores written before format 2 have none)."""
+        return all(self._has_checksum(name) for name in COLUMNS)
+
+    def _has_checksum(self, name: str) -> bool:
+        return CHECKSUM in self._codec_names[name]
+
+    @functools.cached_property
+    def _metadata(self) -> dict:
+        """Each array's Zarr metadata, read once: `group[name]` rereads its zarr.json on every call."""
+        return {name: self.group[name].metadata for name in COLUMNS}
+
+    @functools.cached_property
+    def _codec_names(self) -> dict[str, tuple[str, ...]]:
+        return {name: tuple(c["name"] for c in meta.to_dict()["codecs"]) for name, meta in self._metadata.items()}
 
     def _mapped_chunk(self, start: int, stop: int) -> np.ndarray | None:
-        """Rows [start, stop) of one chunk file, memory-mapped; None if they span chunks."""
+        """Rows [start, stop) of one chunk file, memory-mapped; None if they span chunks, or if the file
+        is not the expected size (Zarr's read then names the fault)."""
         index, offset = divmod(start, self.chunk_rows)
         if stop <= start or stop > (index + 1) * self.chunk_rows:
             return None
-        path = self.path / "acts" / "c" / str(index) / "0"
-        if not path.exists() or path.stat().st_size != self.chunk_rows * self.d_model * 2:
+        path = self._chunk_file("acts", index)
+        data_bytes = self.chunk_rows * self.d_model * 2
+        checksum_bytes = 4 if self._has_checksum("acts") else 0
+        if not path.exists() or path.stat().st_size != data_bytes + checksum_bytes:
             return None
         # copy-on-write: torch wants a writable array; the file is never written
-        chunk = np.memmap(path, dtype=np.uint16, mode="c", shape=(self.chunk_rows, self.d_model))
-        return chunk[offset:offset + stop - start]
+        chunk = np.memmap(path, dtype=np.uint8, mode="c")
+        if checksum_bytes and not _checksum_matches(chunk):
+            raise self._corrupt("acts", index, "crc32c checksum mismatch")
+        rows = chunk[:data_bytes].view(np.uint16).reshape(self.chunk_rows, self.d_model)
+        return rows[offset:offset + stop - start]
+
+    # --- integrity -----------------------------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Reads every committed chunk of every array; one message per damaged chunk (none: intact)."""
+        n_chunks = -(-self.rows_committed // self.chunk_rows)
+        problems = []
+        for name in COLUMNS:
+            for index in range(n_chunks):
+                why = self._diagnose(name, index)
+                if why is not None:
+                    problems.append(str(self._corrupt(name, index, why)))
+        return problems
+
+    def _chunk_file(self, name: str, index: int) -> Path:
+        coords = (index, 0) if name == "acts" else (index,)
+        return self.path / name / self._metadata[name].encode_chunk_key(coords)
+
+    def _chunk_span(self, index: int) -> tuple[int, int]:
+        """Rows [first, stop) of chunk `index`."""
+        return index * self.chunk_rows, min((index + 1) * self.chunk_rows, self.rows_total)
+
+    def check_chunk_files(self, name: str, start: int, stop: int) -> None:
+        """The chunk files of rows [start, stop) are there and, where nothing else would catch it, whole."""
+        for index in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            why = self._file_fault(name, index)
+            if why is not None:
+                raise self._corrupt(name, index, why)
+
+    def _file_fault(self, name: str, index: int) -> str | None:
+        """What is wrong with a chunk file that shows without decoding it, or None."""
+        path = self._chunk_file(name, index)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            # Zarr would read it as its fill value, zeros. Stores with checksums have every chunk file;
+            # older ones skipped all-zero chunks, which only `acts` (a model's outputs) cannot have.
+            if self._has_checksum(name) or name == "acts":
+                return f"its file {path.relative_to(self.path)} is missing"
+            return None
+        if "blosc" in self._codec_names[name] and not self._has_checksum(name):
+            # Without a checksum, Blosc decodes a truncated frame into garbage without a word; its
+            # header says how long the frame is (bytes 12-16, little-endian).
+            with open(path, "rb") as f:
+                header = f.read(16)
+            frame = int.from_bytes(header[12:16], "little") if len(header) == 16 else None
+            if frame != size:
+                return f"its file is {size} bytes, its Blosc frame {frame} (truncated)"
+        return None
+
+    def _fault_in(self, name: str, start: int, stop: int, exc: Exception) -> HarvestError:
+        """The error of the first damaged chunk among rows [start, stop) of `name`."""
+        for index in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            why = self._diagnose(name, index)
+            if why is not None:
+                return self._corrupt(name, index, why)
+        return HarvestError(f"{self.path}: cannot read rows {start}-{stop - 1} of {name}: {_one_line(exc)}")
+
+    def _diagnose(self, name: str, index: int) -> str | None:
+        """Why chunk `index` of `name` is damaged, or None if it is intact."""
+        why = self._file_fault(name, index)
+        path = self._chunk_file(name, index)
+        if why is not None or not path.exists():  # no file and no fault: an old store's all-zero chunk
+            return why
+        if self._has_checksum(name) and not _checksum_matches(np.fromfile(path, dtype=np.uint8)):
+            return "crc32c checksum mismatch"
+        first, stop = self._chunk_span(index)
+        try:
+            self.group[name][first:stop]
+        except Exception as exc:  # e.g. a truncated Blosc frame in a store without checksums
+            return f"cannot decode it ({_one_line(exc)})"
+        return None
+
+    def _corrupt(self, name: str, index: int, why: str) -> HarvestError:
+        first, stop = self._chunk_span(index)
+        return HarvestError(f"{self.path}: chunk {index} of {name} (rows {first}-{stop - 1}) is corrupt: {why}; "
+                            "restore it or re-harvest (pipeline harvest --overwrite)")
 
     def disk_bytes(self, name: str | None = None) -> int:
         root = self.path / name if name else self.path
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def _checksum_matches(chunk_file: np.ndarray) -> bool:
+    """A chunk file's bytes end in the little-endian crc32c of the bytes before them (Zarr v3's crc32c codec)."""
+    if len(chunk_file) < 4:
+        return False
+    return google_crc32c.value(chunk_file[:-4]) == int.from_bytes(chunk_file[-4:].tobytes(), "little")
+
+
+def _one_line(exc: Exception) -> str:
+    first = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__

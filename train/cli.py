@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import TrainConfig, load_config, load_sweep
 from .errors import TrainError
 from .loop import RunResult, train_group
-from .runs import resolve_run
+from .runs import checkpoint_step, resolve_run
 
 
 def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, overrides: dict,
@@ -15,7 +15,9 @@ def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, ov
     if dask is not None and (sweep is None or resume is not None):
         raise TrainError("--dask trains the lockstep groups of a --sweep on a cluster; give --sweep (and no --resume)")
     if resume is not None:
-        results = _resume(resume, overrides, progress)
+        run_dirs, cfgs = _resumable(resume, overrides)
+        yield _resume_note(run_dirs)
+        results = train_group(cfgs, resume_dirs=run_dirs, progress=progress)
     elif sweep is not None:
         if config is not None:
             raise TrainError("give either --config or --sweep (a sweep's base: holds its options)")
@@ -72,18 +74,35 @@ def _raise_on_failures(results: list[RunResult], lost: list | None = None, n_gro
         raise TrainError("; ".join(problems))
 
 
-def _resume(name: str, overrides: dict, progress: bool) -> list[RunResult]:
+def _resumable(name: str, overrides: dict) -> tuple[list[Path], list[TrainConfig]]:
+    """The unfinished runs of `name`'s lockstep group and their recorded configs."""
     if any(v is not None for k, v in overrides.items() if k != "runs_dir"):
         raise TrainError("--resume continues a run with its recorded options; give no other option")
     runs_dir = overrides.get("runs_dir") or Path("runs")
-    run_dir = resolve_run(name, runs_dir)
+    try:
+        run_dir = resolve_run(name, runs_dir)
+    except TrainError as exc:
+        raise TrainError(f"{exc}; a `pipeline train` stopped before it began leaves nothing to resume: "
+                         "run that command again") from None
     recorded = json.loads((run_dir / "train_config.json").read_text())
     group = [Path(p) for p in recorded.get("lockstep_group", [str(run_dir)])]
     unfinished = [d for d in group if not (d / "final_info.json").exists()]
     if not unfinished:
         raise TrainError(f"{run_dir} has finished; nothing to resume")
+    not_begun = [str(d) for d in unfinished if not (d / "train_config.json").exists()]
+    if not_begun:  # killed while the group's directories were being set up: nothing was trained
+        raise TrainError(f"the lockstep group of {run_dir} was stopped before it began ({', '.join(not_begun)} has "
+                         "no train_config.json); nothing to resume: run its original command again")
     cfgs = []
     for d in unfinished:
         data = json.loads((d / "train_config.json").read_text())
         cfgs.append(TrainConfig.model_validate({k: v for k, v in data.items() if k in TrainConfig.model_fields}))
-    return train_group(cfgs, resume_dirs=unfinished, progress=progress)
+    return unfinished, cfgs
+
+
+def _resume_note(run_dirs: list[Path]) -> str:
+    names = ", ".join(map(str, run_dirs))
+    reached = min(checkpoint_step(d) or 0 for d in run_dirs)
+    if reached == 0:
+        return f"{names}: no checkpoint yet; training from step 0."
+    return f"{names}: resuming from the checkpoint at step {reached}."

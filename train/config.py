@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from harvest.config import closest, closest_file, describe_validation_error
+
 from .errors import TrainError
 
 TRAINERS = ("baseline", "ratio", "seed_halves", "seed_coactivation")
@@ -20,7 +22,8 @@ LOADER_KEYS = ("shards", "batch_size", "dangerous_fraction", "data_seed", "token
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # inf or nan in a weight or rate would only surface as a non-finite loss after the run had started
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     shards: Path | None = None
     """Shard store to train on. Default: the only complete store under `shards/`."""
@@ -100,15 +103,18 @@ def validate(data: dict[str, Any], where: str, model: type[BaseModel] | None = N
     try:
         return (model or TrainConfig).model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
-        raise TrainError(f"invalid {where}: {problems}") from None
+        raise TrainError(f"invalid {where}: {describe_validation_error(exc, model or TrainConfig)}") from None
 
 
 def read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise TrainError(f"file not found: {path}") from None
+        raise TrainError(f"file not found: {path}{closest_file(Path(path))}") from None
+    except UnicodeDecodeError as exc:
+        raise TrainError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise TrainError(f"cannot read {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise TrainError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -130,14 +136,17 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
     data = read_yaml(path)
     unknown = set(data) - {"base", "grid"}
     if unknown:
-        raise TrainError(f"sweep {path}: unknown top-level key(s) {sorted(unknown)}; use base: and grid:")
+        hints = "".join(closest(k, ("base", "grid")) for k in sorted(unknown))
+        raise TrainError(f"sweep {path}: unknown top-level key(s) {sorted(unknown)}{hints}; use base: and grid:")
+    if not isinstance(data.get("base") or {}, dict):
+        raise TrainError(f"sweep {path}: base must map options to values")
     base = {**(data.get("base") or {}), **{k: v for k, v in overrides.items() if v is not None}}
     grid = data.get("grid") or {}
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values")
     for key in [*base, *grid]:
         if key not in TrainConfig.model_fields:
-            raise TrainError(f"sweep {path}: unknown option {key!r}")
+            raise TrainError(f"sweep {path}: unknown option {key!r}{closest(key, TrainConfig.model_fields)}")
     runs = []
     for values in itertools.product(*grid.values()):
         runs.append(validate({**base, **dict(zip(grid, values))}, f"sweep {path} run {dict(zip(grid, values))}"))

@@ -11,6 +11,7 @@ other SAEs of the group go on.
 
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from harvest.store import ShardStore, store_fingerprint
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .loader import ShardLoader
-from .runs import MetricsLog, load_checkpoint, new_run_dir, save_checkpoint, write_json
+from .runs import (MetricsLog, checkpoint_step, is_disk_full, load_checkpoint, new_run_dir, run_lock,
+                   save_checkpoint, write_json)
 from .trainers import TRAINERS, Trainer
 
 
@@ -96,36 +98,75 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
     if steps == 0:
         raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")
 
-    start = 0
-    if resume_dirs is None:
-        run_dirs = run_dirs or [new_run_dir(c.runs_dir) for c in cfgs]
-        for run_dir, c in zip(run_dirs, cfgs):
-            write_json(run_dir / "train_config.json", {
-                **c.model_dump(mode="json"), "steps": steps, "d_in": d_model, "d_sae": c.dict_size or d_model,
-                "shards_fingerprint": store_fingerprint(store.attrs), "lockstep_group": [str(d) for d in run_dirs]})
-    else:
-        run_dirs = resume_dirs
-        starts = set()
-        for run_dir, trainer in zip(run_dirs, trainers):
-            saved = load_checkpoint(run_dir)
-            if saved is None:
-                starts.add(0)
-                continue
-            step, tensors, _ = saved
-            if tensors["sae.W_dec"].shape[1] != d_model:
-                raise TrainError(f"{run_dir}: the SAE has d_in {tensors['sae.W_dec'].shape[1]} but the store "
-                                 f"has d_model {d_model}")
-            trainer.load_state_tensors(tensors)
-            starts.add(step)
-        if len(starts) != 1:
-            raise TrainError(f"the runs of this lockstep group stopped at different steps ({sorted(starts)})")
-        start = starts.pop()
-        fingerprint = store_fingerprint(store.attrs)
-        for run_dir in run_dirs:
-            recorded = json.loads((run_dir / "train_config.json").read_text())["shards_fingerprint"]
-            if recorded != fingerprint:
-                raise TrainError(f"{run_dir} was trained on another store than {store.path} (fingerprint differs)")
+    with ExitStack() as held:
+        try:
+            if resume_dirs is None:
+                run_dirs = run_dirs or [new_run_dir(c.runs_dir) for c in cfgs]
+                for run_dir in run_dirs:
+                    held.enter_context(run_lock(run_dir))
+                for run_dir, c in zip(run_dirs, cfgs):
+                    write_json(run_dir / "train_config.json", {
+                        **c.model_dump(mode="json"), "steps": steps, "d_in": d_model,
+                        "d_sae": c.dict_size or d_model, "shards_fingerprint": store_fingerprint(store.attrs),
+                        "lockstep_group": [str(d) for d in run_dirs]})
+                start = 0
+            else:
+                run_dirs = resume_dirs
+                for run_dir in run_dirs:  # before reading a checkpoint that another process may be replacing
+                    held.enter_context(run_lock(run_dir))
+                start = _load_checkpoints(run_dirs, trainers, d_model)
+                fingerprint = store_fingerprint(store.attrs)
+                for run_dir in run_dirs:
+                    recorded = json.loads((run_dir / "train_config.json").read_text())["shards_fingerprint"]
+                    if recorded != fingerprint:
+                        raise TrainError(f"{run_dir} was trained on another store than {store.path} "
+                                         "(fingerprint differs)")
+            return _train(store, cfgs, trainers, run_dirs, start, steps, device, progress)
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            raise TrainError(_disk_full_message(run_dirs)) from None
 
+
+def _load_checkpoints(run_dirs: list[Path], trainers: list[Trainer], d_model: int) -> int:
+    """Load each run's checkpoint at the step every run of the group reached; return that step.
+
+    The runs of a group save one after another, so a kill between two saves leaves some a checkpoint
+    ahead; those keep the one before (save_checkpoint's keep_previous). No checkpoint: step 0.
+    """
+    reached = [checkpoint_step(d) or 0 for d in run_dirs]
+    start = min(reached)
+    if start == 0:
+        return 0
+    for run_dir, trainer in zip(run_dirs, trainers):
+        saved = load_checkpoint(run_dir, step=start)
+        if saved is None:
+            raise TrainError(f"the runs of this lockstep group stopped at different steps ({sorted(set(reached))}) "
+                             f"and {run_dir} no longer has a checkpoint at step {start}")
+        _, tensors, _ = saved
+        if tensors["sae.W_dec"].shape[1] != d_model:
+            raise TrainError(f"{run_dir}: the SAE has d_in {tensors['sae.W_dec'].shape[1]} but the store "
+                             f"has d_model {d_model}")
+        trainer.load_state_tensors(tensors)
+    return start
+
+
+def _disk_full_message(run_dirs: list[Path] | None) -> str:
+    if not run_dirs:
+        return "disk full while creating a run directory: free space and run the same command again"
+    names = ", ".join(map(str, run_dirs))
+    if not all((d / "train_config.json").exists() for d in run_dirs):
+        return f"disk full while creating {names}: free space, remove them and run the same command again"
+    kept = sorted({checkpoint_step(d) or 0 for d in run_dirs})
+    kept_text = ("no checkpoint yet, it restarts from step 0" if kept == [0]
+                 else f"checkpoint at step {', '.join(map(str, kept))} is kept")
+    return (f"disk full while training {names} ({kept_text}): free space and run "
+            f"`pipeline train --resume {run_dirs[0]}` to continue")
+
+
+def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], run_dirs: list[Path], start: int,
+           steps: int, device: torch.device, progress: bool) -> list[RunResult]:
+    cfg0, d_model = cfgs[0], store.d_model
     logs = [MetricsLog(d / "metrics.jsonl", resume_step=start) for d in run_dirs]
     failed: list[str | None] = [None] * len(trainers)
     loader = ShardLoader(store, batch_size=cfg0.batch_size, dangerous_fraction=cfg0.dangerous_fraction,
@@ -169,7 +210,8 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
         if step % cfg0.checkpoint_every == 0 and step < steps:
             for i, trainer in enumerate(trainers):
                 if not failed[i]:
-                    save_checkpoint(run_dirs[i], step, trainer.state_tensors(), {"trainer": trainer.name})
+                    save_checkpoint(run_dirs[i], step, trainer.state_tensors(), {"trainer": trainer.name},
+                                    keep_previous=len(trainers) > 1)
         if all(failed):
             break
     bar.close()
@@ -179,7 +221,8 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
         if failed[i]:
             results.append(RunResult(run_dir, c, trainer.step_count, failed[i]))
             continue
-        save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name})
+        save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
+                        keep_previous=len(trainers) > 1)
         trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
         final = {
             "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
