@@ -245,6 +245,13 @@ def _batch_rows(plan: Plan, windows: slice, block_output: BlockOutput) -> dict[s
     keep = plan.doc[windows] >= 0
     hidden = block_output(torch.from_numpy(plan.input_ids[windows]))
     acts = hidden[torch.from_numpy(keep).to(hidden.device)].to(torch.bfloat16)
+    if not bool(torch.isfinite(acts).all()):
+        # Stored, they would surface only as a non-finite loss somewhere in training, far from the cause.
+        names = sorted({plan.sources[i].spec.name for i in np.unique(plan.source[windows])}) if plan.sources else []
+        raise HarvestError(f"the model's activations are NaN or Inf in windows {windows.start}-"
+                           f"{min(windows.stop, len(plan.doc)) - 1} (sources: {', '.join(names) or 'unknown'}); "
+                           "nothing of them is stored and committed rows are kept: try --dtype float32, or check "
+                           "the model")
     window_index, pos = np.nonzero(keep)
     return {
         "acts": acts.view(torch.int16).cpu().numpy().view(np.uint16),

@@ -188,3 +188,27 @@ def test_unknown_flag_is_a_usage_error(args, monkeypatch, capsys):
     assert cli(monkeypatch, [*args, "--layr", "3"]) == 2
     err = capsys.readouterr().err
     assert "No such option" in err and "Traceback" not in err and "unexpected" not in err
+
+
+def test_non_finite_activations_are_refused_and_committed_rows_kept(args, monkeypatch, capsys, tmp_path):
+    import harvest.model
+
+    real_call = harvest.model.BlockOutput.__call__
+    calls = {"n": 0}
+
+    def nan_on_the_fifth_batch(self, input_ids):
+        calls["n"] += 1
+        hidden = real_call(self, input_ids)
+        return hidden.clone().fill_(float("nan")) if calls["n"] == 5 else hidden
+
+    monkeypatch.setattr(harvest.model.BlockOutput, "__call__", nan_on_the_fifth_batch)
+    assert cli(monkeypatch, args) == 2
+    line = error_line(capsys)
+    assert "activations are NaN or Inf in windows 16-19" in line and "committed rows are kept" in line
+    store = ShardStore.open(tmp_path / "store")
+    committed = store.rows_committed
+    assert 0 < committed < store.rows_total and committed % store.chunk_rows == 0
+    assert np.isfinite(store.acts().float().numpy()).all()
+    monkeypatch.setattr(harvest.model.BlockOutput, "__call__", real_call)
+    assert cli(monkeypatch, args) == 0  # the same command resumes once the model behaves
+    assert ShardStore.open(tmp_path / "store").complete
