@@ -16,7 +16,6 @@ chunks as it goes and all of them at the end. A killed launch resumes when run a
 number of processes.
 """
 
-import errno
 import gc
 import importlib.metadata
 import shutil
@@ -31,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .config import HarvestConfig
+from .disk import is_disk_full
 from .errors import HarvestError
 from .ledger import MARKER_DIR, ChunkLedger
 from .model import BlockOutput, load_model
@@ -61,9 +61,6 @@ def tool_version() -> str:
         return "0+unknown"
 
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-
 def harvest(cfg: HarvestConfig, *, overwrite: bool = False, progress: bool = True) -> HarvestResult:
     team = Team.join(cfg.device)
     try:
@@ -71,7 +68,7 @@ def harvest(cfg: HarvestConfig, *, overwrite: bool = False, progress: bool = Tru
     except OSError as exc:
         # Committed chunks survive a failed write (zarr renames each file into place), so the store
         # resumes like a killed one once there is room.
-        if exc.errno not in DISK_FULL:
+        if not is_disk_full(exc):
             raise
         raise HarvestError(_disk_full_message(cfg.store_path)) from None
     team.leave()

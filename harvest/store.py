@@ -11,12 +11,9 @@ A chunk that fails its checksum, cannot be decoded, or whose file is missing bel
 never reaches training as numbers.
 """
 
-import fcntl
 import functools
 import hashlib
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import google_crc32c
@@ -25,6 +22,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from .disk import exclusive_lock
 from .errors import HarvestError
 
 FORMAT = "ratio-sae/shards"
@@ -141,19 +139,10 @@ class ShardStore:
     def commit(self, rows: int, **attrs) -> None:
         self.group.attrs.update({"rows_committed": rows, "complete": rows == self.rows_total, **attrs})
 
-    @contextmanager
     def writer_lock(self):
         """Exclusive for the life of one harvest; the OS releases it when the process dies."""
-        fd = os.open(self.path / _LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise HarvestError(f"another harvest is writing to {self.path}; wait for it or choose another --out") from None
-        try:
-            yield
-        finally:
-            os.close(fd)
+        return exclusive_lock(self.path / _LOCK_FILE, HarvestError(
+            f"another harvest is writing to {self.path}; wait for it or choose another --out"))
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from harvest.disk import is_disk_full
 from harvest.errors import HarvestError
 from harvest.model import cpu_has_native_bf16
 from harvest.stats import stats_for_training
@@ -26,8 +27,7 @@ from harvest.store import ShardStore, store_fingerprint
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .loader import ShardLoader
-from .runs import (MetricsLog, checkpoint_step, is_disk_full, load_checkpoint, new_run_dir, run_lock,
-                   save_checkpoint, write_json)
+from .runs import MetricsLog, checkpoint_step, load_checkpoint, new_run_dir, run_lock, save_checkpoint, write_json
 from .trainers import TRAINERS, Trainer
 
 

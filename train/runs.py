@@ -6,23 +6,20 @@ current by rewriting `checkpoint/latest.json` (an atomic rename), so a kill at a
 previous checkpoint usable. A run directory is trained by one process at a time (`run_lock`).
 """
 
-import errno
-import fcntl
 import json
 import math
-import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+
+from harvest.disk import exclusive_lock
 
 from .errors import TrainError
 
 RUN_NAME = re.compile(r"^run_(\d+)$")
 LOCK_FILE = ".train.lock"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -149,24 +146,7 @@ def load_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, dict, 
     return state["step"], load_file(path / "state.safetensors"), state
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """An OSError for a full disk or quota, or safetensors' own error for one (not an OSError)."""
-    if isinstance(exc, OSError):
-        return exc.errno in DISK_FULL
-    return type(exc).__name__ == "SafetensorError" and os.strerror(errno.ENOSPC) in str(exc)
-
-
-@contextmanager
 def run_lock(run_dir: Path):
     """Exclusive for the life of one training process; the OS releases it when the process dies."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise TrainError(f"another `pipeline train` is training {run_dir}; wait for it to finish or stop it, "
-                         "then resume") from None
-    try:
-        yield
-    finally:
-        os.close(fd)
+    return exclusive_lock(run_dir / LOCK_FILE, TrainError(
+        f"another `pipeline train` is training {run_dir}; wait for it to finish or stop it, then resume"))
