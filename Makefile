@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
 
 SAEBENCH_VENV := .venv-saebench
 
-.PHONY: demo study test saebench-env peers-env clean-venv gpu-wheels
+.PHONY: demo study test docs saebench-env peers-env clean-venv gpu-wheels
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
 # harvest once, train a sweep of four ratio-ranked SAEs in lockstep from the cache, evaluate them
@@ -29,6 +29,11 @@ study: $(VENV)/.installed
 test: $(VENV)/.installed $(SAEBENCH_VENV)/.installed $(SAEBENCH_VENV)/.peers-installed
 	$(VENV)/bin/python -m pytest -q --ignore tests/test_peers.py
 	$(SAEBENCH_VENV)/bin/python -m pytest -q tests/test_saebench.py tests/test_peers.py
+
+# The documentation site into site/ (open site/index.html). --strict: a broken link or a missing page
+# fails the build. Material's end-of-life banner is not a build warning; NO_MKDOCS_2_WARNING hides it.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # SAEBench pins numpy < 2 and datasets < 4, so it gets an environment of its own. The torchvision
 # it pulls from PyPI is not a CPU build and breaks transformers' imports; sae-bench never imports it.
@@ -57,7 +62,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -U pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[demo,test]'
+	$(PIP) -e '.[demo,test,docs]'
 	touch $@
 
 clean-venv:
