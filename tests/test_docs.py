@@ -173,7 +173,7 @@ def test_generator_follows_the_live_app_and_config(monkeypatch):
     page = reference.expand("<!-- reference: commands -->\n\n<!-- reference: command grow tests.test_docs:ToyConfig -->\n")
     assert "[`pipeline shrink`](#pipeline-shrink) | Shrink it back. |" in page
     assert "| `--width` | `width` | int, > 0 | `8` | How wide it is. |" in page
-    assert "| `--mode` | `modes` | list of float; the flag is repeated for several values | `0.5`, `2.0` |" in page
+    assert "| `--mode` | `modes` | list of float; the flag repeats | `0.5`, `2.0` |" in page
     assert "| `--dry-run` | flag | off | Say what would be done. |" in page
     assert "**Config-file keys without a flag**" in page
     assert "| — | `kind` | one of `a`, `b` | `a` | Which kind; only in config files. |" in page

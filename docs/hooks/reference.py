@@ -149,7 +149,7 @@ def _field_row(name: str, field, flag: str, extra: str = "", repeatable: bool = 
     if limits:
         kind += f", {limits}"
     if repeatable:
-        kind += "; the flag is repeated for several values"
+        kind += "; the flag repeats"
     text = field.description or ""
     if extra and extra.strip() != text.strip():
         text = f"{text} On the command line: {extra}" if text else extra
