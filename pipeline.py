@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from harvest.config import HarvestConfig
-from harvest.errors import HarvestError
+from harvest.errors import HarvestError, Interrupted
 from train.config import TrainConfig
 from train.errors import TrainError
 
@@ -292,6 +292,9 @@ def run() -> None:
             raise
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except Interrupted as exc:  # SIGINT or SIGTERM, with what the stage kept and how to go on
+        typer.secho(exc.message, err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted: committed rows are kept; run the same command again to resume", err=True)
         sys.exit(130)

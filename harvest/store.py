@@ -42,8 +42,8 @@ COLUMNS = {"acts": np.uint16, "label": np.uint8, "token": np.int32, "doc": np.in
 MANIFEST = "chunk_digests"
 """(chunks, len(COLUMNS)) uint32: the keyed digest of each committed chunk of each array (`chunk_digest`)."""
 _MANIFEST_CHUNK = 4096
-RUNTIME_ATTRS = ("timing",)
-"""Attributes that describe one particular run (wall time, tokens/s), not the store's contents."""
+RUNTIME_ATTRS = ("timing", "store_id")
+"""Attributes that describe one particular run (wall time, tokens/s) or store (its id), not the store's contents."""
 _LOCK_FILE = ".harvest.lock"
 
 
