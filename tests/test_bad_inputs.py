@@ -103,8 +103,11 @@ def test_resume_against_a_changed_store_is_refused_and_keeps_the_run(own_store, 
 def test_nan_activations_stop_the_run_with_the_step_and_keep_nothing_half_written(own_store, tmp_path, monkeypatch,
                                                                                  capsys):
     writable = ShardStore.open(own_store.path, mode="r+")
-    acts = writable.group["acts"]
-    acts[0:own_store.chunk_rows] = np.full((own_store.chunk_rows, own_store.d_model), 0x7FC0, np.uint16)  # bf16 NaN
+    nan = np.full((own_store.chunk_rows, own_store.d_model), 0x7FC0, np.uint16)  # bf16 NaN
+    writable.write_rows(0, {"acts": nan})
+    rows = writable.rows_committed
+    writable.group.attrs["rows_committed"] = 0  # rewritten and committed again, as a harvest writes
+    writable.commit(rows)
     runs = tmp_path / "runs"
     capsys.readouterr()
     assert run_cli(monkeypatch, train_args(own_store, runs, "--tokens", "1280")) == 2
