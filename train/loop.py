@@ -111,8 +111,8 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
         stop = held.enter_context(signals_interrupt())
         try:
             if resume_dirs is None:
-                run_dirs = run_dirs or [new_run_dir(c.runs_dir) for c in cfgs]
-                created = list(run_dirs)
+                if run_dirs is None:  # numbered here, so removed here if the start fails (not a sweep client's)
+                    run_dirs = created = [new_run_dir(c.runs_dir) for c in cfgs]
                 for run_dir in run_dirs:
                     held.enter_context(run_lock(run_dir))
                 for run_dir, c in zip(run_dirs, cfgs):
