@@ -1,5 +1,6 @@
 """The `pipeline` command: parses flags and dispatches to the stages. No work happens here."""
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -7,13 +8,22 @@ from typing import Annotated, Optional
 import typer
 
 from harvest.config import HarvestConfig
-from harvest.errors import HarvestError
+from harvest.errors import HarvestError, Interrupted
 from train.config import TrainConfig
 from train.errors import TrainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest a model's activations once into labelled Zarr shards; train and evaluate SAEs from them.")
 _DEBUG = {"on": False}
+_PATH_PROBLEMS = {
+    errno.EACCES: "choose a place you can write to, or change its permissions",
+    errno.EPERM: "choose a place you can write to, or change its permissions",
+    errno.EROFS: "choose a place on a writable file system",
+    errno.ENAMETOOLONG: "choose a shorter name or path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "it is a directory; name a file",
+}
+"""OSErrors that name a path the user gave and can fix: one line, exit 2 (bad input), not "unexpected"."""
 
 
 def _doc(field: str) -> str:
@@ -292,6 +302,9 @@ def run() -> None:
             raise
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except Interrupted as exc:  # SIGINT or SIGTERM, with what the stage kept and how to go on
+        typer.secho(exc.message, err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted: committed rows are kept; run the same command again to resume", err=True)
         sys.exit(130)
@@ -305,6 +318,11 @@ def run() -> None:
             sys.exit(exc.exit_code)
         if _DEBUG["on"]:
             raise
+        if isinstance(exc, OSError) and exc.errno in _PATH_PROBLEMS:
+            where = exc.filename if exc.filename is not None else "a path"
+            typer.secho(f"error: cannot use {where}: {exc.strerror}; {_PATH_PROBLEMS[exc.errno]}",
+                        fg=typer.colors.RED, err=True)
+            sys.exit(2)
         typer.secho(f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
                     fg=typer.colors.RED, err=True)
         sys.exit(1)

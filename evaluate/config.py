@@ -1,7 +1,7 @@
 """The eval configuration. Every field is a flag of `pipeline eval` (underscores become dashes)."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,7 +20,7 @@ class EvalConfig(BaseModel):
     """Windows per forward pass (the logits of a 262k-token vocabulary are large)."""
     retain_thresholds: list[float] = Field(default_factory=lambda: [0.001, 0.01])
     """SAEBench: a feature is eligible if it fires on fewer than this fraction of retain tokens."""
-    n_features: list[int] = Field(default_factory=lambda: [10, 20])
+    n_features: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [10, 20])
     """SAEBench: how many eligible features (most frequent on forget text first) are clamped."""
     multipliers: list[float] = Field(default_factory=lambda: [25, 50, 100, 200])
     """SAEBench: selected features are set to -multiplier where they fire."""

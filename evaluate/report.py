@@ -56,8 +56,15 @@ def _label(row: dict) -> str:
 
 
 def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file: the report is a directory (report.md, report.csv, plots); "
+                         "name a directory")
     if runs:
         dirs = [resolve_run(r, runs_dir) for r in runs]
+        not_evaluated = [str(d) for d in dirs if not any((d / "eval" / f"{s}.json").exists() for s in EVALS)]
+        if not_evaluated:
+            raise TrainError(f"{', '.join(not_evaluated)} has no eval results: run `pipeline eval` on it first, "
+                             "or leave it out of the report")
     else:
         dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and (p / "eval").is_dir()),
                       key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []

@@ -16,6 +16,19 @@ from .errors import HarvestError
 Label = Literal["dangerous", "safe"]
 
 
+def booleans_are_not_numbers(model: type[BaseModel], value: Any, info) -> Any:
+    """A field validator (`mode="before"`): `true` for a number is refused, not read as 1. YAML and
+    pydantic's lax mode would otherwise turn `ortho: true` into a weight of 1.0 without a word."""
+    if isinstance(value, bool) and not _admits_bool(model.model_fields[info.field_name].annotation):
+        raise ValueError(f"{str(value).lower()} is a boolean; give a number")
+    return value
+
+
+def _admits_bool(annotation) -> bool:
+    return annotation is bool or annotation is Any or any(_admits_bool(a) for a in get_args(annotation))
+
+
+
 class SourceSpec(BaseModel):
     """One text source. On the command line a source is a string:
 
@@ -99,6 +112,8 @@ class HarvestConfig(BaseModel):
     """Rows per chunk; each chunk spans the whole row width. Rows are committed a chunk at a time."""
     out: Path | None = None
     """Store directory; default `shards/<model slug>/L<layer>`."""
+
+    _no_booleans_for_numbers = field_validator("*", mode="before")(classmethod(booleans_are_not_numbers))
 
     @field_validator("dangerous", "safe", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ number of processes.
 import gc
 import importlib.metadata
 import shutil
+import signal
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from .config import HarvestConfig
 from .disk import is_disk_full
-from .errors import HarvestError
+from .errors import HarvestError, Interrupted, signals_interrupt
 from .ledger import MARKER_DIR, ChunkLedger
 from .model import BlockOutput, load_model
 from .packing import Plan, build_plan
@@ -64,7 +65,11 @@ def tool_version() -> str:
 def harvest(cfg: HarvestConfig, *, overwrite: bool = False, progress: bool = True) -> HarvestResult:
     team = Team.join(cfg.device)
     try:
-        result = _harvest(cfg, team, overwrite, progress)
+        with signals_interrupt():  # SIGTERM as Ctrl-C: committed chunks are kept, and the same command resumes
+            result = _harvest(cfg, team, overwrite, progress)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(signum, _interrupted_message(cfg.store_path, signum)) from None
     except OSError as exc:
         # Committed chunks survive a failed write (zarr renames each file into place), so the store
         # resumes like a killed one once there is room.
@@ -73,6 +78,15 @@ def harvest(cfg: HarvestConfig, *, overwrite: bool = False, progress: bool = Tru
         raise HarvestError(_disk_full_message(cfg.store_path)) from None
     team.leave()
     return result
+
+
+def _interrupted_message(path: Path, signum: int) -> str:
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    if not ShardStore.exists(path):
+        return f"{how} before anything was written: run the same command again"
+    store = ShardStore.open(path)
+    return (f"{how}: {store.rows_committed:,} of {store.rows_total:,} rows committed to {path} are kept; "
+            "run the same command again to resume")
 
 
 def _disk_full_message(path: Path) -> str:

@@ -57,6 +57,7 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
         "bytes_per_array": {name: store.disk_bytes(name) for name in COLUMNS},
         "acts_compression_ratio": round(compression_ratio(store), 4),
         "checksums": "crc32c" if store.checksummed else None,
+        "chunks_bound_by_manifest": store.bound,
         "attributes": attrs,
     }
     if as_json:
@@ -85,16 +86,23 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
 
 
 def checksum_note(store: ShardStore) -> str:
+    if store.bound:
+        return ("crc32c on every chunk, each bound to its array, place and store by the manifest "
+                "(pipeline info --verify reads them all)")
     if store.checksummed:
-        return "crc32c on every chunk (pipeline info --verify reads them all)"
-    return "no checksums (a format 1 store): a flipped byte may go unnoticed; re-harvest to add them"
+        return ("crc32c on every chunk, not bound to its place (a format 2 store): chunk files swapped, copied over "
+                "each other or copied in from another store go unnoticed; re-harvest to add the manifest")
+    return ("no checksums (a format 1 store): a flipped byte, or chunk files swapped or copied in from another "
+            "store, may go unnoticed; re-harvest to add them")
 
 
 def verify_report(store: ShardStore) -> tuple[str, bool]:
     """`pipeline info --verify`: every committed chunk read and checked; (report, whether all are intact)."""
     problems = store.verify()
     chunks = -(-store.rows_committed // store.chunk_rows) * len(COLUMNS)
-    checked = "checksums checked, chunks decoded" if store.checksummed else "chunks decoded; no checksums to check"
+    checked = ("checksums and manifest checked, chunks decoded" if store.bound
+               else "checksums checked, chunks decoded; no manifest to check places against" if store.checksummed
+               else "chunks decoded; no checksums to check")
     if not problems:
         return f"verify       {chunks:,} committed chunks of {len(COLUMNS)} arrays intact ({checked})", True
     lines = [f"verify       {len(problems)} of {chunks:,} committed chunks are corrupt ({checked}):"]

@@ -7,6 +7,7 @@ the forward pass there, and the blocks after L are dropped, so they never run.
 
 import hashlib
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,17 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
         )
     except (OSError, ValueError) as exc:
         raise HarvestError(f"cannot load model {name}: {str(exc).splitlines()[0]}") from None
+    except pickle.UnpicklingError:
+        raise HarvestError(f"cannot load model {name}: its pytorch_model.bin holds more than tensors (pickled "
+                           "objects, which can run code), and loading weights safely refuses it; convert it to "
+                           "model.safetensors where you trust it, or use a copy that has one") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise HarvestError(f"cannot load model {name}: its .safetensors weights are truncated or damaged "
+                           f"({str(exc).splitlines()[0]}); download them again") from None
     model.eval()
+    check_vocabulary_fits(name, tokenizer, model, local)
     blocks = find_blocks(model)
     n_layers = len(blocks)
     if not 0 <= layer < n_layers:
@@ -99,6 +110,29 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
     }
     return LoadedModel(model, tokenizer, blocks, n_layers, model.config.get_text_config().hidden_size,
                        torch_device, compute_dtype, identity, layer)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_vocabulary_fits(name: str, tokenizer, model: nn.Module, local: Path | None) -> None:
+    """The tokenizer is the model's: its ids index the embedding, and it is not a stand-in.
+
+    A model directory without its tokenizer files makes transformers fall back to a tokenizer of a
+    handful of special tokens, under which every document is one unknown token; the harvest would
+    then store activations of nothing. Embeddings are often padded beyond the vocabulary (to a
+    multiple of 64 or 128), so only a tokenizer under half the embedding's size counts as a stand-in.
+    """
+    rows = model.get_input_embeddings().num_embeddings
+    size = len(tokenizer)
+    if rows // 2 <= size <= rows:
+        return
+    missing = ""
+    if local is not None and not any((local / f).exists() for f in TOKENIZER_FILES):
+        missing = f"; {local} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the model's own there"
+    relation = "more" if size > rows else "far fewer"
+    raise HarvestError(f"the tokenizer of {name} has {size:,} tokens, {relation} than the model's embedding has "
+                       f"rows ({rows:,}): it is not this model's tokenizer{missing}")
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

@@ -16,6 +16,9 @@ from .errors import HarvestError
 from .sources import iter_documents
 
 _TOKENIZE_BATCH = 64
+MAX_UNKNOWN_FRACTION = 0.5
+"""A source of which more tokens than this are the tokenizer's unknown token is refused: the
+tokenizer does not cover its text, and its activations would be those of one token."""
 
 
 @dataclass
@@ -82,14 +85,22 @@ def build_plan(cfg: HarvestConfig, tokenizer) -> Plan:
     bos, pad = special_ids(tokenizer)
     width = cfg.context_length - 1
     ids, docs, src, uses = [], [], [], []
+    unk = getattr(tokenizer, "unk_token_id", None)
     for index, (spec, label, budget) in enumerate(budgets(cfg)):
         use = SourceUse(spec, label, budget)
         first = len(docs)
+        unknown = 0
         for window_ids, window_doc in pack_documents(iter_documents(spec, cfg.seed), tokenizer, width, budget):
             ids.append(window_ids)
             docs.append(window_doc)
             src.append(index)
             use.tokens += sum(d >= 0 for d in window_doc)
+            unknown += sum(t == unk for t, d in zip(window_ids, window_doc) if d >= 0) if unk is not None else 0
+        if use.tokens and unknown > MAX_UNKNOWN_FRACTION * use.tokens:
+            raise HarvestError(f"{unknown / use.tokens:.0%} of the tokens of source {spec.source} are the tokenizer's "
+                               f"unknown token {tokenizer.unk_token!r}: the tokenizer ({len(tokenizer):,} tokens) "
+                               "does not cover its text; check that the model directory holds the model's own "
+                               "tokenizer")
         use.documents = len({d for window_doc in docs[first:] for d in window_doc if d >= 0})
         uses.append(use)
     input_ids, doc = assemble_windows(ids, docs, cfg.context_length, bos, pad)

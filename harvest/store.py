@@ -5,8 +5,16 @@ whole row width. The arrays are created at their planned length; rows are writte
 a time and then committed by rewriting the group's attributes (zarr writes metadata atomically), so
 a reader that stops at `rows_committed` never sees a half-written chunk, whatever killed the writer.
 
-Every chunk ends in a crc32c checksum (format version 2; version 1 stores have none and still read).
-A chunk that fails its checksum, cannot be decoded, or whose file is missing below `rows_committed`
+Every chunk ends in a crc32c checksum of its bytes (from format version 2). A checksum says a
+chunk is whole, not that it is the chunk that belongs where it lies: two swapped chunk files, one
+copied over another or in from another store all pass it. So each commit also writes, for every chunk
+it commits, a digest of that chunk's checksum keyed by the store's id, the array and the chunk's
+index into the store's manifest (`chunk_digests`, format version 3), as a file system keeps a block's
+checksum in the pointer to the block rather than in the block. A chunk is read only if its own
+checksum holds and its keyed digest is the manifest's. Stores of versions 1 (no checksums) and 2 (no
+manifest) still read, and `pipeline info` says what they cannot detect.
+
+A chunk that fails either check, cannot be decoded, or whose file is missing below `rows_committed`
 (Zarr would quietly hand back the fill value) is a HarvestError naming the array and the chunk: it
 never reaches training as numbers.
 """
@@ -14,6 +22,7 @@ never reaches training as numbers.
 import functools
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 import google_crc32c
@@ -26,12 +35,15 @@ from .disk import exclusive_lock
 from .errors import HarvestError
 
 FORMAT = "ratio-sae/shards"
-FORMAT_VERSION = 2
-"""2: a crc32c checksum ends every chunk of every array. 1: no checksums."""
+FORMAT_VERSION = 3
+"""3: the manifest of keyed chunk digests. 2: a crc32c checksum ends every chunk of every array. 1: no checksums."""
 CHECKSUM = "crc32c"
 COLUMNS = {"acts": np.uint16, "label": np.uint8, "token": np.int32, "doc": np.int32, "pos": np.int32}
-RUNTIME_ATTRS = ("timing",)
-"""Attributes that describe one particular run (wall time, tokens/s), not the store's contents."""
+MANIFEST = "chunk_digests"
+"""(chunks, len(COLUMNS)) uint32: the keyed digest of each committed chunk of each array (`chunk_digest`)."""
+_MANIFEST_CHUNK = 4096
+RUNTIME_ATTRS = ("timing", "store_id")
+"""Attributes that describe one particular run (wall time, tokens/s) or store (its id), not the store's contents."""
 _LOCK_FILE = ".harvest.lock"
 
 
@@ -64,14 +76,19 @@ class ShardStore:
         # Attributes first, so that a harvest killed while creating the arrays leaves a store that
         # says what it is and that nothing is committed; mode "a" keeps the writer's lock file.
         group = zarr.open_group(str(path), mode="a", zarr_format=3)
+        # A new id for every store, also one whose attributes are copied from another
         group.attrs.put({**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "checksum": CHECKSUM,
-                         "rows_total": rows, "rows_committed": 0, "complete": False})
+                         "store_id": uuid.uuid4().hex, "rows_total": rows, "rows_committed": 0, "complete": False})
         for name, dtype in COLUMNS.items():
             shape = (rows, d_model) if name == "acts" else (rows,)
             chunks = (chunk_rows, d_model) if name == "acts" else (chunk_rows,)
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                                compressors=make_compressors(codec, clevel, np.dtype(dtype).itemsize),
                                config={"write_empty_chunks": True}, overwrite=True)
+        n_chunks = max(1, -(-rows // chunk_rows))
+        group.create_array(MANIFEST, shape=(n_chunks, len(COLUMNS)), chunks=(min(n_chunks, _MANIFEST_CHUNK), len(COLUMNS)),
+                           dtype=np.uint32, fill_value=0, compressors=[Crc32cCodec()],
+                           config={"write_empty_chunks": True}, overwrite=True)
         return cls(group, Path(path))
 
     @classmethod
@@ -137,6 +154,15 @@ class ShardStore:
             self.group[name].with_config({"write_empty_chunks": True})[start:start + n] = values
 
     def commit(self, rows: int, **attrs) -> None:
+        """Make rows [0, rows) visible. The digests of the chunks this commits go into the manifest
+        first: a commit killed between the two leaves the chunks uncommitted, to be rewritten."""
+        if self.bound:
+            first, stop = -(-self.rows_committed // self.chunk_rows), -(-rows // self.chunk_rows)
+            if stop > first:
+                digests = np.array([[self._keyed_digest(name, index, self._chunk_checksum(name, index))
+                                     for name in COLUMNS] for index in range(first, stop)], dtype=np.uint32)
+                self.group[MANIFEST].with_config({"write_empty_chunks": True})[first:stop] = digests
+                self.__dict__.pop("_manifest", None)
         self.group.attrs.update({"rows_committed": rows, "complete": rows == self.rows_total, **attrs})
 
     def writer_lock(self):
@@ -180,6 +206,12 @@ class ShardStore:
         """Every array's chunks end in a crc32c checksum (stores written before format 2 have none)."""
         return all(self._has_checksum(name) for name in COLUMNS)
 
+    @functools.cached_property
+    def bound(self) -> bool:
+        """Each committed chunk's keyed digest is in the manifest (format 3): a chunk that lies in
+        another's place, or comes from another store, is told from the one that belongs there."""
+        return self.checksummed and "store_id" in self.group.attrs and (self.path / MANIFEST / "zarr.json").exists()
+
     def _has_checksum(self, name: str) -> bool:
         return CHECKSUM in self._codec_names[name]
 
@@ -207,6 +239,9 @@ class ShardStore:
         chunk = np.memmap(path, dtype=np.uint8, mode="c")
         if checksum_bytes and not _checksum_matches(chunk):
             raise self._corrupt("acts", index, "crc32c checksum mismatch")
+        misplaced = self._binding_fault("acts", index, int.from_bytes(chunk[-4:].tobytes(), "little"))
+        if misplaced is not None:
+            raise self._corrupt("acts", index, misplaced)
         rows = chunk[:data_bytes].view(np.uint16).reshape(self.chunk_rows, self.d_model)
         return rows[offset:offset + stop - start]
 
@@ -232,11 +267,56 @@ class ShardStore:
         return index * self.chunk_rows, min((index + 1) * self.chunk_rows, self.rows_total)
 
     def check_chunk_files(self, name: str, start: int, stop: int) -> None:
-        """The chunk files of rows [start, stop) are there and, where nothing else would catch it, whole."""
+        """The chunk files of rows [start, stop) are there, are the ones that belong there (format 3)
+        and, where nothing else would catch it, whole."""
         for index in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
             why = self._file_fault(name, index)
+            if why is None and self.bound:
+                why = self._binding_fault(name, index, self._chunk_checksum(name, index))
+                if why is not None:  # its own checksum may be what is damaged: say so first
+                    why = self._diagnose(name, index) or why
             if why is not None:
                 raise self._corrupt(name, index, why)
+
+    # The manifest: each chunk's checksum, keyed to where it belongs --------------------------------
+
+    def _chunk_checksum(self, name: str, index: int) -> int:
+        """The crc32c a chunk file ends with (its bytes are checked against it when decoded)."""
+        path = self._chunk_file(name, index)
+        if path.stat().st_size < 4:
+            return -1  # no checksum at all: matches no digest, and the diagnosis names the damage
+        with open(path, "rb") as f:
+            f.seek(-4, 2)
+            return int.from_bytes(f.read(4), "little")
+
+    def _keyed_digest(self, name: str, index: int, checksum: int) -> int:
+        return chunk_digest(self.group.attrs["store_id"], name, index, checksum)
+
+    @functools.cached_property
+    def _manifest(self) -> np.ndarray:
+        n_chunks = -(-self.rows_committed // self.chunk_rows)
+        try:
+            return self.group[MANIFEST][:n_chunks]
+        except Exception as exc:
+            raise HarvestError(f"{self.path}: the chunk manifest ({MANIFEST}) is corrupt ({_one_line(exc)}); "
+                               "restore it or re-harvest (pipeline harvest --overwrite)") from None
+
+    def _binding_fault(self, name: str, index: int, checksum: int) -> str | None:
+        """Why a whole chunk is not the one that belongs at (`name`, `index`) of this store, or None."""
+        if not self.bound:
+            return None
+        manifest = self._manifest
+        if index >= len(manifest):
+            self.__dict__.pop("_manifest", None)  # committed since the manifest was read
+            manifest = self._manifest
+        column = list(COLUMNS).index(name)
+        if self._keyed_digest(name, index, checksum) == manifest[index, column]:
+            return None
+        for other in range(len(manifest)):  # it may be a chunk of this store that was moved
+            if other != index and self._keyed_digest(name, other, checksum) == manifest[other, column]:
+                return (f"it holds chunk {other}'s data (chunk files swapped or copied over each other), "
+                        "not its own (manifest mismatch)")
+        return "it is not this store's chunk (copied in from another store, or rewritten) (manifest mismatch)"
 
     def _file_fault(self, name: str, index: int) -> str | None:
         """What is wrong with a chunk file that shows without decoding it, or None."""
@@ -273,8 +353,13 @@ class ShardStore:
         path = self._chunk_file(name, index)
         if why is not None or not path.exists():  # no file and no fault: an old store's all-zero chunk
             return why
-        if self._has_checksum(name) and not _checksum_matches(np.fromfile(path, dtype=np.uint8)):
-            return "crc32c checksum mismatch"
+        if self._has_checksum(name):
+            data = np.fromfile(path, dtype=np.uint8)
+            if not _checksum_matches(data):
+                return "crc32c checksum mismatch"
+            misplaced = self._binding_fault(name, index, int.from_bytes(data[-4:].tobytes(), "little"))
+            if misplaced is not None:
+                return misplaced
         first, stop = self._chunk_span(index)
         try:
             self.group[name][first:stop]
@@ -290,6 +375,11 @@ class ShardStore:
     def disk_bytes(self, name: str | None = None) -> int:
         root = self.path / name if name else self.path
         return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def chunk_digest(store_id: str, name: str, index: int, checksum: int) -> int:
+    """A chunk's checksum keyed by where it belongs: the store, the array, the chunk's index."""
+    return google_crc32c.value(f"{store_id}/{name}/{index}/".encode() + (checksum & 0xFFFFFFFF).to_bytes(4, "little"))
 
 
 def _checksum_matches(chunk_file: np.ndarray) -> bool:

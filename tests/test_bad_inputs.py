@@ -103,8 +103,11 @@ def test_resume_against_a_changed_store_is_refused_and_keeps_the_run(own_store, 
 def test_nan_activations_stop_the_run_with_the_step_and_keep_nothing_half_written(own_store, tmp_path, monkeypatch,
                                                                                  capsys):
     writable = ShardStore.open(own_store.path, mode="r+")
-    acts = writable.group["acts"]
-    acts[0:own_store.chunk_rows] = np.full((own_store.chunk_rows, own_store.d_model), 0x7FC0, np.uint16)  # bf16 NaN
+    nan = np.full((own_store.chunk_rows, own_store.d_model), 0x7FC0, np.uint16)  # bf16 NaN
+    writable.write_rows(0, {"acts": nan})
+    rows = writable.rows_committed
+    writable.group.attrs["rows_committed"] = 0  # rewritten and committed again, as a harvest writes
+    writable.commit(rows)
     runs = tmp_path / "runs"
     capsys.readouterr()
     assert run_cli(monkeypatch, train_args(own_store, runs, "--tokens", "1280")) == 2
@@ -373,3 +376,200 @@ def test_same_training_config_and_seed_give_the_same_sae_on_cpu(tiny_store, tmp_
     a, b, c = (load_file(r / "sae_weights.safetensors") for r in (first, again, other))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["W_dec"], c["W_dec"])
+
+
+# --- a model without its tokenizer, or with another one; text it cannot read -------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def model_copy(tiny_model: Path, dest: Path) -> Path:
+    shutil.copytree(tiny_model, dest)
+    return dest
+
+
+def harvest_refused(model: Path, corpora, tmp_path, monkeypatch, capsys) -> str:
+    out = tmp_path / "out" / "store"
+    capsys.readouterr()
+    assert run_cli(monkeypatch, harvest_args(model, corpora, out)) == 2
+    assert not (tmp_path / "out").exists()
+    return error_line(capsys)
+
+
+def test_a_model_directory_without_its_tokenizer_is_refused(tiny_model, corpora, tmp_path, monkeypatch, capsys):
+    model = model_copy(tiny_model, tmp_path / "model")
+    for name in TOKENIZER_FILES:
+        (model / name).unlink(missing_ok=True)
+    line = harvest_refused(model, corpora, tmp_path, monkeypatch, capsys)
+    assert "far fewer than the model's embedding has rows (300)" in line and "has no tokenizer files" in line
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_model, corpora, tmp_path, monkeypatch, capsys):
+    from transformers import AutoTokenizer
+
+    model = model_copy(tiny_model, tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.add_tokens([f"extra{i}" for i in range(400)])
+    tokenizer.save_pretrained(model)
+    line = harvest_refused(model, corpora, tmp_path, monkeypatch, capsys)
+    assert "has 700 tokens, more than the model's embedding has rows (300)" in line
+
+
+def test_a_source_of_almost_only_unknown_tokens_is_refused(tiny_model, corpora, tmp_path, monkeypatch, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = model_copy(tiny_model, tmp_path / "model")
+    for name in TOKENIZER_FILES:
+        (model / name).unlink(missing_ok=True)
+    special = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(special + [f"word{i}" for i in range(296)])}  # none of the sources' words
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                            unk_token="<unk>").save_pretrained(model)
+    line = harvest_refused(model, corpora, tmp_path, monkeypatch, capsys)
+    assert re.search(r"\d+% of the tokens of source .*danger.jsonl are the tokenizer's unknown token '<unk>'", line)
+
+
+# --- broken weights ----------------------------------------------------------------------------------
+
+
+class _Planted:
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_truncated_safetensors_and_an_unsafe_pytorch_bin_are_one_line(tiny_model, corpora, tmp_path, monkeypatch,
+                                                                       capsys):
+    truncated = model_copy(tiny_model, tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    line = harvest_refused(truncated, corpora, tmp_path, monkeypatch, capsys)
+    assert "weights are truncated or damaged" in line
+
+    unsafe = model_copy(tiny_model, tmp_path / "unsafe")
+    state = dict(load_file(unsafe / "model.safetensors"))
+    (unsafe / "model.safetensors").unlink()
+    torch.save({**state, "extra": _Planted()}, unsafe / "pytorch_model.bin")
+    line = harvest_refused(unsafe, corpora, tmp_path, monkeypatch, capsys)
+    assert "pytorch_model.bin holds more than tensors" in line
+    assert "ran" not in capsys.readouterr().out
+
+
+# --- paths the file system refuses -------------------------------------------------------------------
+
+
+def read_only_below(monkeypatch, root: Path) -> None:
+    """Creating anything below `root` fails as on a read-only file system (tests run as root, for
+    whom permission bits do not stop a write)."""
+    import errno
+    import os
+
+    real_mkdir, real_open = os.mkdir, os.open
+
+    def below(path) -> bool:
+        return Path(os.path.abspath(path)).is_relative_to(root) and not Path(path).exists()
+
+    def mkdir(path, *args, **kwargs):
+        if below(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT and below(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", open_)
+
+
+def test_a_read_only_runs_dir_or_out_is_one_line_and_exit_2(tiny_model, corpora, tiny_store, tmp_path, monkeypatch,
+                                                            capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    read_only_below(monkeypatch, runs)
+    capsys.readouterr()
+    assert run_cli(monkeypatch, train_args(tiny_store, runs)) == 2
+    line = error_line(capsys)
+    assert f"cannot use {runs / 'run_1'}: Read-only file system" in line
+    assert list(runs.iterdir()) == []
+    read_only_below(monkeypatch, tmp_path / "ro")
+    assert run_cli(monkeypatch, harvest_args(tiny_model, corpora, tmp_path / "ro" / "store")) == 2
+    assert "Read-only file system; choose a place on a writable file system" in error_line(capsys)
+
+
+def test_names_too_long_for_the_file_system_are_one_line_and_exit_2(tiny_model, corpora, tiny_store, tmp_path,
+                                                                     monkeypatch, capsys):
+    long = "x" * 300
+    capsys.readouterr()
+    assert run_cli(monkeypatch, train_args(tiny_store, tmp_path / long)) == 2
+    assert "File name too long; choose a shorter name or path" in error_line(capsys)
+    assert run_cli(monkeypatch, harvest_args(tiny_model, corpora, tmp_path / long / "store")) == 2
+    assert "File name too long" in error_line(capsys)
+    assert run_cli(monkeypatch, ["eval", f"run_{'1' * 300}", "--runs-dir", str(tmp_path)]) == 2
+    error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# --- training options the store or the machine cannot satisfy ----------------------------------------
+
+
+def test_batch_larger_than_the_store_and_a_dictionary_too_large_are_refused_before_any_run(
+        tiny_store, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+    rows = tiny_store.rows_committed
+    assert run_cli(monkeypatch, set_flag(train_args(tiny_store, runs), "--batch-size", str(rows + 1))) == 2
+    assert f"--batch-size {rows + 1} is larger than the store" in error_line(capsys)
+    assert run_cli(monkeypatch, set_flag(train_args(tiny_store, runs), "--dict-size", str(10 ** 10))) == 2
+    line = error_line(capsys)
+    # 8 tensors of 64 x 1e10 float32: weights, gradients, Adam's two moments
+    assert "--dict-size 10000000000 needs about 20,480.0 GB" in line and "choose a smaller --dict-size" in line
+    assert not runs.exists()
+
+
+def test_a_training_start_that_fails_leaves_no_run_directory(own_store, tmp_path, monkeypatch, capsys):
+    label_chunk = own_store.path / "label" / "c" / "0"
+    data = bytearray(label_chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    label_chunk.write_bytes(bytes(data))
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+    assert run_cli(monkeypatch, train_args(own_store, runs)) == 2
+    assert "chunk 0 of label" in error_line(capsys)
+    assert list(runs.iterdir()) == []
+
+
+# --- sweeps, eval and report options that mean nothing -----------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "is empty"), ("grid: {}\n", "has no grid"), ("base:\n  ortho: 0.01\n", "has no grid"),
+    ("base:\n  trainer: ratio\ngrid:\n  ortho: [true, 0.01]\n", "ortho: Value error, true is a boolean"),
+    ("base:\n  ortho: true\ngrid:\n  seed: [0, 1]\n", "ortho: Value error, true is a boolean"),
+])
+def test_sweeps_that_sweep_nothing_or_give_booleans_for_numbers_are_refused(tiny_store, tmp_path, monkeypatch,
+                                                                             capsys, text, expected):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(text)
+    runs = tmp_path / "runs"
+    args = train_args(tiny_store, runs)
+    capsys.readouterr()
+    assert run_cli(monkeypatch, [*args, "--sweep", str(sweep)]) == 2
+    assert expected in error_line(capsys)
+    assert not runs.exists()
+
+
+def test_eval_with_no_features_to_clamp_and_report_of_runs_without_eval_are_refused(project, monkeypatch, capsys):
+    before = tree(project.parent)
+    assert run_cli(monkeypatch, ["eval", "run_1", "--n-features", "0", "--device", "cpu"]) == 2
+    assert "n_features.0: Input should be greater than 0" in error_line(capsys)
+    assert run_cli(monkeypatch, ["report", "run_1", "--out", "rep"]) == 2
+    assert "has no eval results: run `pipeline eval` on it first" in error_line(capsys)
+    (project / "report.md").write_text("mine")
+    before = tree(project.parent)
+    assert run_cli(monkeypatch, ["report", "--out", "report.md"]) == 2
+    assert "--out report.md is a file" in error_line(capsys)
+    assert tree(project.parent) == before

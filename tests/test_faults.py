@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harvest.store import ShardStore
@@ -286,3 +287,165 @@ def test_a_really_full_disk_stops_harvest_and_training_and_both_resume(tiny_mode
     assert read("resume.rc") == "0"
     assert run_cli(monkeypatch, train_args(tiny_store, tmp_path / "reference")) == 0
     assert_same_weights(tmp_path / "reference" / "run_1", kept / "run_1")
+
+
+# --- SIGTERM and Ctrl-C ------------------------------------------------------------------------------
+# SIGTERM is what SLURM and Kubernetes send before they kill: it stops as Ctrl-C does.
+
+SIGNAL_TOKENS = "25600"  # 200 steps of 128
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_training_stopped_by_a_signal_checkpoints_says_how_to_resume_and_resumes_to_the_same_weights(
+        tiny_store, tmp_path, monkeypatch, sig):
+    extra = ("--tokens", SIGNAL_TOKENS, "--checkpoint-every", "20")
+    assert run_cli(monkeypatch, train_args(tiny_store, tmp_path / "a", *extra)) == 0
+    runs = tmp_path / "b"
+    proc = start(train_args(tiny_store, runs, *extra))
+    while checkpoint_step(runs / "run_1") < 20:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    stopped_at = checkpoint_step(runs / "run_1")
+    assert f"checkpoint at step {stopped_at} kept" in lines[0], err
+    assert f"`pipeline train --resume run_1 --runs-dir {runs}`" in lines[0], err
+    assert not (runs / "run_1" / "final_info.json").exists()
+    assert 20 <= stopped_at < 200
+    assert run_cli(monkeypatch, resume_args(runs)) == 0
+    assert_same_weights(tmp_path / "a" / "run_1", runs / "run_1")
+    assert logged_steps(runs / "run_1") == list(range(5, 201, 5))
+
+
+def test_ctrl_c_in_training_names_the_resume_command(tiny_store, tmp_path, monkeypatch, capsys):
+    from train.trainers.base import Trainer
+
+    original = Trainer.step
+
+    def interrupt_at_step_27(self, x, dangerous):
+        if self.step_count == 27:
+            raise KeyboardInterrupt
+        return original(self, x, dangerous)
+
+    monkeypatch.setattr(Trainer, "step", interrupt_at_step_27)
+    runs = tmp_path / "runs"
+    capsys.readouterr()
+    assert run_cli(monkeypatch, train_args(tiny_store, runs)) == 130
+    err = capsys.readouterr().err
+    assert f"checkpoint at step 20 kept); continue with `pipeline train --resume run_1 --runs-dir {runs}`" in err
+    assert "run the same command" not in err
+
+
+def test_harvest_stopped_by_sigterm_keeps_its_rows_and_resumes_to_the_same_store(tiny_model, corpora, tiny_store,
+                                                                                 tmp_path):
+    out = tmp_path / "store"
+    args = harvest_args(tiny_model, corpora, out)
+    proc = start(args)
+    while not ShardStore.exists(out) or ShardStore.open(out).rows_committed == 0:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    kept = ShardStore.open(out)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    if not kept.complete:  # the harvest may have finished its last chunk just before
+        assert lines[0].startswith(f"stopped by SIGTERM: {kept.rows_committed:,} of {kept.rows_total:,} rows "
+                                   "committed"), err
+        assert "run the same command again to resume" in lines[0]
+    finish = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert finish.returncode == 0, finish.stderr
+    resumed = ShardStore.open(out)
+    for column in ("acts", "label", "token", "doc", "pos"):
+        assert np.array_equal(tiny_store.read(column), resumed.read(column)), column
+    assert {**resumed.attrs["config"], "out": None} == {**tiny_store.attrs["config"], "out": None}
+
+
+# --- a copied or moved run directory -----------------------------------------------------------------
+
+
+def test_resuming_a_copied_group_trains_the_copy_and_never_touches_the_original(
+        tiny_store, sweep_file, reference_sweep, tmp_path, monkeypatch, capsys):
+    from train.trainers.base import Trainer
+
+    original = Trainer.step
+
+    def interrupt_at_step_47(self, x, dangerous):
+        if self.step_count == 47:
+            raise KeyboardInterrupt
+        return original(self, x, dangerous)
+
+    monkeypatch.setattr(Trainer, "step", interrupt_at_step_47)
+    runs = tmp_path / "runs"
+    assert run_cli(monkeypatch, sweep_args(tiny_store, runs, sweep_file, "--tokens", SWEEP_TOKENS,
+                                           "--checkpoint-every", "20")) == 130
+    monkeypatch.setattr(Trainer, "step", original)
+    copy = tmp_path / "copy"
+    shutil.copytree(runs, copy)
+    before = {str(p.relative_to(runs)): p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    assert run_cli(monkeypatch, resume_args(copy)) == 0
+    after = {str(p.relative_to(runs)): p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    assert after == before  # the original, byte for byte
+    for name in ("run_1", "run_2"):
+        assert_same_weights(reference_sweep / name, copy / name)
+    # moved instead of copied: the group is found where it now is
+    moved = tmp_path / "moved"
+    runs.rename(moved)
+    assert run_cli(monkeypatch, resume_args(moved)) == 0
+    for name in ("run_1", "run_2"):
+        assert_same_weights(reference_sweep / name, moved / name)
+
+
+def test_a_run_whose_group_is_not_beside_it_is_refused_in_one_line(tiny_store, sweep_file, tmp_path, monkeypatch,
+                                                                   capsys):
+    import train.loop
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(train.loop, "save_checkpoint", stopped)
+    assert run_cli(monkeypatch, sweep_args(tiny_store, runs, sweep_file, "--tokens", SWEEP_TOKENS)) == 130
+    monkeypatch.undo()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copytree(runs / "run_1", alone / "run_1")
+    capsys.readouterr()
+    assert run_cli(monkeypatch, resume_args(alone)) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert f"{alone / 'run_2'} is not there" in line and "copy or move a group's run directories together" in line
+    assert sorted(p.name for p in alone.iterdir()) == ["run_1"]
+
+
+def test_a_group_recorded_with_absolute_paths_resumes_where_it_now_is(tiny_store, sweep_file, reference_sweep,
+                                                                      tmp_path, monkeypatch):
+    """Run directories written before groups were recorded relative to them."""
+    import train.loop
+
+    original = train.loop.save_checkpoint
+
+    def stop_at_40(run_dir, step, *args, **kwargs):
+        if step == 40:
+            raise KeyboardInterrupt
+        return original(run_dir, step, *args, **kwargs)
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(train.loop, "save_checkpoint", stop_at_40)
+    assert run_cli(monkeypatch, sweep_args(tiny_store, runs, sweep_file, "--tokens", SWEEP_TOKENS,
+                                           "--checkpoint-every", "20")) == 130
+    monkeypatch.setattr(train.loop, "save_checkpoint", original)
+    for name in ("run_1", "run_2"):
+        config = runs / name / "train_config.json"
+        data = json.loads(config.read_text())
+        data["lockstep_group"] = [str(runs / "run_1"), str(runs / "run_2")]
+        config.write_text(json.dumps(data))
+    moved = tmp_path / "moved"
+    runs.rename(moved)
+    assert run_cli(monkeypatch, resume_args(moved)) == 0
+    for name in ("run_1", "run_2"):
+        assert_same_weights(reference_sweep / name, moved / name)

@@ -94,7 +94,7 @@ def train_args(store: ShardStore, runs: Path) -> list[str]:
 def test_clean_stores_read_the_same_bits_every_way(tiny_store, uncompressed_store, tmp_path):
     old_style = without_checksums(tiny_store, tmp_path / "v1")
     assert tiny_store.checksummed and uncompressed_store.checksummed and not old_style.checksummed
-    assert tiny_store.attrs["format_version"] == 2 and tiny_store.attrs["checksum"] == "crc32c"
+    assert tiny_store.attrs["format_version"] == 3 and tiny_store.attrs["checksum"] == "crc32c"
     rows = tiny_store.rows_committed
     raw_bits = tiny_store.group["acts"][:rows]  # Zarr's own decoding, past every check of ShardStore
     for store in (tiny_store, uncompressed_store, old_style):
@@ -204,3 +204,134 @@ def test_stats_on_a_damaged_store_names_the_chunk(tiny_store, tmp_path, monkeypa
     line = error_line(capsys)
     assert re.search(f"{named('acts', 4)}: .*{WHY[damage]}", line), line
     assert not (tmp_path / "stats.json").exists()
+
+
+# --- chunks in the wrong place: swapped, copied over another, copied in from another store -------------
+# Each chunk file is whole (its own crc32c holds), so only the store's manifest can tell.
+
+
+def swap(a: Path, b: Path) -> None:
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+
+
+def another_store(store: ShardStore, dest: Path) -> ShardStore:
+    """A store of the same shape and codec holding other rows (the first ones last): its chunks are
+    whole, and none of them is any chunk of `store`."""
+    rows = store.rows_committed
+    other = ShardStore.create(dest, rows=rows, d_model=store.d_model, chunk_rows=store.chunk_rows, codec="zstd",
+                              clevel=1, attrs={k: v for k, v in store.attrs.items()
+                                               if k not in ("rows_total", "rows_committed", "complete")})
+    order = np.roll(np.arange(rows), 100)
+    other.write_rows(0, {name: store.read(name)[order] for name in COLUMNS})
+    other.commit(rows)
+    return ShardStore.open(dest)
+
+
+def misplace(store: ShardStore, fault: str, name: str, tmp_path: Path) -> int:
+    """Put a whole chunk where it does not belong; return the index of a chunk that is now wrong."""
+    if fault == "swapped":
+        swap(chunk_file(store.path, name, 1), chunk_file(store.path, name, 5))
+        return 1
+    if fault == "copied_over":
+        shutil.copyfile(chunk_file(store.path, name, 0), chunk_file(store.path, name, 4))
+        return 4
+    source = another_store(store, tmp_path / "other")
+    shutil.copyfile(chunk_file(source.path, name, 3), chunk_file(store.path, name, 3))
+    return 3
+
+
+MISPLACED = {"swapped": "holds chunk 5's data", "copied_over": "holds chunk 0's data",
+             "from_another_store": "not this store's chunk"}
+
+
+@pytest.mark.parametrize("fault", MISPLACED)
+@pytest.mark.parametrize("name", ["acts", "label"])
+def test_a_chunk_in_the_wrong_place_is_named_when_read(tiny_store, tmp_path, fault, name):
+    store = copy_of(tiny_store, tmp_path / "store")
+    assert store.bound and store.attrs["format_version"] == 3
+    index = misplace(store, fault, name, tmp_path)
+    store = ShardStore.open(store.path)
+    assert store.group[name][index * CHUNK:(index + 1) * CHUNK] is not None  # whole: Zarr reads it without a word
+    why = f"{named(name, index)}: it {'is' if fault == 'from_another_store' else ''}.*{MISPLACED[fault]}"
+    with pytest.raises(HarvestError, match=why):
+        store.read(name)
+    with pytest.raises(HarvestError, match=why):
+        store.read(name, index * CHUNK + 10, index * CHUNK + 20)
+    problems = store.verify()
+    assert any(re.search(why, p) for p in problems), problems
+    assert all(re.search("manifest mismatch", p) for p in problems)
+
+
+@pytest.mark.parametrize("fault", MISPLACED)
+def test_a_chunk_in_the_wrong_place_of_an_uncompressed_store_is_named(uncompressed_store, tmp_path, fault):
+    store = copy_of(uncompressed_store, tmp_path / "store")
+    if fault == "from_another_store":  # an uncompressed chunk of other rows
+        rows = store.read("acts", 0, CHUNK)[::-1].copy()
+        other = ShardStore.create(tmp_path / "other", rows=CHUNK, d_model=store.d_model, chunk_rows=CHUNK,
+                                  codec="none", clevel=0, attrs={})
+        other.write_rows(0, {"acts": rows})
+        shutil.copyfile(chunk_file(other.path, "acts", 0), chunk_file(store.path, "acts", 3))
+        index = 3
+    else:
+        index = misplace(store, fault, "acts", tmp_path)
+    with pytest.raises(HarvestError, match=f"{named('acts', index)}: .*{MISPLACED[fault]}"):
+        store.acts(index * CHUNK, (index + 1) * CHUNK)  # one chunk: the memory-mapped path
+
+
+@pytest.mark.parametrize("fault", MISPLACED)
+def test_info_verify_stats_and_train_name_a_chunk_in_the_wrong_place(tiny_store, tmp_path, monkeypatch, capsys,
+                                                                     fault):
+    store = copy_of(tiny_store, tmp_path / "store")
+    index = misplace(store, fault, "acts", tmp_path)
+    why = f"{named('acts', index)}: .*{MISPLACED[fault]}"
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["info", str(store.path), "--verify"]) == 2
+    assert re.search(why, capsys.readouterr().out)
+    assert run_cli(monkeypatch, ["stats", str(store.path), "--out", str(tmp_path / "stats.json")]) == 2
+    assert re.search(why, error_line(capsys))
+    assert not (tmp_path / "stats.json").exists()
+    assert run_cli(monkeypatch, train_args(store, tmp_path / "runs")) == 2
+    # the loader reads chunks in shuffled order: of a swapped pair it may meet either first
+    either = f"({named('acts', 1)}: .*holds chunk 5's data|{named('acts', 5)}: .*holds chunk 1's data)"
+    assert re.search(either if fault == "swapped" else why, error_line(capsys))
+
+
+def test_eval_names_a_swapped_label_chunk(tiny_store, tmp_path, monkeypatch, capsys):
+    store = copy_of(tiny_store, tmp_path / "store")
+    assert run_cli(monkeypatch, train_args(store, tmp_path / "runs")) == 0
+    swap(chunk_file(store.path, "label", 2), chunk_file(store.path, "label", 6))
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["eval", "run_1", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]) == 2
+    assert re.search(f"{named('label', 2)}: .*holds chunk 6's data", error_line(capsys))
+    assert not (tmp_path / "runs" / "run_1" / "eval").exists() or not any((tmp_path / "runs" / "run_1" / "eval").iterdir())
+
+
+def as_format_2(store: ShardStore) -> ShardStore:
+    """The store as harvests wrote it before the manifest: checksums, no store id, no manifest."""
+    shutil.rmtree(store.path / "chunk_digests")
+    group = zarr.open_group(str(store.path), mode="r+", zarr_format=3)
+    attrs = {k: v for k, v in group.attrs.items() if k != "store_id"}
+    group.attrs.put({**attrs, "format_version": 2})
+    return ShardStore.open(store.path)
+
+
+def test_a_store_without_a_manifest_still_reads_and_says_what_it_cannot_detect(tiny_store, tmp_path, monkeypatch,
+                                                                               capsys):
+    store = as_format_2(copy_of(tiny_store, tmp_path / "v2"))
+    assert store.checksummed and not store.bound
+    assert np.array_equal(store.read("acts"), tiny_store.read("acts")) and store.verify() == []
+    assert run_cli(monkeypatch, ["info", str(store.path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "format 2" in out and "swapped" in out and "another store" in out
+    flip_bytes(chunk_file(store.path, "acts", 2))  # what it can detect, it still does
+    with pytest.raises(HarvestError, match=f"{named('acts', 2)}: crc32c checksum mismatch"):
+        store.read("acts")
+
+
+def test_a_damaged_manifest_is_named(tiny_store, tmp_path):
+    store = copy_of(tiny_store, tmp_path / "store")
+    flip_bytes(store.path / "chunk_digests" / "c" / "0" / "0")
+    with pytest.raises(HarvestError, match="chunk manifest .* is corrupt"):
+        ShardStore.open(store.path).read("acts")

@@ -189,6 +189,50 @@ def test_saebench_unlearning_runs_end_to_end_on_the_tiny_harness(harness, tmp_pa
     assert saved["score"] == result["score"] and saved["release"] == release_name(run)
 
 
+class _Planted:
+    """A pickle that creates a file when it is loaded: what a planted .pkl could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_planted_among_saebench_results_never_runs(harness, tmp_path, monkeypatch):
+    import sae_bench.evals.unlearning.utils.eval as saebench_eval
+    from sae_bench.evals.unlearning.main import get_metrics_df, get_unlearning_scores
+
+    from evaluate.saebench import run_saebench
+
+    artifacts = tmp_path / "artifacts"
+    write_question_ids(artifacts, harness["sets"])
+    run = make_run(tmp_path / "run_1", seed=1)
+    metrics_dir = artifacts / "unlearning" / "gemma-2-2b-it" / release_name(run) / "results" / "metrics"
+    marker = tmp_path / "the-planted-pickle-ran"
+    real = saebench_eval.run_eval_single_sae
+    clean_score = {}
+
+    def then_plant(*args, **kwargs):  # SAEBench's sweep, then a file appears among its results
+        out = real(*args, **kwargs)
+        clean_score["saebench"] = float(get_unlearning_scores(get_metrics_df(str(metrics_dir))))
+        planted = metrics_dir / "clamp_feature_activation_multiplier9_nfeatures1_layer1_retainthres0.01.pkl"
+        planted.write_bytes(pickle.dumps(_Planted(marker)))
+        return out
+
+    monkeypatch.setattr(saebench_eval, "run_eval_single_sae", then_plant)
+    with pytest.raises(TrainError, match=r"\.open is not part of a SAEBench result"):
+        run_saebench(run, harness_config(harness, artifacts), model=harness["model"], progress=lambda s: None)
+    assert not marker.exists()
+    assert not (run / "eval" / "saebench_unlearning.json").exists()
+    # Without the planted file, the score is SAEBench's own, read without its unpickling
+    (metrics_dir / "clamp_feature_activation_multiplier9_nfeatures1_layer1_retainthres0.01.pkl").unlink()
+    from evaluate.saebench import _setting, unlearning_score
+
+    settings = [_setting(path) for path in sorted(metrics_dir.glob("*.pkl"))]
+    assert unlearning_score(settings) == pytest.approx(clean_score["saebench"])
+
+
 def test_saebench_refuses_question_lists_the_model_does_not_know(harness, tmp_path):
     from evaluate.saebench import run_saebench
 

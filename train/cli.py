@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import TrainConfig, load_config, load_sweep
 from .errors import TrainError
 from .loop import RunResult, train_group
-from .runs import checkpoint_step, resolve_run
+from .runs import checkpoint_step, lockstep_group, resolve_run
 
 
 def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, overrides: dict,
@@ -84,8 +84,7 @@ def _resumable(name: str, overrides: dict) -> tuple[list[Path], list[TrainConfig
     except TrainError as exc:
         raise TrainError(f"{exc}; a `pipeline train` stopped before it began leaves nothing to resume: "
                          "run that command again") from None
-    recorded = json.loads((run_dir / "train_config.json").read_text())
-    group = [Path(p) for p in recorded.get("lockstep_group", [str(run_dir)])]
+    group = lockstep_group(run_dir)
     unfinished = [d for d in group if not (d / "final_info.json").exists()]
     if not unfinished:
         raise TrainError(f"{run_dir} has finished; nothing to resume")

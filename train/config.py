@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from harvest.config import closest, closest_file, describe_validation_error
+from harvest.config import booleans_are_not_numbers, closest, closest_file, describe_validation_error
 
 from .errors import TrainError
 
@@ -94,6 +94,8 @@ class TrainConfig(BaseModel):
     ortho_lr_warmup: bool = False
     """seed_coactivation: scale the term by lr / max lr (the seed's runs 8-10)."""
 
+    _no_booleans_for_numbers = field_validator("*", mode="before")(classmethod(booleans_are_not_numbers))
+
     def group_key(self) -> tuple:
         return tuple(str(getattr(self, k)) for k in LOADER_KEYS)
 
@@ -134,6 +136,9 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
     Flags given on the command line override `base:`, never the grid.
     """
     data = read_yaml(path)
+    if not data:
+        raise TrainError(f"sweep {path} is empty: give base: (options) and grid: (option -> list of values); "
+                         "for a single run use --config")
     unknown = set(data) - {"base", "grid"}
     if unknown:
         hints = "".join(closest(k, ("base", "grid")) for k in sorted(unknown))
@@ -141,7 +146,10 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
     if not isinstance(data.get("base") or {}, dict):
         raise TrainError(f"sweep {path}: base must map options to values")
     base = {**(data.get("base") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    grid = data.get("grid") or {}
+    grid = data.get("grid")
+    if not grid:
+        raise TrainError(f"sweep {path} has no grid (option -> list of values), so it sweeps nothing; "
+                         "for a single run use --config")
     if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values")
     for key in [*base, *grid]:

@@ -10,6 +10,8 @@ other SAEs of the group go on.
 """
 
 import json
+import shutil
+import signal
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from harvest.disk import is_disk_full
-from harvest.errors import HarvestError
+from harvest.errors import HarvestError, Interrupted, signals_interrupt
 from harvest.model import cpu_has_native_bf16
 from harvest.stats import stats_for_training
 from harvest.store import ShardStore, store_fingerprint
@@ -27,7 +29,9 @@ from harvest.store import ShardStore, store_fingerprint
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .loader import ShardLoader
-from .runs import MetricsLog, checkpoint_step, load_checkpoint, new_run_dir, run_lock, save_checkpoint, write_json
+from .memory import check_fits
+from .runs import (MetricsLog, checkpoint_step, group_record, holds_nothing, interrupted, load_checkpoint, new_run_dir,
+                   run_lock, save_checkpoint, write_json)
 from .trainers import TRAINERS, Trainer
 
 
@@ -93,22 +97,29 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
         raise TrainError("--autocast asks for bf16 on a CPU without AMX or AVX-512-BF16, where it runs ~100x "
                          "slower than float32; leave it off")
     d_model = store.d_model
+    if cfg0.batch_size > store.rows_committed:
+        raise TrainError(f"--batch-size {cfg0.batch_size} is larger than the store at {store.path} "
+                         f"({store.rows_committed:,} rows): choose at most {store.rows_committed:,}")
+    check_fits(d_model, [c.dict_size or d_model for c in cfgs], device)
     trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
     steps = (cfg0.tokens or store.rows_committed) // cfg0.batch_size
     if steps == 0:
         raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")
 
+    created: list[Path] = []
     with ExitStack() as held:
+        stop = held.enter_context(signals_interrupt())
         try:
             if resume_dirs is None:
-                run_dirs = run_dirs or [new_run_dir(c.runs_dir) for c in cfgs]
+                if run_dirs is None:  # numbered here, so removed here if the start fails (not a sweep client's)
+                    run_dirs = created = [new_run_dir(c.runs_dir) for c in cfgs]
                 for run_dir in run_dirs:
                     held.enter_context(run_lock(run_dir))
                 for run_dir, c in zip(run_dirs, cfgs):
                     write_json(run_dir / "train_config.json", {
                         **c.model_dump(mode="json"), "steps": steps, "d_in": d_model,
                         "d_sae": c.dict_size or d_model, "shards_fingerprint": store_fingerprint(store.attrs),
-                        "lockstep_group": [str(d) for d in run_dirs]})
+                        "lockstep_group": group_record(run_dir, run_dirs)})
                 start = 0
             else:
                 run_dirs = resume_dirs
@@ -121,11 +132,20 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
                     if recorded != fingerprint:
                         raise TrainError(f"{run_dir} was trained on another store than {store.path} "
                                          "(fingerprint differs)")
-            return _train(store, cfgs, trainers, run_dirs, start, steps, device, progress)
-        except Exception as exc:
-            if not is_disk_full(exc):
-                raise
-            raise TrainError(_disk_full_message(run_dirs)) from None
+            return _train(store, cfgs, trainers, run_dirs, start, steps, device, progress, stop)
+        except BaseException as exc:
+            # A start that failed leaves no run directory behind (nothing in it could be resumed)
+            removed = bool(created) and all(holds_nothing(d) for d in created)
+            if removed:
+                held.close()  # the run locks, before their directories go
+                for run_dir in created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+            if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+                signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+                raise interrupted(signum, None if removed else run_dirs) from None
+            if isinstance(exc, Exception) and is_disk_full(exc):
+                raise TrainError(_disk_full_message(None if removed else run_dirs)) from None
+            raise
 
 
 def _load_checkpoints(run_dirs: list[Path], trainers: list[Trainer], d_model: int) -> int:
@@ -165,7 +185,7 @@ def _disk_full_message(run_dirs: list[Path] | None) -> str:
 
 
 def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], run_dirs: list[Path], start: int,
-           steps: int, device: torch.device, progress: bool) -> list[RunResult]:
+           steps: int, device: torch.device, progress: bool, stop: signals_interrupt) -> list[RunResult]:
     cfg0, d_model = cfgs[0], store.d_model
     logs = [MetricsLog(d / "metrics.jsonl", resume_step=start) for d in run_dirs]
     failed: list[str | None] = [None] * len(trainers)
@@ -186,6 +206,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
     last_step = start
     latest: list[dict] = [{} for _ in trainers]
     step = start
+    stop.deferring = True  # from here a signal stops training at the end of its step, with a checkpoint
     for batch in loader.iterate(start, steps - start):
         for i, trainer in enumerate(trainers):
             if failed[i]:
@@ -207,6 +228,12 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
                 if not failed[i]:
                     log.append({"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
                                 "epoch": batch.epoch})
+        if stop.received is not None and step < steps:
+            for i, trainer in enumerate(trainers):
+                if not failed[i]:
+                    save_checkpoint(run_dirs[i], step, trainer.state_tensors(), {"trainer": trainer.name},
+                                    keep_previous=len(trainers) > 1)
+            raise Interrupted(stop.received)
         if step % cfg0.checkpoint_every == 0 and step < steps:
             for i, trainer in enumerate(trainers):
                 if not failed[i]:

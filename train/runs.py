@@ -4,17 +4,24 @@ runs/run_<N>/ holds train_config.json, sae_weights.safetensors + cfg.json (SAELe
 final_info.json and checkpoint/. Checkpoints are whole directories `checkpoint/step_<K>/`, made
 current by rewriting `checkpoint/latest.json` (an atomic rename), so a kill at any moment leaves the
 previous checkpoint usable. A run directory is trained by one process at a time (`run_lock`).
+
+A run directory is self-contained: it names the other runs of its lockstep group relative to itself
+(`lockstep_group` in train_config.json), so a copied or moved group resumes where it now is, and
+never in the directories it was copied from.
 """
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from harvest.disk import exclusive_lock
+from harvest.errors import Interrupted
 
 from .errors import TrainError
 
@@ -150,3 +157,70 @@ def run_lock(run_dir: Path):
     """Exclusive for the life of one training process; the OS releases it when the process dies."""
     return exclusive_lock(run_dir / LOCK_FILE, TrainError(
         f"another `pipeline train` is training {run_dir}; wait for it to finish or stop it, then resume"))
+
+
+# --- lockstep groups ----------------------------------------------------------------------------------
+
+
+def group_record(run_dir: Path, group: list[Path]) -> list[str]:
+    """How `run_dir` names the runs of its lockstep group in its train_config.json: relative to the
+    directory that holds it (`run_2`, or `../other/run_5`)."""
+    return [os.path.relpath(d, run_dir.parent) for d in group]
+
+
+def lockstep_group(run_dir: Path) -> list[Path]:
+    """The runs of `run_dir`'s lockstep group, found from where `run_dir` is now; one line if a run of
+    the group is not where the record says it is relative to `run_dir`."""
+    recorded = [Path(p) for p in json.loads((run_dir / "train_config.json").read_text()).get("lockstep_group")
+                or [run_dir.name]]
+    if any(p.is_absolute() for p in recorded):
+        # Written before records were relative: the group's paths as they were, of which the entry with
+        # this run's name was this run, wherever it was then.
+        selves = [p for p in recorded if p.name == run_dir.name]
+        if len(selves) != 1:
+            raise TrainError(f"cannot tell which run of the lockstep group recorded in {run_dir / 'train_config.json'} "
+                             f"({', '.join(map(str, recorded))}) is {run_dir}; resume each of them by its directory")
+        recorded = [Path(os.path.relpath(p, selves[0].parent)) for p in recorded]
+    members = [Path(os.path.normpath(run_dir.parent / p)) for p in recorded]
+    if not any(_same_dir(m, run_dir) for m in members):
+        members.insert(0, run_dir)
+    missing = [str(m) for m in members if not m.is_dir()]
+    if missing:
+        raise TrainError(f"{run_dir} was trained in lockstep with {', '.join(str(p) for p in recorded)}, and "
+                         f"{', '.join(missing)} is not there: copy or move a group's run directories together, "
+                         "then resume")
+    return [run_dir if _same_dir(m, run_dir) else m for m in members]
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+# --- stopping -------------------------------------------------------------------------------------------
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues `run_dir` (and the rest of its lockstep group)."""
+    runs_dir = "" if _same_dir(run_dir.parent, Path("runs")) else f" --runs-dir {run_dir.parent}"
+    return f"pipeline train --resume {run_dir.name}{runs_dir}"
+
+
+def interrupted(signum: int, run_dirs: list[Path] | None) -> Interrupted:
+    """What a training stopped by a signal says: what is kept, and the command that continues it."""
+    how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    if not run_dirs or not all((d / "train_config.json").exists() for d in run_dirs):
+        return Interrupted(signum, f"{how} before training began; nothing to resume: run the same command again")
+    steps = sorted({checkpoint_step(d) or 0 for d in run_dirs})
+    kept = ("no checkpoint yet, it restarts from step 0" if steps == [0]
+            else f"checkpoint at step {', '.join(map(str, steps))} kept")
+    names = ", ".join(map(str, run_dirs))
+    return Interrupted(signum, f"{how}: {names} ({kept}); continue with `{resume_command(run_dirs[0])}`")
+
+
+def holds_nothing(run_dir: Path) -> bool:
+    """A run directory of a start that failed: no checkpoint, and no step logged."""
+    metrics = run_dir / "metrics.jsonl"
+    return checkpoint_step(run_dir) is None and (not metrics.exists() or metrics.stat().st_size == 0)
