@@ -7,6 +7,7 @@ optional extra; `WANDB_MODE=offline` logs to those files without a network (`wan
 them later).
 """
 
+import secrets
 from pathlib import Path
 
 from .errors import TrainError
@@ -24,7 +25,7 @@ class WandbRun:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
             id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
                               config=config, reinit="create_new")
