@@ -277,3 +277,18 @@ def test_target_l0_is_refused_where_k_fixes_l0():
         TrainConfig(arch="relu", target_l0=10, l1=0)
     assert TrainConfig().recon == "l2" and TrainConfig(arch="topk").recon == "mse"
     assert TrainConfig(arch="jumprelu", recon="l2").recon == "l2"
+
+
+def test_sae_files_of_an_unsupported_kind_are_refused_in_one_line(tmp_path):
+    import json
+
+    from train.errors import TrainError
+
+    SAE(8, 24, seed=0).save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for change, words in (({"architecture": "gated"}, "SAE architecture 'gated' is not supported; supported: "
+                                                       "standard, topk, jumprelu"),
+                          ({"normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm'; only 'none'")):
+        (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(TrainError, match=words):
+            SAE.load(tmp_path)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from harvest.config import closest, closest_file, describe_validation_error
 
@@ -155,11 +156,12 @@ class TrainConfig(BaseModel):
             self.recon = "l2" if self.arch == "relu" else "mse"
         if self.target_l0 is not None:
             if self.arch in FIXED_L0_ARCHS:
-                raise ValueError(f"target_l0 adapts the sparsity coefficient of relu and jumprelu; {self.arch} fixes "
-                                 "L0 with k")
+                raise PydanticCustomError("target_l0", "target_l0 adapts the sparsity coefficient of relu and "
+                                          "jumprelu; {arch} fixes L0 with k", {"arch": self.arch})
             coefficient = "l1" if self.arch == "relu" else "l0_coeff"
             if getattr(self, coefficient) == 0:
-                raise ValueError(f"target_l0 scales {coefficient} multiplicatively, so it must start above 0")
+                raise PydanticCustomError("target_l0", "target_l0 scales {option} multiplicatively, so it must "
+                                          "start above 0", {"option": coefficient})
         return self
 
     def group_key(self) -> tuple:

@@ -10,6 +10,7 @@ residual the live features leave. Files: SAELens' `topk` cfg.json, with `k`.
 
 import torch
 
+from ..errors import TrainError
 from ..losses import auxk
 from ..sae import SAE, TrainingOutput
 
@@ -29,6 +30,7 @@ class TopKSAE(SAE):
 
     @classmethod
     def from_config(cls, cfg, d_in, device):
+        _check_k(cfg.k, cfg.dict_size or d_in)
         return cls(d_in, cfg.dict_size or d_in, k=cfg.k, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff, seed=cfg.seed,
                    device=device)
 
@@ -51,3 +53,8 @@ class TopKSAE(SAE):
 
     def saelens_config(self) -> dict:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
+
+def _check_k(k: int, d_sae: int) -> None:
+    if k > d_sae:
+        raise TrainError(f"k {k} is more than the SAE's {d_sae} features (dict_size); choose k <= dict_size")
