@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from harvest.config import booleans_are_not_numbers, closest, closest_file, describe_validation_error
 
 from .errors import TrainError
 
 TRAINERS = ("baseline", "ratio", "seed_halves", "seed_coactivation")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+FIXED_L0_ARCHS = ("topk", "batchtopk")
 LOADER_KEYS = ("shards", "batch_size", "dangerous_fraction", "data_seed", "tokens", "window_chunks", "device",
                "resident")
 """Runs that agree on these can share every batch: a sweep trains each such group in lockstep."""
@@ -31,10 +34,62 @@ class TrainConfig(BaseModel):
     """`baseline` (the seed's run 0), `ratio` (ratio-ranked orthogonality with true labels), or the seed's
     own variants `seed_halves` (runs 1-4) and `seed_coactivation` (runs 5-10), bugs included; see
     configs/seed/."""
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = "relu"
+    """SAE architecture (docs/architectures.md): `relu` (the seed's SAE, sparsity by `l1`), `topk` (the
+    `k` largest pre-activations per token, Gao et al. 2024), `batchtopk` (the top `k` x batch over the
+    batch, Bussmann et al. 2024; saved as a JumpReLU SAE with the threshold it learnt) or `jumprelu`
+    (learnt per-feature thresholds and an L0 term, Rajamanoharan et al. 2024). Every trainer and the
+    ratio penalty work with each."""
     ortho: float = Field(0.001, ge=0)
-    """lambda_2, weight of the orthogonality term (ratio and seed trainers)."""
+    """lambda_2, weight of the orthogonality term (ratio and seed trainers); 0 turns the ratio term off."""
+    ortho_weighting: Literal["rank", "top", "uniform", "shuffled"] = "rank"
+    """Feature weights s_i of the ratio term: `rank` (the seed's rank(r_i)/n, tied r at their average
+    rank), `top` (1 for features with r above `ortho_top_r` that fired on at least `ortho_min_count`
+    rows of the batch, else 0), or the controls `uniform` (1 for every feature that fired) and
+    `shuffled` (`rank` with labels permuted within each batch)."""
+    ortho_top_r: float = Field(0.9, ge=0, lt=1)
+    """`top` weighting: the ratio r_i = a_d / (a_d + a_s) a feature must exceed (0.9: its mean activation
+    on dangerous rows is over 9x that on safe rows; the eval's dangerous-specific threshold)."""
+    ortho_min_count: int = Field(10, ge=1)
+    """`top` weighting: the rows of the batch a feature must fire on, so that a ratio from a handful of
+    tokens does not count."""
+    ortho_normalize: Literal["sum", "mean"] = "sum"
+    """`sum` (the seed's): sum over pairs i != j of s_i s_j |cos(w_i, w_j)|; `mean`: that divided by the
+    sum of s_i s_j over the pairs, a weighted mean |cos| in [0, 1], so that lambda_2 means the same at
+    every d_sae and weighting."""
     l1: float = Field(0.04, ge=0)
-    """lambda_1, weight of mean ||f||_1."""
+    """lambda_1, weight of mean ||f||_1 (`relu`; the starting value when `target_l0` adapts it)."""
+    k: int = Field(32, gt=0)
+    """`topk`: features kept per token; `batchtopk`: per token on average over the batch."""
+    aux_k: int | None = Field(None, gt=0)
+    """`topk`, `batchtopk`: dead features in the AuxK loss per token. Default: d_in / 2 (Gao et al.'s
+    heuristic, as SAELens, sparsify and dictionary_learning use)."""
+    aux_coeff: float = Field(1 / 32, ge=0)
+    """`topk`, `batchtopk`: weight of the AuxK loss (Gao et al.'s 1/32 on the residual-variance
+    normalised loss, as dictionary_learning and sparsify's scripts; 0 turns it off). A feature is dead
+    for it after `dead_after_tokens` tokens without firing."""
+    l0_coeff: float = Field(1.0, ge=0)
+    """`jumprelu`: weight of the L0 term (SAELens' `l0_coefficient`, its default; the starting value when
+    `target_l0` adapts it)."""
+    bandwidth: float = Field(0.05, gt=0)
+    """`jumprelu`: width of the straight-through estimators' rectangle kernel (SAELens' default)."""
+    threshold_init: float = Field(0.01, ge=0)
+    """`jumprelu`: initial threshold of every feature (SAELens' default)."""
+    batchtopk_threshold_lr: float = Field(0.01, gt=0, le=1)
+    """`batchtopk`: rate of the moving average that learns the inference threshold from each batch's
+    smallest kept activation (SAELens' `topk_threshold_lr`)."""
+    target_l0: float | None = Field(None, gt=0)
+    """`relu`, `jumprelu`: adapt the sparsity coefficient (`l1`, `l0_coeff`: their value is the start)
+    during training so that L0 ends near this many features per token. A PI controller on the log of
+    the coefficient, fed each step's L0: c = c_0 exp(gain phi e_t + rate sum phi e), with
+    e = log((L0 + 1) / (target + 1)) clipped to [-1, 1] and phi the learning-rate schedule's factor
+    (docs/architectures.md). `topk`/`batchtopk` fix L0 by k."""
+    target_l0_gain: float = Field(1.0, ge=0)
+    """`target_l0`: the controller's proportional gain (how much the coefficient answers the current
+    error at once)."""
+    target_l0_rate: float = Field(0.02, gt=0, le=1)
+    """`target_l0`: the controller's integral rate per step (how fast a lasting error moves the
+    coefficient: at most a factor e^rate per step)."""
     lr: float = Field(3e-4, gt=0)
     """Adam learning rate."""
     warmup_steps: int = Field(1000, ge=0)
@@ -65,8 +120,10 @@ class TrainConfig(BaseModel):
     computes it (one pass over the store, said on stderr) and saves it there for the next run. The
     saved SAE reads raw activations: the scale is folded into b_enc and b_dec (decoder rows stay
     unit-norm; feature activations carry the same factor)."""
-    recon: Literal["l2", "mse"] = "l2"
-    """Reconstruction term: mean ||x - x_hat||_2 (`l2`, the seed's template) or its square (`mse`)."""
+    recon: Literal["l2", "mse"] | None = None
+    """Reconstruction term: mean ||x - x_hat||_2 (`l2`, the seed's template) or its square (`mse`,
+    as SAELens and dictionary_learning train). Default: `l2` for `relu` (so the seed's presets and
+    every earlier run keep their meaning), `mse` for the other architectures."""
     window_chunks: int = Field(32, gt=0)
     """Chunks per shuffle window of the loader."""
     ortho_block: int = Field(2048, gt=0)
@@ -85,6 +142,10 @@ class TrainConfig(BaseModel):
     """A feature that has not fired for this many tokens counts as dead."""
     runs_dir: Path = Path("runs")
     """Where run directories `run_<N>` are created."""
+    wandb: str | None = None
+    """Weights & Biases project to log every run's metrics to (one W&B run per SAE, named after its run
+    directory, resumed with it; files under `<run>/wandb/`). Needs the `wandb` extra
+    (`pip install 'ratio-sae[wandb]'`); `WANDB_MODE=offline` logs without a network."""
     halves_split: int | None = Field(None, gt=0)
     """seed_halves: rows [0, split) of a batch play "dangerous", the rest "safe" (default batch/2).
     The seed's run 4 used 2048 on 2048-row batches: an empty half, NaN ratios, fixed ranks."""
@@ -95,6 +156,20 @@ class TrainConfig(BaseModel):
     """seed_coactivation: scale the term by lr / max lr (the seed's runs 8-10)."""
 
     _no_booleans_for_numbers = field_validator("*", mode="before")(classmethod(booleans_are_not_numbers))
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self):
+        if self.recon is None:
+            self.recon = "l2" if self.arch == "relu" else "mse"
+        if self.target_l0 is not None:
+            if self.arch in FIXED_L0_ARCHS:
+                raise PydanticCustomError("target_l0", "target_l0 adapts the sparsity coefficient of relu and "
+                                          "jumprelu; {arch} fixes L0 with k", {"arch": self.arch})
+            coefficient = "l1" if self.arch == "relu" else "l0_coeff"
+            if getattr(self, coefficient) == 0:
+                raise PydanticCustomError("target_l0", "target_l0 scales {option} multiplicatively, so it must "
+                                          "start above 0", {"option": coefficient})
+        return self
 
     def group_key(self) -> tuple:
         return tuple(str(getattr(self, k)) for k in LOADER_KEYS)
@@ -133,7 +208,9 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
 def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
     """A sweep file: `base:` (options) and `grid:` (option -> list of values); runs are the grid's product.
 
-    Flags given on the command line override `base:`, never the grid.
+    `grid:` may also be a list of such mappings: the runs are then the union of their products, in
+    order (e.g. one lambda_2 = 0 arm plus lambda_2 x weighting, without repeating the baseline for
+    every weighting). Flags given on the command line override `base:`, never the grid.
     """
     data = read_yaml(path)
     if not data:
@@ -146,16 +223,21 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
     if not isinstance(data.get("base") or {}, dict):
         raise TrainError(f"sweep {path}: base must map options to values")
     base = {**(data.get("base") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    grid = data.get("grid")
-    if not grid:
+    grids = data.get("grid")
+    if not grids:
         raise TrainError(f"sweep {path} has no grid (option -> list of values), so it sweeps nothing; "
                          "for a single run use --config")
-    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
-        raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values")
-    for key in [*base, *grid]:
+    grids = grids if isinstance(grids, list) else [grids]
+    for grid in grids:
+        if not isinstance(grid, dict) or not grid or any(not isinstance(v, list) or not v for v in grid.values()):
+            raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values "
+                             "(or be a list of such mappings)")
+    for key in [*base, *(k for grid in grids for k in grid)]:
         if key not in TrainConfig.model_fields:
             raise TrainError(f"sweep {path}: unknown option {key!r}{closest(key, TrainConfig.model_fields)}")
     runs = []
-    for values in itertools.product(*grid.values()):
-        runs.append(validate({**base, **dict(zip(grid, values))}, f"sweep {path} run {dict(zip(grid, values))}"))
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            runs.append(validate({**base, **point}, f"sweep {path} run {point}"))
     return runs

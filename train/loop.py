@@ -32,6 +32,7 @@ from .loader import ShardLoader
 from .memory import check_fits
 from .runs import (MetricsLog, checkpoint_step, group_record, holds_nothing, interrupted, load_checkpoint, new_run_dir,
                    run_lock, save_checkpoint, write_json)
+from .tracking import open_wandb_runs, require_wandb
 from .trainers import TRAINERS, Trainer
 
 
@@ -102,6 +103,8 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
                          f"({store.rows_committed:,} rows): choose at most {store.rows_committed:,}")
     check_fits(d_model, [c.dict_size or d_model for c in cfgs], device)
     trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
+    if any(c.wandb for c in cfgs):
+        require_wandb()  # before any run directory is made
     steps = (cfg0.tokens or store.rows_committed) // cfg0.batch_size
     if steps == 0:
         raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")
@@ -188,6 +191,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
            steps: int, device: torch.device, progress: bool, stop: signals_interrupt) -> list[RunResult]:
     cfg0, d_model = cfgs[0], store.d_model
     logs = [MetricsLog(d / "metrics.jsonl", resume_step=start) for d in run_dirs]
+    wandb_runs = open_wandb_runs([c.wandb for c in cfgs], run_dirs, [c.model_dump(mode="json") for c in cfgs])
     failed: list[str | None] = [None] * len(trainers)
     loader = ShardLoader(store, batch_size=cfg0.batch_size, dangerous_fraction=cfg0.dangerous_fraction,
                          seed=cfg0.data_seed, window_chunks=cfg0.window_chunks, device=device,
@@ -226,8 +230,11 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
             last_step, last_time = step, now
             for i, log in enumerate(logs):
                 if not failed[i]:
-                    log.append({"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
-                                "epoch": batch.epoch})
+                    row = {"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
+                           "epoch": batch.epoch}
+                    log.append(row)
+                    if wandb_runs[i] is not None:
+                        wandb_runs[i].log(row)
         if stop.received is not None and step < steps:
             for i, trainer in enumerate(trainers):
                 if not failed[i]:
@@ -253,7 +260,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
         trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
         final = {
             "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
-            "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "sparsity_penalty": c.l1,
+            "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "arch": c.arch, "sparsity_penalty": c.l1,
+            "sparsity_coeff": trainer.sparsity_coeff,
             "ortho_penalty": c.ortho, "trainer": c.trainer, "d_in": d_model, "tokens": trainer.step_count * c.batch_size,
             "final_metrics": latest[i], "seconds_this_session": round(seconds, 2),
             "tokens_per_s_this_session": round((step - start) * c.batch_size / seconds, 1) if seconds else None,
@@ -261,6 +269,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
         }
         write_json(run_dir / "final_info.json", final)
         results.append(RunResult(run_dir, c, trainer.step_count, None, final))
+    for run in filter(None, wandb_runs):
+        run.finish()
     return results
 
 
