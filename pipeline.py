@@ -219,6 +219,41 @@ def eval_(
         typer.echo(line)
 
 
+def _bdoc(field: str) -> str:
+    from evaluate.browser_config import BrowseConfig
+
+    return BrowseConfig.model_fields[field].description or ""
+
+
+@app.command()
+def browse(
+    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory.")],
+    runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    features: Annotated[str, typer.Option(help=_bdoc("features"))] = "auto",
+    top: Annotated[int, typer.Option(help=_bdoc("top"))] = 64,
+    examples: Annotated[int, typer.Option(help=_bdoc("examples"))] = 10,
+    samples: Annotated[int, typer.Option(help=_bdoc("samples"))] = 5,
+    reservoir: Annotated[int, typer.Option(help=_bdoc("reservoir"))] = 64,
+    before: Annotated[int, typer.Option(help=_bdoc("before"))] = 16,
+    after: Annotated[int, typer.Option(help=_bdoc("after"))] = 6,
+    neighbours: Annotated[int, typer.Option(help=_bdoc("neighbours"))] = 10,
+    lens_tokens: Annotated[int, typer.Option(help=_bdoc("lens_tokens"))] = 10,
+    r_threshold: Annotated[float, typer.Option(help=_bdoc("r_threshold"))] = 0.9,
+    min_rate: Annotated[float, typer.Option(help=_bdoc("min_rate"))] = 0.001,
+    device: Annotated[str, typer.Option(help=_bdoc("device"))] = "auto",
+    seed: Annotated[int, typer.Option(help=_bdoc("seed"))] = 0,
+    out: Annotated[Optional[Path], typer.Option(help=_bdoc("out"))] = None,
+):
+    """A static feature browser of one run (its index.html opens from disk): each feature's top dangerous and safe contexts from the store, histograms, decoder neighbours, logit lens."""
+    from evaluate.browse import run_browse
+
+    options = dict(features=features, top=top, examples=examples, samples=samples, reservoir=reservoir,
+                   before=before, after=after, neighbours=neighbours, lens_tokens=lens_tokens,
+                   r_threshold=r_threshold, min_rate=min_rate, device=device, seed=seed, out=out)
+    for line in run_browse(run, runs_dir, options):
+        typer.echo(line)
+
+
 @app.command()
 def report(
     runs: Annotated[Optional[list[str]], typer.Argument(help="Runs to compare (default: every evaluated run).")] = None,
