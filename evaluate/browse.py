@@ -36,7 +36,7 @@ def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print) -> Path
     keywords, indices = parse_features(cfg.features, sae.d_sae, run_dir)
     unlearning = read_unlearning(run_dir)
     if keywords == ["auto"]:
-        keywords = ["selected", "top-r"] if unlearning is not None else ["top-r"]
+        keywords = ["selected", "top-r"] if selected_features(unlearning) else ["top-r"]
     if "selected" in keywords and unlearning is None:
         raise TrainError(f"{run_dir} has not been evaluated (no eval/unlearning.json): run `pipeline eval "
                          f"{run_dir.name}` first, or choose --features top-r")

@@ -13,7 +13,8 @@ class BrowseConfig(BaseModel):
     clamped), `specific` (dangerous-specific on the store: r above --r-threshold and firing on at least
     --min-rate of dangerous tokens), `top-r` (the --top live features of highest r), `all` (every
     feature), or comma-separated feature indices (`3,17,250`); keywords and indices combine with
-    commas (`selected,top-r,42`). `auto`: `selected,top-r` for an evaluated run, `top-r` otherwise."""
+    commas (`selected,top-r,42`). `auto`: `selected,top-r` for an evaluated run whose unlearning selected
+    some feature, `top-r` otherwise."""
     top: int = Field(64, gt=0)
     """How many features `top-r` takes."""
     examples: int = Field(10, gt=0, le=200)

@@ -4,8 +4,10 @@ One pass runs the SAE over the store's committed rows, one chunk at a time, and 
 and label group (dangerous, safe): how often and how strongly it fires, an exact histogram of its
 positive activations in fixed log-spaced bins, a bounded top-k of its activations (row and value),
 and a reservoir, a uniform sample without replacement of the rows where it fires (the rows with the
-largest random keys). Both bounded sets merge chunk by chunk with one `topk` over the running set
-and the chunk's, so memory is O(d_sae * k) whatever the store's length.
+largest random keys). Only the encoder's output is dense; everything after it works on the chunk's
+positive activations, and a bounded set takes in only the entries that beat a feature's current
+k-th best, so the cost beyond the encoder grows with L0, and memory is O(d_sae * k) whatever the
+store's length.
 
 A second pass rebuilds each example's context from the `token`, `doc` and `pos` columns: the rows
 around it that belong to the same document and context window (consecutive rows, consecutive
@@ -33,7 +35,7 @@ class FeatureStats:
     tokens: np.ndarray            # (2,) rows per group
     fired: np.ndarray             # (2, d_sae) rows where the feature is positive
     summed: np.ndarray            # (2, d_sae) sum of its activation
-    max: np.ndarray               # (2, d_sae)
+    max: np.ndarray               # (2, d_sae) 0 where it never fires
     hist: np.ndarray              # (2, d_sae, HIST_BINS) counts of positive activations
     top_values: np.ndarray        # (2, k, d_sae) descending; 0 where fewer rows fired
     top_rows: np.ndarray          # (2, k, d_sae) store row of each; -1 where none
@@ -63,80 +65,90 @@ def group_of_source(store: ShardStore) -> np.ndarray:
 
 
 class _Bounded:
-    """The k largest keys per column, with a value and a row for each, merged batch by batch."""
+    """Per column, the k entries of largest key seen so far (with a value and a row each), merged from
+    sparse batches of (column, key, value, row); key -1 marks an empty slot."""
 
-    def __init__(self, k: int, d_sae: int, device):
-        self.keys = torch.full((k, d_sae), -1.0, device=device)
-        self.values = torch.zeros((k, d_sae), device=device)
-        self.rows = torch.full((k, d_sae), -1, dtype=torch.long, device=device)
+    def __init__(self, columns: int, k: int, device):
+        self.k = k
+        self.keys = torch.full((columns, k), -1.0, device=device)
+        self.values = torch.zeros((columns, k), device=device)
+        self.rows = torch.full((columns, k), -1, dtype=torch.long, device=device)
 
-    def add(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
-        """keys, values (n, d_sae), rows (n,): rows with key <= -1 never enter."""
-        k = min(len(self.keys), len(keys))
-        best, index = keys.topk(k, dim=0)
-        merged_keys = torch.cat([self.keys, best])
-        merged_values = torch.cat([self.values, values.gather(0, index)])
-        merged_rows = torch.cat([self.rows, rows[index]])
-        self.keys, order = merged_keys.topk(len(self.keys), dim=0)
-        self.values = merged_values.gather(0, order)
-        self.rows = merged_rows.gather(0, order)
+    def add(self, cols: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
+        entering = keys > self.keys[cols, -1]  # only what beats a column's k-th best can enter it
+        if not bool(entering.any()):
+            return
+        cols, keys, values, rows = cols[entering], keys[entering], values[entering], rows[entering]
+        touched = cols.unique()
+        cols = torch.cat([touched.repeat_interleave(self.k), cols])
+        keys = torch.cat([self.keys[touched].flatten(), keys])
+        values = torch.cat([self.values[touched].flatten(), values])
+        rows = torch.cat([self.rows[touched].flatten(), rows])
+        order = keys.argsort(descending=True, stable=True)
+        order = order[cols[order].argsort(stable=True)]  # by column, largest key first within each
+        cols = cols[order]
+        counts = torch.bincount(cols, minlength=len(self.keys))
+        rank = torch.arange(len(cols), device=cols.device) - (counts.cumsum(0) - counts)[cols]
+        kept = order[rank < self.k]
+        slot = rank[rank < self.k]
+        at = cols[rank < self.k]
+        self.keys[at, slot] = keys[kept]
+        self.values[at, slot] = values[kept]
+        self.rows[at, slot] = rows[kept]
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self, d_sae: int) -> tuple[np.ndarray, np.ndarray]:
+        """values, rows as (group, k, d_sae) arrays; rows -1 where a slot stayed empty."""
         rows = torch.where(self.keys > -1, self.rows, -1)
-        return self.values.cpu().numpy(), rows.cpu().numpy()
+        shape = (2, d_sae, self.k)
+        return (self.values.view(shape).transpose(1, 2).cpu().numpy(),
+                rows.view(shape).transpose(1, 2).cpu().numpy())
 
 
 @torch.inference_mode()
 def collect(store: ShardStore, sae: SAE, *, top_k: int, reservoir: int, seed: int, device,
             progress=None) -> FeatureStats:
-    """The pass over every committed row of the store (see the module docstring)."""
+    """The pass over every committed row of the store (see the module docstring).
+
+    Only the SAE's encoding of a chunk is dense; the rest works on its positive entries, as
+    (group * d_sae + feature) columns, so the cost beyond the encoder's grows with L0, not d_sae.
+    """
     d_sae = sae.d_sae
     group_of = torch.as_tensor(group_of_source(store), device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    tokens = np.zeros(2, dtype=np.int64)
-    fired = torch.zeros((2, d_sae), dtype=torch.float64, device=device)
-    summed = torch.zeros((2, d_sae), dtype=torch.float64, device=device)
-    maxima = torch.zeros((2, d_sae), device=device)
-    hist = torch.zeros((2, d_sae * HIST_BINS), dtype=torch.long, device=device)
-    top = [_Bounded(top_k, d_sae, device) for _ in GROUPS]
-    sample = [_Bounded(reservoir, d_sae, device) for _ in GROUPS]
+    tokens = torch.zeros(2, dtype=torch.long, device=device)
+    fired = torch.zeros(2 * d_sae, dtype=torch.long, device=device)
+    summed = torch.zeros(2 * d_sae, dtype=torch.float64, device=device)
+    hist = torch.zeros(2 * d_sae * HIST_BINS, dtype=torch.long, device=device)
+    top = _Bounded(2 * d_sae, top_k, device)
+    sample = _Bounded(2 * d_sae, reservoir, device)
     bin_scale = HIST_BINS / (HIST_LOG10_MAX - HIST_LOG10_MIN)
-    feature_offset = torch.arange(d_sae, device=device) * HIST_BINS
     committed, step = store.rows_committed, store.chunk_rows
     for start in range(0, committed, step):
         stop = min(start + step, committed)
         x = store.acts(start, stop).to(device=device, dtype=torch.float32)
         groups = group_of[torch.as_tensor(store.read("label", start, stop).astype(np.int64), device=device)]
         f = sae.encode(x).float()
-        rows = torch.arange(start, stop, device=device)
-        for g in range(2):
-            mask = groups == g
-            n = int(mask.sum())
-            if n == 0:
-                continue
-            fg, rg = f[mask], rows[mask]
-            positive = fg > 0
-            tokens[g] += n
-            fired[g] += positive.sum(0)
-            summed[g] += fg.sum(0, dtype=torch.float64)
-            maxima[g] = torch.maximum(maxima[g], fg.max(0).values)
-            where = positive.nonzero()
-            values = fg[where[:, 0], where[:, 1]]
-            bins = ((values.log10() - HIST_LOG10_MIN) * bin_scale).long().clamp_(0, HIST_BINS - 1)
-            hist[g] += torch.bincount(feature_offset[where[:, 1]] + bins, minlength=d_sae * HIST_BINS)
-            # keys <= -1 never enter: top-k keys on the activation (positive only), the reservoir on
-            # a uniform random key among positive activations
-            top[g].add(torch.where(positive, fg, -1.0), fg, rg)
-            keys = torch.rand(fg.shape, generator=generator, device=device)
-            sample[g].add(torch.where(positive, keys, -1.0), fg, rg)
+        where = (f > 0).nonzero()
+        values = f[where[:, 0], where[:, 1]]
+        rows = where[:, 0] + start
+        cols = groups[where[:, 0]] * d_sae + where[:, 1]
+        tokens += torch.bincount(groups, minlength=2)
+        fired += torch.bincount(cols, minlength=2 * d_sae)
+        summed.index_add_(0, cols, values.double())
+        bins = ((values.log10() - HIST_LOG10_MIN) * bin_scale).long().clamp_(0, HIST_BINS - 1)
+        hist += torch.bincount(cols * HIST_BINS + bins, minlength=2 * d_sae * HIST_BINS)
+        top.add(cols, values, values, rows)
+        # the reservoir: a uniform random key per positive activation, the largest keys kept
+        sample.add(cols, torch.rand(len(cols), generator=generator, device=device), values, rows)
         if progress is not None:
             progress(stop - start)
-    top_values, top_rows = zip(*(t.result() for t in top))
-    sample_values, sample_rows = zip(*(s.result() for s in sample))
-    return FeatureStats(tokens=tokens, fired=fired.cpu().numpy(), summed=summed.cpu().numpy(),
-                        max=maxima.cpu().numpy(), hist=hist.view(2, d_sae, HIST_BINS).cpu().numpy(),
-                        top_values=np.stack(top_values), top_rows=np.stack(top_rows),
-                        sample_values=np.stack(sample_values), sample_rows=np.stack(sample_rows))
+    top_values, top_rows = top.result(d_sae)
+    sample_values, sample_rows = sample.result(d_sae)
+    return FeatureStats(tokens=tokens.cpu().numpy(), fired=fired.view(2, d_sae).cpu().numpy(),
+                        summed=summed.view(2, d_sae).cpu().numpy(), max=top_values[:, 0, :].copy(),
+                        hist=hist.view(2, d_sae, HIST_BINS).cpu().numpy(),
+                        top_values=top_values, top_rows=top_rows,
+                        sample_values=sample_values, sample_rows=sample_rows)
 
 
 def hist_edges() -> np.ndarray:

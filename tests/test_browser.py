@@ -282,7 +282,7 @@ def test_missing_or_incomplete_store_is_one_clear_line(tiny_store, tmp_path, mon
     assert not out.exists()
 
 
-def test_an_evaluated_run_shows_its_selected_features(tiny_store, trained, tmp_path, monkeypatch):
+def test_an_evaluated_run_shows_its_selected_features(tiny_store, trained, tmp_path, monkeypatch, capsys):
     """The selected features come from today's eval/unlearning.json keys; a file without them is tolerated."""
     run = tmp_path / "run_1"
     shutil.copytree(trained, run)
@@ -306,6 +306,12 @@ def test_an_evaluated_run_shows_its_selected_features(tiny_store, trained, tmp_p
     assert {4, 7, 9} < {row["id"] for row in site_index(out)["features"]}
     (run / "eval" / "unlearning.json").write_text(json.dumps({"score": 0.0}))  # an older or partial file
     assert run_cli(monkeypatch, ["browse", str(run), "--features", "top-r", "--top", "3", "--out", str(out)]) == 0
+    assert len(site_index(out)["features"]) == 3
+    nothing = [{**s, "features": []} for s in settings]
+    (run / "eval" / "unlearning.json").write_text(json.dumps({"score": 0.0, "settings": nothing}))
+    err = _refused(monkeypatch, capsys, ["browse", str(run), "--features", "selected", "--out", str(out)])
+    assert "no unlearning setting of" in err and "selected any feature" in err
+    assert len(site_index(out)["features"]) == 3  # the browser written before is kept
 
 
 def test_report_links_each_runs_browser(tiny_store, trained, tmp_path, monkeypatch):
