@@ -75,23 +75,27 @@ class _Bounded:
         self.rows = torch.full((columns, k), -1, dtype=torch.long, device=device)
 
     def add(self, cols: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
+        """keys >= 0 (activations, uniform random numbers)."""
         entering = keys > self.keys[cols, -1]  # only what beats a column's k-th best can enter it
         if not bool(entering.any()):
             return
         cols, keys, values, rows = cols[entering], keys[entering], values[entering], rows[entering]
-        touched = cols.unique()
+        is_touched = torch.zeros(len(self.keys), dtype=torch.bool, device=cols.device)
+        is_touched[cols] = True
+        touched = is_touched.nonzero()[:, 0]
         cols = torch.cat([touched.repeat_interleave(self.k), cols])
         keys = torch.cat([self.keys[touched].flatten(), keys])
         values = torch.cat([self.values[touched].flatten(), values])
         rows = torch.cat([self.rows[touched].flatten(), rows])
-        order = keys.argsort(descending=True, stable=True)
-        order = order[cols[order].argsort(stable=True)]  # by column, largest key first within each
+        # one integer sort, by column and then by key, largest first: the bits of a float >= 0 order as
+        # the float does, and an empty slot's -1 counts as 0
+        descending = (1 << 31) - 1 - keys.clamp_min(0).view(torch.int32).long()
+        order = (cols * (1 << 31) + descending).argsort()
         cols = cols[order]
         counts = torch.bincount(cols, minlength=len(self.keys))
         rank = torch.arange(len(cols), device=cols.device) - (counts.cumsum(0) - counts)[cols]
-        kept = order[rank < self.k]
-        slot = rank[rank < self.k]
-        at = cols[rank < self.k]
+        first_k = rank < self.k
+        kept, slot, at = order[first_k], rank[first_k], cols[first_k]
         self.keys[at, slot] = keys[kept]
         self.values[at, slot] = values[kept]
         self.rows[at, slot] = rows[kept]

@@ -30,7 +30,9 @@ var BROWSER = (function () {
 
   function fmt(v, digits) {
     if (v === null || v === undefined) return "–";
-    return Number(v).toPrecision(digits || 3).replace(/(\.\d*?)0+(e|$)/, "$1$2").replace(/\.(e|$)/, "$1");
+    var x = Number(v);
+    if (Math.abs(x) >= 1000 && Math.abs(x) < 1e7) return Math.round(x).toLocaleString("en-US");
+    return x.toPrecision(digits || 3).replace(/(\.\d*?)0+(e|$)/, "$1$2").replace(/\.(e|$)/, "$1");
   }
 
   function pct(v) {
