@@ -316,7 +316,7 @@ def run_browse(name: str, runs_dir: Path, options: dict):
     """What `pipeline browse` does with its options: lines to print."""
     from train.config import validate
 
-    cfg = validate(options, "browse options", BrowseConfig)
+    cfg = validate({k: v for k, v in options.items() if v is not None}, "browse options", BrowseConfig)
     lines = []
     path = browse(name, runs_dir, cfg, progress=lines.append)
     yield from lines
