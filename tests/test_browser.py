@@ -53,10 +53,16 @@ def site_index(site: Path) -> dict:
 # --- the pass over the store -----------------------------------------------------------------------
 
 
-def test_top_contexts_equal_a_brute_force_search(tiny_store, trained):
+def test_top_contexts_equal_a_brute_force_search(tiny_store, trained, monkeypatch):
     sae = SAE.load(trained).float().eval()
     k, reservoir = 7, 5
+    read = []  # the pass reads the store a chunk at a time, never all of it
+    real_acts = tiny_store.acts
+    monkeypatch.setattr(tiny_store, "acts", lambda start=0, stop=None: read.append((start, stop)) or real_acts(start, stop))
     stats = collect(tiny_store, sae, top_k=k, reservoir=reservoir, seed=0, device="cpu")
+    monkeypatch.undo()
+    assert len(read) == -(-tiny_store.rows_committed // tiny_store.chunk_rows)
+    assert all(stop - start <= tiny_store.chunk_rows for start, stop in read)
     with torch.inference_mode():
         f = sae.encode(tiny_store.acts().float()).numpy()
     groups = group_of_source(tiny_store)[tiny_store.read("label").astype(np.int64)]
