@@ -250,6 +250,41 @@ def eval_(
         typer.echo(line)
 
 
+def _bdoc(field: str) -> str:
+    from evaluate.browser_config import BrowseConfig
+
+    return BrowseConfig.model_fields[field].description or ""
+
+
+@app.command()
+def browse(
+    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory.")],
+    runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    features: Annotated[Optional[str], typer.Option(help=_bdoc("features"))] = None,
+    top: Annotated[Optional[int], typer.Option(help=_bdoc("top"))] = None,
+    examples: Annotated[Optional[int], typer.Option(help=_bdoc("examples"))] = None,
+    samples: Annotated[Optional[int], typer.Option(help=_bdoc("samples"))] = None,
+    reservoir: Annotated[Optional[int], typer.Option(help=_bdoc("reservoir"))] = None,
+    before: Annotated[Optional[int], typer.Option(help=_bdoc("before"))] = None,
+    after: Annotated[Optional[int], typer.Option(help=_bdoc("after"))] = None,
+    neighbours: Annotated[Optional[int], typer.Option(help=_bdoc("neighbours"))] = None,
+    lens_tokens: Annotated[Optional[int], typer.Option(help=_bdoc("lens_tokens"))] = None,
+    r_threshold: Annotated[Optional[float], typer.Option(help=_bdoc("r_threshold"))] = None,
+    min_rate: Annotated[Optional[float], typer.Option(help=_bdoc("min_rate"))] = None,
+    device: Annotated[Optional[str], typer.Option(help=_bdoc("device"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_bdoc("seed"))] = None,
+    out: Annotated[Optional[Path], typer.Option(help=_bdoc("out"))] = None,
+):
+    """A static feature browser of one run (its index.html opens from disk): each feature's top dangerous and safe contexts from the store, histograms, decoder neighbours, logit lens."""
+    from evaluate.browse import run_browse
+
+    options = dict(features=features, top=top, examples=examples, samples=samples, reservoir=reservoir,
+                   before=before, after=after, neighbours=neighbours, lens_tokens=lens_tokens,
+                   r_threshold=r_threshold, min_rate=min_rate, device=device, seed=seed, out=out)
+    for line in run_browse(run, runs_dir, options):
+        typer.echo(line)
+
+
 @app.command()
 def report(
     runs: Annotated[Optional[list[str]], typer.Argument(help="Runs to compare (default: every evaluated run).")] = None,

@@ -5,6 +5,7 @@ geometry of the dangerous-specific features."""
 import csv
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -96,6 +97,10 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
         for g in groups:
             cells = [_fmt_spread(g["stats"].get(m)) for m in metrics]
             lines.append("| " + " | ".join([g["label"], str(len(g["runs"])), *cells]) + " |")
+    browsers = [(d.name, d / "browser" / "index.html") for d in dirs if (d / "browser" / "index.html").exists()]
+    if browsers:  # written by `pipeline browse`
+        lines += ["", "## Feature browsers", "",
+                  *(f"- [{name}]({os.path.relpath(path, out)})" for name, path in browsers)]
     lines += ["", "![training curves](training_curves.png)", "", "![r histograms](r_histograms.png)", "",
               "![unlearning trade-off](unlearning_tradeoff.png)", "", "![unlearning scores](unlearning_vs_ortho.png)",
               "", "![decoder geometry](decoder_cos.png)", ""]

@@ -1,0 +1,59 @@
+"""Writes the feature browser: a static site that opens from disk with no server and no network.
+
+    index.html, browser.js, browser.css     copied from browser_assets/
+    data/index.js                           the run and one row per feature (BROWSER.index(...))
+    data/features/<id>.js                   one feature's contexts, neighbours, lens (BROWSER.feature(id, ...))
+
+The data are scripts, not JSON files, because a page opened from file:// may load scripts beside it
+but may not fetch files. The site is written under a temporary name and renamed into place, so an
+earlier browser stays whole until the new one is.
+"""
+
+import json
+import math
+import shutil
+from importlib import resources
+from pathlib import Path
+
+ASSETS = ("index.html", "browser.js", "browser.css")
+
+
+def _clean(value):
+    """NaN and infinities to null, so the data are valid JSON (and JavaScript) everywhere."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _script(call: str, *args) -> str:
+    return f"{call}({', '.join(json.dumps(_clean(a), separators=(',', ':'), allow_nan=False) for a in args)});\n"
+
+
+def write_site(out: Path, index: dict, features: dict[int, dict]) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        (partial / "data" / "features").mkdir(parents=True)
+        assets = resources.files("evaluate") / "browser_assets"
+        for name in ASSETS:
+            (partial / name).write_bytes((assets / name).read_bytes())
+        (partial / "data" / "index.js").write_text(_script("BROWSER.index", index), encoding="utf-8")
+        for feature, page in features.items():
+            (partial / "data" / "features" / f"{feature}.js").write_text(_script("BROWSER.feature", feature, page),
+                                                                          encoding="utf-8")
+        previous = out.with_name(out.name + ".previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if out.exists():
+            out.rename(previous)
+        partial.rename(out)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out / "index.html"
