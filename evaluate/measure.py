@@ -1,9 +1,10 @@
 """Next-token losses per measurement document: the clean model, the SAE spliced in, every intervention.
 
 Per batch the clean model runs once (block L's output and the logits); each intervention then reruns
-only the blocks after L, and only for the documents it changes: a document in which no clamped
-feature fires keeps its clean output exactly, so its loss is the clean loss (most retain documents,
-at the retain filter's low firing rates). Losses are kept as per-document sums, the bootstrap's unit.
+only the blocks after L, and only for the documents it changes, and the head only from the first
+position it changes: attention is causal, so a document in which no clamped feature fires, and every
+position before the first one that does, keeps its clean output exactly (and its clean loss).
+Losses are kept as per-document sums, the bootstrap's unit.
 """
 
 from dataclasses import dataclass
@@ -32,8 +33,10 @@ class Losses:
 
 @torch.inference_mode()
 def measure(loaded, sae, heldout: HeldOut, interventions: list[dict], batch_size: int, dense_rate: float,
-            core: bool = True, desc: str = "") -> Losses:
-    """`interventions`: dicts with `features` (list) and `multiplier`."""
+            core: bool = True, desc: str = "", shared: dict | None = None) -> Losses:
+    """`interventions`: dicts with `features` (list) and `multiplier`. `shared` keeps what does not depend
+    on the SAE (zero ablation's losses) across the SAEs measured on the same documents."""
+    shared = {} if shared is None else shared
     device = loaded.device
     spliced = SplicedModel(loaded.model, loaded.blocks, loaded.layer)
     accumulators = {k: CoreAccumulator(sae.d_sae, device) for k in ("all", "dangerous", "safe")} if core else {}
@@ -60,7 +63,8 @@ def measure(loaded, sae, heldout: HeldOut, interventions: list[dict], batch_size
             hf = h.float()
             f = sae.encode(hf)
             if core:
-                _core(spliced, sae, accumulators, ids, h, hf, f, keep, danger, clean_logits, clean_loss)
+                _core(spliced, sae, accumulators, ids, h, hf, f, keep, danger, clean_logits, clean_loss,
+                      shared.setdefault(("zero", start, batch_size), {}))
                 bar.update(2 * step)
             for i, (setting, fi) in enumerate(zip(interventions, feats)):
                 bar.update(step)
@@ -68,13 +72,14 @@ def measure(loaded, sae, heldout: HeldOut, interventions: list[dict], batch_size
                     per[i, rows] = clean[rows]
                     continue
                 f_sel = f[..., fi]
-                changed = ((f_sel > 0) & keep[..., None]).flatten(1).any(1)
+                changed = (f_sel > 0).any(-1) & keep  # the positions the clamp edits
                 loss = clean[rows].copy()
-                if changed.any():
-                    c = changed.nonzero().flatten()
+                docs = changed.any(1)
+                if docs.any():
+                    c = docs.nonzero().flatten()
                     edited = clamp_encoded(hf[c], f_sel[c], w_dec[fi], setting["multiplier"], keep[c]).to(h.dtype)
-                    logits = spliced.with_block_output(ids[c], edited)
-                    loss[c.cpu().numpy()] = next_token_loss(logits, ids[c], keep[c]).sum(1).double().cpu().numpy()
+                    per_target = spliced.losses_with_block_output(ids[c], edited, keep[c], clean_loss[c], changed[c])
+                    loss[c.cpu().numpy()] = per_target.sum(1).double().cpu().numpy()
                 per[i, rows] = loss
     result = None
     if core:
@@ -83,17 +88,21 @@ def measure(loaded, sae, heldout: HeldOut, interventions: list[dict], batch_size
     return Losses(clean, tokens, per, result)
 
 
-def _core(spliced, sae, accumulators, ids, h, hf, f, keep, danger, clean_logits, clean_loss) -> None:
+def _core(spliced, sae, accumulators, ids, h, hf, f, keep, danger, clean_logits, clean_loss, zero: dict) -> None:
     x_hat = sae.decode(f)
-    h_sae, h_zero = h.clone(), h.clone()
+    h_sae = h.clone()
     h_sae[keep] = x_hat[keep].to(h.dtype)
-    h_zero[keep] = 0
     per_doc = {"clean": clean_loss.sum(1)}
     kl = {}
-    for name, edited in (("sae", h_sae), ("zero", h_zero)):
-        logits = spliced.with_block_output(ids, edited)
-        per_doc[name] = next_token_loss(logits, ids, keep).sum(1)
-        kl[name] = kl_to_clean(clean_logits, logits, keep).sum(1)
+    if not zero:  # zero ablation does not depend on the SAE: once per batch of documents
+        h_zero = h.clone()
+        h_zero[keep] = 0
+        logits = spliced.with_block_output(ids, h_zero)
+        zero.update(loss=next_token_loss(logits, ids, keep).sum(1), kl=kl_to_clean(clean_logits, logits, keep).sum(1))
+    per_doc["zero"], kl["zero"] = zero["loss"], zero["kl"]
+    logits = spliced.with_block_output(ids, h_sae)
+    per_doc["sae"] = next_token_loss(logits, ids, keep).sum(1)
+    kl["sae"] = kl_to_clean(clean_logits, logits, keep).sum(1)
     targets = keep[:, 1:].sum(1)
     for name, docs in (("all", torch.ones_like(danger)), ("dangerous", danger), ("safe", ~danger)):
         if not docs.any():

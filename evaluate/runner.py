@@ -178,7 +178,7 @@ def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe:
     losses = None
     if "unlearning" in cfg.suite or "core" in cfg.suite:
         losses = measure(loaded, sae, measure_set, interventions, cfg.batch_size, cfg.dense_rate,
-                         core="core" in cfg.suite, desc=t.name)
+                         core="core" in cfg.suite, desc=t.name, shared=context.setdefault("shared", {}))
     if "core" in cfg.suite:
         results["core"] = {**losses.core, "layer": attrs["layer"], "hook_name": attrs["hook_name"]}
     sources = attrs["sources"]
@@ -278,6 +278,10 @@ def external_target(sae_dir: Path, shards: Path) -> Target:
         store = ShardStore.open(shards)
     except HarvestError as exc:
         raise TrainError(f"--shards {shards} cannot be opened: {exc}") from None
+    if not store.complete:
+        raise TrainError(f"--shards {store.path} is still being harvested ({store.rows_committed:,} of "
+                         f"{store.rows_total:,} rows); evaluate once it is complete, so that no held-out document is "
+                         "one the harvest is about to store")
     cfg = json.loads((sae_dir / CONFIG_FILE).read_text())
     hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
     d_in = cfg.get("d_in")

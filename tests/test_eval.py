@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evaluate.bootstrap import ci95, resample_counts, weighted_means
 from evaluate.curve import at_retain, curve_scores, pauc, saebench_style
 from evaluate.heldout import held_out
-from evaluate.splice import SplicedModel
+from evaluate.splice import SplicedModel, next_token_loss
 from evaluate.unlearning import clamp, eligible, random_features, score, select_features, top_r_features
 from harvest.model import find_blocks
 from train.sae import SAE
@@ -182,6 +182,17 @@ def test_spliced_rerun_of_the_clean_output_gives_the_clean_logits(tiny_model):
     assert not torch.allclose(spliced.with_block_output(ids, h * 0), logits, atol=1e-3)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)  # the model is whole again
+    # an edit from position 9 of row 0 only: the head reruns from there, and the losses are the full rerun's
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[:, 0] = False
+    keep[1, 12:] = False  # padding
+    edited = h.clone()
+    edited[0, 9:11] += 3.0
+    changed = (edited != h).any(-1)
+    reference = next_token_loss(spliced.with_block_output(ids, edited), ids, keep)
+    partial = spliced.losses_with_block_output(ids, edited, keep, next_token_loss(logits, ids, keep), changed)
+    assert torch.allclose(partial, reference, atol=1e-5) and not torch.allclose(partial[0], reference[0] * 0)
+    assert torch.equal(partial[1], next_token_loss(logits, ids, keep)[1])
 
 
 SMALL_EVAL = ["--heldout-docs", "6", "--heldout-doc-tokens", "40", "--select-tokens", "1500", "--probe-docs", "3",
