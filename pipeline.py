@@ -203,16 +203,31 @@ def train(
 
 @app.command(name="eval")
 def eval_(
-    runs: Annotated[list[str], typer.Argument(help="Runs: run_N, N, or a run directory.")],
+    runs: Annotated[list[str], typer.Argument(help="Runs: run_N, N, or a run directory; with --shards, also SAELens-format SAE directories.")],
     runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
     config: Annotated[Optional[Path], typer.Option(help="YAML eval config (e.g. configs/eval-demo.yaml); flags override it.")] = None,
     suite: Annotated[Optional[list[str]], typer.Option(help="unlearning, core, specialization (repeatable).")] = None,
-    heldout_windows: Annotated[Optional[int], typer.Option(help=_edoc("heldout_windows"))] = None,
+    shards: Annotated[Optional[Path], typer.Option(help="The shard store an SAE directory that is not a run of this project (SAELens files: cfg.json, sae_weights.safetensors) reads: its model, layer and sources; results go to DIR/eval/.")] = None,
+    heldout_docs: Annotated[Optional[int], typer.Option(help=_edoc("heldout_docs"))] = None,
+    heldout_doc_tokens: Annotated[Optional[int], typer.Option(help=_edoc("heldout_doc_tokens"))] = None,
+    heldout_tokens: Annotated[Optional[int], typer.Option(help=_edoc("heldout_tokens"))] = None,
+    select_from: Annotated[Optional[str], typer.Option(help=_edoc("select_from"))] = None,
+    select_tokens: Annotated[Optional[int], typer.Option(help=_edoc("select_tokens"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_edoc("batch_size"))] = None,
     retain_thresholds: Annotated[Optional[list[float]], typer.Option("--retain-threshold", help=_edoc("retain_thresholds"))] = None,
     n_features: Annotated[Optional[list[int]], typer.Option("--n-features", help=_edoc("n_features"))] = None,
     multipliers: Annotated[Optional[list[float]], typer.Option("--multiplier", help=_edoc("multipliers"))] = None,
     retain_tolerance: Annotated[Optional[float], typer.Option(help=_edoc("retain_tolerance"))] = None,
+    score_at: Annotated[Optional[list[float]], typer.Option("--score-at", help=_edoc("score_at"))] = None,
+    primary: Annotated[Optional[float], typer.Option(help=_edoc("primary"))] = None,
+    multiplier_range: Annotated[Optional[tuple[float, float]], typer.Option(help=_edoc("multiplier_range"))] = None,
+    probe_step: Annotated[Optional[float], typer.Option(help=_edoc("probe_step"))] = None,
+    min_multipliers: Annotated[Optional[int], typer.Option(help=_edoc("min_multipliers"))] = None,
+    multiplier_step: Annotated[Optional[float], typer.Option(help=_edoc("multiplier_step"))] = None,
+    probe_docs: Annotated[Optional[int], typer.Option(help=_edoc("probe_docs"))] = None,
+    bootstrap_resamples: Annotated[Optional[int], typer.Option(help=_edoc("bootstrap_resamples"))] = None,
+    min_fires: Annotated[Optional[int], typer.Option(help=_edoc("min_fires"))] = None,
+    null_permutations: Annotated[Optional[int], typer.Option(help=_edoc("null_permutations"))] = None,
     control_repeats: Annotated[Optional[int], typer.Option(help=_edoc("control_repeats"))] = None,
     r_threshold: Annotated[Optional[float], typer.Option(help=_edoc("r_threshold"))] = None,
     min_rate: Annotated[Optional[float], typer.Option(help=_edoc("min_rate"))] = None,
@@ -236,7 +251,12 @@ def eval_(
     """Evaluate runs (unlearning, core, specialisation) into each run's eval/; --saebench for SAEBench's own."""
     from evaluate.cli import run_eval
 
-    overrides = dict(suite=suite, heldout_windows=heldout_windows, batch_size=batch_size,
+    overrides = dict(suite=suite, heldout_docs=heldout_docs, heldout_doc_tokens=heldout_doc_tokens,
+                     heldout_tokens=heldout_tokens, select_from=select_from, select_tokens=select_tokens,
+                     score_at=score_at, primary=primary, min_multipliers=min_multipliers,
+                     multiplier_range=multiplier_range, probe_step=probe_step,
+                     multiplier_step=multiplier_step, probe_docs=probe_docs, bootstrap_resamples=bootstrap_resamples,
+                     min_fires=min_fires, null_permutations=null_permutations, batch_size=batch_size,
                      retain_thresholds=retain_thresholds, n_features=n_features, multipliers=multipliers,
                      retain_tolerance=retain_tolerance, control_repeats=control_repeats, r_threshold=r_threshold,
                      min_rate=min_rate, dense_rate=dense_rate, seed=seed, device=device, dtype=dtype,
@@ -246,7 +266,7 @@ def eval_(
                      saebench_seq_len=saebench_seq_len, saebench_baseline_min=saebench_baseline_min,
                      saebench_core_dataset=saebench_core_dataset, saebench_core_context=saebench_core_context,
                      saebench_core_batches=saebench_core_batches)
-    for line in run_eval(runs, runs_dir, config, overrides, saebench=saebench):
+    for line in run_eval(runs, runs_dir, config, overrides, saebench=saebench, shards=shards):
         typer.echo(line)
 
 

@@ -1,5 +1,6 @@
 """What `pipeline eval` does with its options."""
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,10 +11,10 @@ from .config import load_config
 
 
 def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: dict,
-             saebench: bool = False) -> Iterator[str]:
+             saebench: bool = False, shards: Path | None = None) -> Iterator[str]:
     cfg = load_config(config, overrides)
-    run_dirs = [resolve_run(name, runs_dir) for name in runs]  # every name checked before any work starts
     if saebench:
+        run_dirs = [resolve_run(name, runs_dir) for name in runs]  # every name checked before any work starts
         from .saebench import require_sae_bench, run_saebench, run_saebench_core
 
         if not {"unlearning", "core"} & set(cfg.suite):
@@ -34,23 +35,46 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
                 yield (f"{name}: SAEBench core on {core['model']}: EV {core['explained_variance']:.3f}, CE score "
                        f"{core['ce_loss_score']:.3f}, KL score {core['kl_div_score']:.3f}, L0 {core['l0']:.1f}")
         return
-    from .runner import evaluate_run, open_run_store
+    from .runner import evaluate_targets, run_target
 
-    for run_dir in run_dirs:  # every run's store checked before the first model loads
-        open_run_store(run_dir)
-    cache = {}
-    for name in runs:
-        results = evaluate_run(name, runs_dir, cfg, progress=lambda line: None, cache=cache)
-        parts = [name]
-        if "unlearning" in results:
-            u = results["unlearning"]
-            parts.append(f"unlearning score {u['score']:.4f} (random control {u['control_score']:.4f})"
-                         + "".join(f" [warning: {w}]" for w in u["warnings"]))
-        if "core" in results:
-            c = results["core"]
-            parts.append(f"EV {c['explained_variance']:.3f}, CE score {c['ce_loss_score']:.3f}, L0 {c['l0']:.1f}")
-        if "specialization" in results:
-            s = results["specialization"]
-            parts.append(f"{s['n_dangerous_specific']} dangerous-specific features, decoder |cos| "
-                         f"{s['decoder_cos_dangerous']:.4f} vs random {s['decoder_cos_random']:.4f}")
-        yield "; ".join(parts)
+    targets = [run_target(name, runs_dir, shards) for name in runs]  # every SAE and store checked first
+    for t, results in evaluate_targets(targets, cfg, progress=lambda line: print(line, file=sys.stderr)):
+        yield summary(t.name, results, cfg)
+
+
+def _ci(score: dict) -> str:
+    lo, hi = score["ci95"]
+    return f"{score['value']:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def summary(name: str, results: dict, cfg) -> str:
+    """One line per SAE: every score with its 95% interval."""
+    parts = [name]
+    if "unlearning" in results:
+        u = results["unlearning"]
+        primary = u["primary"]
+        c = u["control_scores"]
+        parts.append(f"unlearning at retain +{float(primary):.1%}: {_ci(u['score_at_retain'][primary])} "
+                     + " ".join(f"(+{float(k):.1%}: {_ci(v)})" for k, v in u["score_at_retain"].items() if k != primary)
+                     + f", pAUC {_ci(u['pauc'])}, SAEBench-style {_ci(u['saebench_style_score'])}; controls at "
+                     f"+{float(primary):.1%}: random {_ci(c['random']['score_at_retain'][primary]) if 'random' in c else '-'}"
+                     f", top-r {_ci(c['top_r']['score_at_retain'][primary]) if 'top_r' in c else '-'} (95% intervals)"
+                     + "".join(f" [warning: {w}]" for w in u["warnings"]))
+    if "core" in results:
+        c = results["core"]
+        per = c["per_label"]
+        parts.append(f"EV {c['explained_variance']:.3f} (dangerous {per['dangerous']['explained_variance']:.3f}, safe "
+                     f"{per['safe']['explained_variance']:.3f}), CE score {c['ce_loss_score']:.3f} (dangerous "
+                     f"{per['dangerous']['ce_loss_score']:.3f}, safe {per['safe']['ce_loss_score']:.3f}), "
+                     f"MSE {c['mse']:.4g}, L0 {c['l0']:.1f}")
+    if "specialization" in results:
+        s = results["specialization"]
+        null = s["n_dangerous_specific_null"]
+        lo, hi = s["decoder_cos_dangerous_ci95"]
+        rlo, rhi = s["decoder_cos_random_ci95"]
+        parts.append(f"{s['n_dangerous_specific']} dangerous-specific features (label-permutation null "
+                     f"{null['mean']:.1f} [{null['ci95'][0]:.0f}, {null['ci95'][1]:.0f}], p {s['n_dangerous_specific_p_value']:.3f}), "
+                     f"decoder |cos| {s['decoder_cos_dangerous']:.4f} [{lo:.4f}, {hi:.4f}] vs random "
+                     f"{s['decoder_cos_random']:.4f} [{rlo:.4f}, {rhi:.4f}]")
+    parts.append(f"{results['meta']['seconds']:.0f} s")
+    return "; ".join(parts)

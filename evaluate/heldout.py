@@ -1,76 +1,122 @@
-"""Held-out labelled text: the store's own sources, minus every document the store holds.
+"""Held-out labelled text by whole documents: the store's own sources, minus every document the store holds.
 
-The harvest records each stored token's document; the eval packs other documents of the same
-sources, the same way (BOS-started windows, BOS between documents), so the SAE is never evaluated
-on text it was trained on.
+The harvest records each stored token's document; the eval takes other documents of the same
+sources, each one whole (up to a per-document token cap) in a window of its own that starts with
+BOS. The documents are split between a selection set and a measurement set, alternately in the
+source's own (seeded) order, so no document is in both and both draw from the same sample. The
+document, not the token, is the unit of the bootstrap: a window is a document.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from harvest.config import SourceSpec
-from harvest.errors import HarvestError
-from harvest.packing import assemble_windows, pack_documents, special_ids
+from harvest.packing import special_ids
 from harvest.sources import iter_documents
 from harvest.store import ShardStore
+from train.errors import TrainError
+
+_TOKENIZE_BATCH = 64
 
 
 @dataclass
 class HeldOut:
     input_ids: np.ndarray
-    """(windows, context_length) int64."""
+    """(documents, width) int64: BOS, the document's first tokens, right padding."""
     keep: np.ndarray
-    """(windows, context_length) bool: document tokens (BOS, separators and padding are not)."""
+    """(documents, width) bool: document tokens (BOS and padding are not)."""
     dangerous: np.ndarray
-    """(windows,) bool."""
+    """(documents,) bool."""
     doc: np.ndarray
-    """(windows, context_length) int32: document index in its source, -1 where not a document token."""
+    """(documents,) int64: the document's index in its source."""
     source: np.ndarray
-    """(windows,) source index."""
+    """(documents,) index into the store's sources."""
+    notes: list[str] = field(default_factory=list)
+    """Shortfalls against what was asked (fewer documents or tokens than requested)."""
 
-    def take(self, windows: np.ndarray) -> "HeldOut":
-        return HeldOut(self.input_ids[windows], self.keep[windows], self.dangerous[windows], self.doc[windows],
-                       self.source[windows])
+    def take(self, rows: np.ndarray) -> "HeldOut":
+        return HeldOut(self.input_ids[rows], self.keep[rows], self.dangerous[rows], self.doc[rows], self.source[rows],
+                       list(self.notes))
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def documents(self, sources: list[dict]) -> dict[str, list[int]]:
+        """{source name: [document ids]}, as recorded in the eval's JSON."""
+        out: dict[str, list[int]] = {}
+        for s, d in zip(self.source.tolist(), self.doc.tolist()):
+            out.setdefault(sources[s]["name"], []).append(int(d))
+        return out
 
 
-def held_out(store: ShardStore, tokenizer, windows_per_label: int) -> tuple[HeldOut, HeldOut]:
-    """Two disjoint held-out sets (select, measure), each with `windows_per_label` windows per label."""
+def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int, tokens_per_label: int,
+             min_docs: int = 2) -> tuple[HeldOut, HeldOut]:
+    """Disjoint (select, measure) sets, each with up to `docs_per_label` documents and `tokens_per_label`
+    tokens per label, every document cut at `doc_tokens`. A label with fewer than `min_docs`
+    documents in a set is refused; fewer than asked is allowed and said in `notes`."""
     attrs = store.attrs
-    ctx = attrs["context_length"]
+    cap = min(doc_tokens, attrs["context_length"] - 1)
     bos, pad = special_ids(tokenizer)
     labels, docs_stored = store.read("label"), store.read("doc")
     sources = attrs["sources"]
-    ids, docs, src = [], [], []
+    bodies, doc_ids, src, notes = [], [], [], []
+    sets: list[list[int]] = [[], []]  # rows of `bodies` in select, measure
     for label in ("dangerous", "safe"):
         members = [i for i, s in enumerate(sources) if s["label"] == label]
-        per_source = -(-2 * windows_per_label // len(members))
+        want_docs = -(-2 * docs_per_label // len(members))
+        want_tokens = -(-2 * tokens_per_label // len(members))
+        counts = [[0, 0], [0, 0]]  # per set: documents, tokens
         for i in members:
             used = set(np.unique(docs_stored[labels == i]).tolist())
             spec = SourceSpec(**sources[i]["spec"])
             unused = (d for d in iter_documents(spec, attrs["seed"]) if d.index not in used)
-            packed = list(pack_documents(unused, tokenizer, ctx - 1, per_source * (ctx - 1)))
-            if len(packed) < per_source:
-                raise HarvestError(f"source {spec.source} has only {len(packed)} held-out windows beyond the "
-                                   f"documents the store used; ask for fewer (--heldout-windows)")
-            for body_ids, body_doc in packed[:per_source]:
-                ids.append(body_ids)
-                docs.append(body_doc)
+            taken = tokens = 0
+            for document, ids in _tokenized(unused, tokenizer, cap):
+                if taken >= want_docs or tokens >= want_tokens:
+                    break
+                part = taken % 2  # alternate: select, measure, select, ...
+                sets[part].append(len(bodies))
+                bodies.append(ids)
+                doc_ids.append(document.index)
                 src.append(i)
-    input_ids, doc = assemble_windows(ids, docs, ctx, bos, pad)
+                counts[part][0] += 1
+                counts[part][1] += len(ids)
+                taken += 1
+                tokens += len(ids)
+        for part, name in enumerate(("select", "measure")):
+            n_docs, n_tokens = counts[part]
+            if n_docs < min_docs:
+                raise TrainError(f"the {label} sources have only {n_docs} held-out document(s) for the {name} set "
+                                 f"beyond those the store used (at least {min_docs} needed); harvest fewer tokens, "
+                                 "or add documents to the sources")
+            if n_docs < docs_per_label and n_tokens < tokens_per_label:
+                notes.append(f"{label} {name} set: {n_docs} documents, {n_tokens:,} tokens (asked up to "
+                             f"{docs_per_label} documents and {tokens_per_label:,} tokens: the sources hold no more "
+                             "beyond the store)")
+    width = 1 + max(len(b) for b in bodies)
+    input_ids = np.full((len(bodies), width), pad, dtype=np.int64)
+    keep = np.zeros((len(bodies), width), dtype=bool)
+    input_ids[:, 0] = bos
+    for row, ids in enumerate(bodies):
+        input_ids[row, 1:1 + len(ids)] = ids
+        keep[row, 1:1 + len(ids)] = True
     source = np.asarray(src)
     dangerous = np.array([sources[i]["label"] == "dangerous" for i in src])
-    everything = HeldOut(input_ids, doc >= 0, dangerous, doc, source)
-    # Each source's windows, in packing order: the first half selects, the second measures, so at
-    # most one document per source (the one cut at the boundary) is in both.
-    select, measure = [], []
-    for label in (True, False):
-        chosen_select, chosen_measure = [], []
-        for i in np.unique(source[dangerous == label]):
-            windows = np.flatnonzero(source == i)
-            half = len(windows) // 2
-            chosen_select.append(windows[:half])
-            chosen_measure.append(windows[half:])
-        select.append(np.concatenate(chosen_select)[:windows_per_label])
-        measure.append(np.concatenate(chosen_measure)[:windows_per_label])
-    return everything.take(np.concatenate(select)), everything.take(np.concatenate(measure))
+    everything = HeldOut(input_ids, keep, dangerous, np.asarray(doc_ids, dtype=np.int64), source, notes)
+    return everything.take(np.asarray(sets[0])), everything.take(np.asarray(sets[1]))
+
+
+def _tokenized(documents, tokenizer, cap: int):
+    """(document, its first `cap` token ids) for each non-empty document, tokenised in batches."""
+    documents = iter(documents)
+    while True:
+        batch = [d for _, d in zip(range(_TOKENIZE_BATCH), documents)]
+        if not batch:
+            return
+        # a token is rarely over 12 characters: no need to tokenise a long article to keep its start
+        encoded = tokenizer([d.text[: 12 * cap] for d in batch], add_special_tokens=False,
+                            split_special_tokens=True)["input_ids"]
+        for document, ids in zip(batch, encoded):
+            if ids:
+                yield document, ids[:cap]

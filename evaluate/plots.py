@@ -22,14 +22,28 @@ def plot_run(out_dir: Path, results: dict) -> None:
         plt.close(fig)
     if "unlearning" in results:
         u = results["unlearning"]
-        fig, ax = plt.subplots(figsize=(5, 3.6))
-        for rows, style, label in ((u["settings"], "o", "selected features"), (u["controls"], "x", "random control")):
-            ax.scatter([s["retain_loss_increase"] for s in rows], [s["forget_loss_increase"] for s in rows],
-                       marker=style, label=label)
+        chosen = u["chosen_setting"]
+        fig, ax = plt.subplots(figsize=(5.4, 3.8))
+
+        def curve(rows, **style):
+            rows = sorted((s for s in rows if s["retain_threshold"] == chosen["retain_threshold"]
+                           and s["n_features"] == chosen["n_features"]), key=lambda s: s["multiplier"])
+            ax.plot([0] + [s["retain_loss_increase"] for s in rows], [0] + [s["forget_loss_increase"] for s in rows],
+                    ms=3, lw=1, **style)
+
+        curve(u["settings"], marker="o", label="selected features")
+        curve([c for c in u["controls"] if c["control"] == "random" and c["repeat"] == 0], marker="x",
+              label="random control")
+        curve([c for c in u["controls"] if c["control"] == "top_r"], marker="^", label="top-r control")
+        for f in u["score_at_retain"]:
+            ax.axvline(float(f) * u["clean_retain_loss"], color="k", ls=":", lw=0.8)
         ax.axvline(u["retain_tolerance_nats"], color="k", ls="--", lw=1, label="retain tolerance")
+        primary = u["score_at_retain"][u["primary"]]
         ax.set(xlabel="retain loss increase (nats)", ylabel="forget loss increase (nats)",
-               title=f"unlearning score {u['score']:.3f} (control {u['control_score']:.3f})")
-        ax.legend(fontsize=8)
+               title=f"at +{float(u['primary']):.1%} retain: {primary['value']:.3f} "
+                     f"[{primary['ci95'][0]:.3f}, {primary['ci95'][1]:.3f}] (95%)")
+        ax.set_xscale("symlog", linthresh=max(u["retain_tolerance_nats"] / 4, 1e-6))
+        ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out_dir / "unlearning.png", dpi=120)
         plt.close(fig)

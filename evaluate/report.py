@@ -1,6 +1,13 @@
-"""`pipeline report`: one table across runs (report.md, report.csv), the same grouped over seeds, and
-the comparison plots: training curves, r histograms side by side, the unlearning trade-off, decoder
-geometry of the dangerous-specific features."""
+"""`pipeline report`: one table across runs (report.md, report.csv), the same grouped over seeds with
+95% intervals, each arm against the baseline arm with its interval, and the comparison plots:
+training curves, r histograms side by side, the unlearning trade-off, decoder geometry of the
+dangerous-specific features.
+
+Intervals across seeds come from a two-level bootstrap: seeds resampled within an arm, and the
+measurement documents resampled identically for every run (each run's eval stored its per-resample
+scores in eval/unlearning_bootstrap.npz, from the same resamples when the runs were evaluated on
+the same documents), so an arm-minus-baseline difference is paired by document resample.
+"""
 
 import csv
 import json
@@ -10,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -17,15 +25,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 from train.errors import TrainError  # noqa: E402
 from train.runs import RUN_NAME, resolve_run  # noqa: E402
 
+SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
+          ("at_2%", "score_at_retain", "0.02"), ("pauc", "pauc", None), ("saebench_style", "saebench_style_score", None))
 COLUMNS = [
     ("run", None), ("trainer", "train.trainer"), ("l1", "train.l1"), ("ortho", "train.ortho"),
     ("d_sae", "train.d_sae"), ("seed", "train.seed"), ("steps", "final.training_steps"),
-    ("final_loss", "final.final_loss"),
+    ("total_loss", "final.final_loss"),
+    ("mse", "core.mse"), ("explained_variance", "core.explained_variance"),
+    ("ev_dangerous", "core.per_label.dangerous.explained_variance"),
+    ("ev_safe", "core.per_label.safe.explained_variance"),
+    *((f"unlearning_{name}", f"unlearning.{key}") for name, key, _ in SCORES),
+    ("random_control_at_1%", "unlearning.control_scores.random.score_at_retain"),
+    ("top_r_control_at_1%", "unlearning.control_scores.top_r.score_at_retain"),
     ("unlearning_score", "unlearning.score"), ("control_score", "unlearning.control_score"),
     ("saebench_score", "saebench_unlearning.score"),
-    ("explained_variance", "core.explained_variance"), ("ce_loss_score", "core.ce_loss_score"),
+    ("ce_loss_score", "core.ce_loss_score"), ("ce_score_dangerous", "core.per_label.dangerous.ce_loss_score"),
+    ("ce_score_safe", "core.per_label.safe.ce_loss_score"),
     ("kl_div_score", "core.kl_div_score"), ("l0", "core.l0"), ("dead_fraction", "core.dead_fraction"),
     ("n_dangerous_specific", "specialization.n_dangerous_specific"),
+    ("n_specific_null", "specialization.n_dangerous_specific_null"),
     ("decoder_cos_dangerous", "specialization.decoder_cos_dangerous"),
     ("decoder_cos_random", "specialization.decoder_cos_random"),
 ]
@@ -42,14 +60,36 @@ def _load(run_dir: Path) -> dict:
 
 
 def _get(data: dict, key: str):
-    section, field = key.split(".", 1)
-    return data.get(section, {}).get(field)
+    """A value by dotted path; a score becomes (value, lo, hi), the permutation null its mean."""
+    section, *path = key.split(".")
+    value = data.get(section, {})
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, dict) and "0.01" in value:  # score_at_retain: the report leads with 1%
+        value = value["0.01"]
+    if isinstance(value, dict) and "value" in value:
+        return (value["value"], *value["ci95"])
+    if isinstance(value, dict) and "mean" in value:
+        return value["mean"]
+    return value
 
 
 def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return f"{v[0]:.4g} [{v[1]:.4g}, {v[2]:.4g}]"
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _csv_row(row: dict) -> dict:
+    out = {}
+    for c, _ in COLUMNS:
+        v = row[c]
+        out[c] = v[0] if isinstance(v, tuple) else v
+        if c.startswith(("unlearning_at", "unlearning_pauc", "unlearning_saebench", "random_control", "top_r_control")):
+            out[f"{c}_ci95_lo"], out[f"{c}_ci95_hi"] = (v[1], v[2]) if isinstance(v, tuple) else (None, None)
+    return out
 
 
 def _label(row: dict) -> str:
@@ -75,28 +115,30 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
     rows = [{name: (d.name if key is None else _get(data, key)) for name, key in COLUMNS}
             for d, data in zip(dirs, loaded)]
     out.mkdir(parents=True, exist_ok=True)
+    csv_rows = [_csv_row(r) for r in rows]
     with (out / "report.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[c for c, _ in COLUMNS])
+        writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(csv_rows)
     groups = seed_groups(rows)
     shown = [(c, k) for c, k in COLUMNS if any(r[c] is not None for r in rows)]  # the CSV keeps every column
     lines = ["# ratio-sae report", "",
-             "Unlearning: SAEBench's selection and clamp, scored as the largest increase of next-token loss (nats) on",
-             "held-out dangerous text among settings whose safe-text loss rises by at most the tolerance; the control",
-             "clamps as many random features. saebench_score: SAEBench's own WMDP/MMLU score where it was run.",
-             "Core: SAEBench's names. Specialisation: r on held-out labelled text; decoder |cos| among the",
-             "dangerous-specific features' rows against random pairs of live features.", "",
+             "Unlearning: SAEBench's selection and clamp, scored on next-token loss (nats) on held-out documents.",
+             "`unlearning_at_1%` (the primary score): the forget (dangerous) loss increase where the retain (safe) loss",
+             "has risen by 1% of its clean value, interpolated along the multiplier grid (0.5% and 2% likewise); `pauc`:",
+             "the mean forget increase over retain increases from 0 to the tolerance; `saebench_style`: SAEBench's",
+             "best setting within the tolerance (also `unlearning_score`). Controls: as many random features passing",
+             "the same retain filter, and the top-r features, over the same multipliers. Every score is followed by",
+             "its 95% interval [lo, hi] from a bootstrap over measurement documents (docs/unlearning.md).",
+             "Quality: `mse` and `explained_variance` (on held-out text, per label too); `total_loss` is the training",
+             "objective's total at the last step (reconstruction + sparsity + any penalty), not a quality measure.",
+             "Core: SAEBench's names. Specialisation: dangerous-specific features (r above the threshold, firing a",
+             "minimum number of times) against the same count with document labels permuted (`n_specific_null`).", "",
              "## Runs", "",
              "| " + " | ".join(c for c, _ in shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c, _ in shown) + " |" for r in rows]
-    if any(len(g["runs"]) > 1 for g in groups):
-        metrics = [c for c, _ in shown if c not in ("run", "seed", "steps", *SETTING_KEYS)]
-        lines += ["", "## Across seeds (mean ± standard deviation)", "",
-                  "| " + " | ".join(["setting", "seeds", *metrics]) + " |", "|" + "---|" * (len(metrics) + 2)]
-        for g in groups:
-            cells = [_fmt_spread(g["stats"].get(m)) for m in metrics]
-            lines.append("| " + " | ".join([g["label"], str(len(g["runs"])), *cells]) + " |")
+    if any(len(g["runs"]) > 1 for g in groups) or len(groups) > 1:
+        lines += _seed_section(groups, loaded, rows)
     browsers = [(d.name, d / "browser" / "index.html") for d in dirs if (d / "browser" / "index.html").exists()]
     if browsers:  # written by `pipeline browse`
         lines += ["", "## Feature browsers", "",
@@ -108,8 +150,9 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
     _plot_training(loaded, rows, out / "training_curves.png")
     _plot_r_histograms(loaded, rows, out / "r_histograms.png")
     _plot_tradeoff(loaded, rows, out / "unlearning_tradeoff.png")
-    _plot_bars(rows, ("unlearning_score", "score"), ("control_score", "random control"),
-               "forget loss increase (nats)", "unlearning", out / "unlearning_vs_ortho.png")
+    _plot_bars(rows, ("unlearning_at_1%", "selected"), ("random_control_at_1%", "random control"),
+               "forget loss increase at +1% retain (nats)", "unlearning (bars: 95% intervals)",
+               out / "unlearning_vs_ortho.png")
     _plot_bars(rows, ("decoder_cos_dangerous", "dangerous-specific"), ("decoder_cos_random", "random pairs"),
                "mean |cos| of decoder rows", "decoder geometry", out / "decoder_cos.png")
     return out / "report.md"
@@ -124,8 +167,9 @@ def seed_groups(rows: list[dict]) -> list[dict]:
     for members in by_setting.values():
         stats = {}
         for column, _ in COLUMNS:
-            values = [float(m[column]) for m in members if isinstance(m[column], (int, float))
-                      and not isinstance(m[column], bool) and not math.isnan(float(m[column]))]
+            cells = [m[column][0] if isinstance(m[column], tuple) else m[column] for m in members]
+            values = [float(v) for v in cells if isinstance(v, (int, float))
+                      and not isinstance(v, bool) and not math.isnan(float(v))]
             if values and column not in ("run", "seed"):
                 mean = sum(values) / len(values)
                 sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
@@ -133,6 +177,84 @@ def seed_groups(rows: list[dict]) -> list[dict]:
         groups.append({"label": _label(members[0]), "runs": [m["run"] for m in members], "stats": stats,
                        "setting": tuple(members[0][k] for k in SETTING_KEYS)})
     return sorted(groups, key=lambda g: tuple((v is None, str(v) if isinstance(v, str) else v or 0) for v in g["setting"]))
+
+
+BOOTSTRAP_SCORES = (("unlearning at 1%", "method/at_retain_0.01"), ("pAUC", "method/pauc"),
+                    ("SAEBench-style", "method/saebench_style"), ("random control at 1%", "random/at_retain_0.01"),
+                    ("top-r control at 1%", "top_r/at_retain_0.01"))
+
+
+def _draws(run_dir: Path) -> dict | None:
+    path = run_dir / "eval" / "unlearning_bootstrap.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def arm_draws(members: list[dict], key: str, rng: np.random.Generator) -> np.ndarray | None:
+    """Two-level bootstrap of an arm's mean score: row 0 the mean over its seeds, row b the mean over
+    seeds resampled with replacement, each at document resample b (shared by every run)."""
+    per_run = [m[key] for m in members if m is not None and key in m]
+    if len(per_run) != len(members) or not per_run:
+        return None
+    matrix = np.stack(per_run)  # (seeds, resamples + 1)
+    picks = rng.integers(0, len(per_run), size=(matrix.shape[1], len(per_run)))
+    picks[0] = np.arange(len(per_run))
+    return matrix[picks, np.arange(matrix.shape[1])[:, None]].mean(1)
+
+
+def _interval(draws: np.ndarray) -> tuple[float, float, float]:
+    lo, hi = np.percentile(draws[1:], [2.5, 97.5])
+    return float(draws[0]), float(lo), float(hi)
+
+
+def _signed(v: tuple[float, float, float]) -> str:
+    return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
+
+
+def baseline_group(groups: list[dict]) -> dict | None:
+    """The arm the others are compared with: lambda_2 (ortho) = 0, else none."""
+    zero = [g for g in groups if g["setting"][SETTING_KEYS.index("ortho")] in (0, 0.0)]
+    return zero[0] if zero else None
+
+
+def _seed_section(groups: list[dict], loaded: list[dict], rows: list[dict]) -> list[str]:
+    draws_of = {r["run"]: _draws(d["dir"]) for r, d in zip(rows, loaded)}
+    ids = {str(d["id"]) for d in draws_of.values() if d is not None}
+    paired = len(ids) == 1
+    rng = np.random.default_rng(0)
+    lines = ["", "## Across seeds (mean and 95% interval)", "",
+             "Each cell: the mean over the arm's seeds and its 95% interval [lo, hi] from a two-level bootstrap (seeds "
+             "within the arm, measurement documents shared by every run)" if paired else
+             "Each cell: the mean over the arm's seeds and its 95% interval [lo, hi] over seeds and documents; the "
+             "runs were not all measured on the same documents, so differences below are not paired", "",
+             "| " + " | ".join(["setting", "seeds", *(name for name, _ in BOOTSTRAP_SCORES), "EV", "MSE", "L0"]) + " |",
+             "|" + "---|" * (len(BOOTSTRAP_SCORES) + 5)]
+    arm = {}
+    for g in groups:
+        members = [draws_of[r] for r in g["runs"]]
+        arm[g["label"]] = {key: arm_draws(members, key, rng) for _, key in BOOTSTRAP_SCORES}
+        cells = [(_fmt(_interval(d)) if d is not None else "") for d in arm[g["label"]].values()]
+        quality = [_fmt_spread(g["stats"].get(c)) for c in ("explained_variance", "mse", "l0")]
+        lines.append("| " + " | ".join([g["label"], str(len(g["runs"])), *cells, *quality]) + " |")
+    lines.append("")
+    lines.append("EV, MSE, L0: mean ± standard deviation over seeds.")
+    base = baseline_group(groups)
+    if base is not None and len(groups) > 1:
+        lines += ["", f"## Each arm minus the baseline ({base['label']}), 95% intervals", "",
+                  "Differences of the arms' mean scores, resample by resample" + (" (paired by document resample)"
+                                                                                 if paired else "") + "; an interval "
+                  "that excludes 0 is a difference the measurement can tell apart.", ""]
+        for g in groups:
+            if g is base:
+                continue
+            for name, key in BOOTSTRAP_SCORES[:2]:
+                a, b = arm[g["label"]][key], arm[base["label"]][key]
+                if a is None or b is None:
+                    continue
+                lines.append(f"- {name}: {g['label']} - {base['label']}: {_signed(_interval(a - b))} (95%)")
+    return lines
 
 
 def _fmt_spread(stat) -> str:
@@ -215,8 +337,11 @@ def _plot_bars(rows, first: tuple[str, str], second: tuple[str, str], ylabel: st
     fig, ax = plt.subplots(figsize=(max(4, len(rows) * 0.9), 3.4))
     x = range(len(rows))
     for offset, (column, label) in ((-0.2, first), (0.2, second)):
-        values = [r[column] if isinstance(r[column], (int, float)) and r[column] == r[column] else 0 for r in rows]
-        ax.bar([i + offset for i in x], values, width=0.4, label=label)
+        cells = [r[column] if isinstance(r[column], tuple) else (r[column],) * 3 for r in rows]
+        cells = [c if all(isinstance(v, (int, float)) and v == v for v in c) else (0, 0, 0) for c in cells]
+        values = [c[0] for c in cells]
+        errors = [[c[0] - c[1] for c in cells], [c[2] - c[0] for c in cells]]
+        ax.bar([i + offset for i in x], values, width=0.4, label=label, yerr=errors, capsize=2)
     ax.set_xticks(list(x), [f"{r['run']}\n{r['trainer']}\northo {r['ortho']}" for r in rows], fontsize=6)
     ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize=8)

@@ -1,94 +1,295 @@
-"""`pipeline eval`: the default suite on one run directory, written to its `eval/`.
+"""`pipeline eval`: the default suite on SAE directories (runs of this project, or any SAELens-format
+SAE with the store of the model and layer it reads), each written to its own `eval/`.
 
-Two passes over held-out text the SAE never saw:
-A. on the selection set, the blocks up to L only: feature firing rates and mean activations per
-   label (unlearning's selection, specialisation);
-B. on the measurement set, the clean model once per batch (block L's output and the logits), then
-   only the blocks after L again for each intervention: SAE spliced in, zero ablation, every
-   unlearning setting and random control.
+For the SAEs on one store, in three passes:
+1. selection, per SAE: firing statistics (from the store's cached rows, or held-out selection
+   documents), the (retain threshold, N) selections, the controls, specialisation;
+2. the multiplier grid, unless given: a coarse probe per SAE finds where its retain-loss increase
+   crosses the targets, and one grid spanning every SAE's bracket is shared by all of them;
+3. measurement, per SAE: the clean model, the SAE spliced in, zero ablation, and every selection at
+   every multiplier, on the held-out measurement documents; scores with bootstrap intervals from
+   resamples shared by every SAE (paired).
 """
 
 import json
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from harvest.errors import HarvestError
-from harvest.model import BlockOutput, load_model
+from harvest.model import load_model
 from harvest.store import ShardStore, store_fingerprint
 from train.errors import TrainError
-from train.runs import resolve_run, write_json
+from train.runs import write_json
 from train.sae import CONFIG_FILE, SAE, WEIGHTS_FILE
 
+from . import firing
+from .bootstrap import resample_id
 from .config import EvalConfig
-from .core import CoreAccumulator
+from .curve import _monotone
 from .heldout import HeldOut, held_out
+from .measure import measure
+from .scoring import score_unlearning
 from .specialization import specialization
-from .splice import SplicedModel, kl_to_clean, next_token_loss
-from .unlearning import clamp, random_features, score, select_features
+from .unlearning import random_features, score, select_features, top_r_features
 
 
-def evaluate_run(name: str, runs_dir: Path, cfg: EvalConfig, progress=print, cache: dict | None = None) -> dict:
-    """Evaluate one run; `cache` keeps the model and the held-out text across the runs of one `pipeline eval`."""
-    run_dir = resolve_run(name, runs_dir)
-    store = open_run_store(run_dir)
+@dataclass
+class Target:
+    """One SAE to evaluate: where it lives, the store it reads, where its results go."""
+    name: str
+    sae_dir: Path
+    store: ShardStore
+    out_dir: Path
+    external: bool = False
+    prepared: dict = field(default_factory=dict)
+
+
+def evaluate_targets(targets: list[Target], cfg: EvalConfig, progress=print):
+    """Yield (target, results) as each SAE finishes; SAEs on one store share the model, text and grid."""
+    groups: dict[tuple, list[Target]] = {}
+    for t in targets:
+        a = t.store.attrs
+        groups.setdefault((a["model"]["id"], a["model"].get("revision"), a["layer"], str(t.store.path.resolve())),
+                          []).append(t)
+    for key, members in groups.items():
+        context = _context(members[0].store, cfg, progress)
+        for t in members:
+            _prepare(t, context, cfg)
+        grid, probe = (list(cfg.multipliers), None) if cfg.multipliers else _probe_grid(members, context, cfg)
+        for t in members:
+            yield t, _finish(t, context, cfg, grid, probe)
+        del context
+
+
+def _context(store: ShardStore, cfg: EvalConfig, progress) -> dict:
     attrs = store.attrs
-    layer = attrs["layer"]
-    started = time.perf_counter()
-    cache = {} if cache is None else cache
-    key = (attrs["model"]["id"], attrs["model"].get("revision"), layer, str(store.path.resolve()))
-    if cache.get("key") != key:  # one model in memory at a time
-        cache.clear()
-        loaded = load_model(attrs["model"]["id"], layer=layer, revision=attrs["model"].get("revision"),
-                            trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
-        cache.update(key=key, loaded=loaded, heldout=held_out(store, loaded.tokenizer, cfg.heldout_windows))
-    loaded = cache["loaded"]
-    device = loaded.device
-    sae = SAE.load(run_dir, device=device).float().eval()
-    select, measure = cache["heldout"]
-    progress(f"{run_dir}: {attrs['model']['id']} block {layer}, held-out {select.keep.sum():,} + "
-             f"{measure.keep.sum():,} tokens")
+    loaded = load_model(attrs["model"]["id"], layer=attrs["layer"], revision=attrs["model"].get("revision"),
+                        trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
+    select, measure_set = held_out(store, loaded.tokenizer, cfg.heldout_docs, cfg.heldout_doc_tokens,
+                                   cfg.heldout_tokens)
+    for note in select.notes:
+        progress(f"note: {note}")
+    return {"store": store, "loaded": loaded, "select": select, "measure": measure_set, "notes": select.notes}
 
-    stats = _firing_statistics(loaded, sae, select, cfg.batch_size)
-    out_dir = run_dir / "eval"
-    out_dir.mkdir(exist_ok=True)
+
+def _load_sae(t: Target, device) -> SAE:
+    return SAE.load(t.sae_dir, device=device).float().eval()
+
+
+def _prepare(t: Target, context: dict, cfg: EvalConfig) -> None:
+    started = time.perf_counter()
+    loaded = context["loaded"]
+    sae = _load_sae(t, loaded.device)
+    if cfg.select_from == "store":
+        stats = firing.from_store(context["store"], sae, cfg.select_tokens, loaded.device, desc=t.name)
+    else:
+        stats = firing.from_heldout(loaded, sae, context["select"], cfg.batch_size, desc=t.name)
+    rates = stats.rates()
+    families, interventions = [], []
+    rng = np.random.default_rng(cfg.seed)
+    for threshold in cfg.retain_thresholds:
+        for n in cfg.n_features:
+            family = (threshold, n)
+            families.append(family)
+            chosen = {"method": [select_features(rates["forget_rate"], rates["retain_rate"], threshold, n)],
+                      "random": [random_features(rates["forget_rate"], rates["retain_rate"], threshold, n, rng)
+                                 for _ in range(cfg.control_repeats)],
+                      "top_r": [top_r_features(rates, threshold, n, cfg.min_fires)]}
+            for group, draws in chosen.items():
+                for repeat, feats in enumerate(draws):
+                    interventions.append({"group": group, "repeat": repeat, "retain_threshold": threshold,
+                                          "n_features": n, "features": [int(i) for i in feats]})
     results = {}
-    settings, controls = _unlearning_settings(stats, cfg)
-    if "unlearning" in cfg.suite or "core" in cfg.suite:
-        measured = _measure(loaded, sae, measure, settings + controls, cfg)
-        if "core" in cfg.suite:
-            results["core"] = {**measured["core"], "layer": layer, "hook_name": attrs["hook_name"]}
-        if "unlearning" in cfg.suite:
-            for s, (forget, retain) in zip(settings + controls, measured["settings"]):
-                s["forget_loss_increase"] = forget - measured["clean"]["forget"]
-                s["retain_loss_increase"] = retain - measured["clean"]["retain"]
-            tolerance = cfg.retain_tolerance * measured["clean"]["retain"]
-            best_score, best = score(settings, tolerance)
-            control_score, control_best = score(controls, tolerance)
-            results["unlearning"] = {
-                "score": best_score, "control_score": control_score, "best_setting": best,
-                "warnings": _unlearning_warnings(settings, stats, cfg),
-                "best_control": control_best, "retain_tolerance_nats": tolerance,
-                "clean_forget_loss": measured["clean"]["forget"], "clean_retain_loss": measured["clean"]["retain"],
-                "settings": settings, "controls": controls,
-                "protocol": "SAEBench selection and clamp; next-token loss on held-out forget (dangerous) and "
-                            "retain (safe) text instead of WMDP/MMLU accuracy",
-            }
     if "specialization" in cfg.suite:
-        selected = {f"thr{s['retain_threshold']}_n{s['n_features']}": s["features"] for s in settings
-                    if s["multiplier"] == cfg.multipliers[0]}
-        results["specialization"] = specialization(stats["a_dangerous"], stats["a_safe"], stats["forget_rate"],
-                                                   sae.W_dec.detach().cpu(), selected, cfg.r_threshold,
-                                                   cfg.min_rate, cfg.seed)
-    meta = {"run": str(run_dir), "eval_config": cfg.model_dump(), "seconds": round(time.perf_counter() - started, 1),
-            "heldout_tokens": {"select": int(select.keep.sum()), "measure": int(measure.keep.sum())}}
+        selected = {f"thr{s['retain_threshold']}_n{s['n_features']}": s["features"] for s in interventions
+                    if s["group"] == "method"}
+        results["specialization"] = specialization(stats, sae.W_dec.detach().float().cpu(), selected, cfg)
+    t.prepared = {"families": families, "selections": interventions, "rates": rates, "results": results,
+                  "select_tokens": stats.label_tokens, "seconds": time.perf_counter() - started}
+
+
+def _expand(selections: list[dict], grid: list[float], groups=("method", "random", "top_r")) -> list[dict]:
+    return [{**s, "multiplier": float(m)} for s in selections if s["group"] in groups for m in grid]
+
+
+def _probe_grid(targets: list[Target], context: dict, cfg: EvalConfig) -> tuple[list[float], dict]:
+    """The shared grid: per SAE, a coarse probe brackets where the retain increase crosses the targets."""
+    lo_m, hi_m = cfg.multiplier_range
+    coarse = np.geomspace(lo_m, hi_m, int(math.floor(math.log(hi_m / lo_m) / math.log(cfg.probe_step))) + 1)
+    measure_set: HeldOut = context["measure"]
+    rows = np.concatenate([np.flatnonzero(measure_set.dangerous)[: cfg.probe_docs],
+                           np.flatnonzero(~measure_set.dangerous)[: cfg.probe_docs]])
+    probe_set = measure_set.take(rows)
+    low_target, high_target = 0.5 * min(cfg.score_at), 1.5 * max(cfg.score_at)
+    brackets, notes = {}, []
+    for t in targets:
+        started = time.perf_counter()
+        sae = _load_sae(t, context["loaded"].device)
+        selections = [s for s in t.prepared["selections"] if s["group"] == "method" and s["features"]]
+        interventions = _expand(selections, coarse.tolist())
+        if not interventions:
+            continue
+        losses = measure(context["loaded"], sae, probe_set, interventions, cfg.batch_size, cfg.dense_rate, core=False,
+                         desc=f"{t.name} probe")
+        retain = ~probe_set.dangerous
+        clean_r = losses.clean[retain].sum() / losses.tokens[retain].sum()
+        inc = losses.interventions[:, retain].sum(1) / losses.tokens[retain].sum() - clean_r
+        for s in selections:
+            idx = [i for i, x in enumerate(interventions) if x["retain_threshold"] == s["retain_threshold"]
+                   and x["n_features"] == s["n_features"]]
+            x, _ = _monotone(inc[idx], inc[idx])
+            x = x[1:] / clean_r
+            below = np.flatnonzero(x < low_target)
+            above = np.flatnonzero(x > high_target)
+            lo = coarse[below[-1]] if len(below) else coarse[0]
+            hi = coarse[above[0]] if len(above) else coarse[-1]
+            if not len(above):
+                notes.append(f"{t.name} (retain < {s['retain_threshold']}, N={s['n_features']}): even x{coarse[-1]:g} "
+                             f"raises the retain loss by only {x[-1]:.2%}; the grid ends there")
+            brackets[f"{t.name} thr{s['retain_threshold']} n{s['n_features']}"] = [float(lo), float(hi)]
+        t.prepared["seconds"] += time.perf_counter() - started
+    if brackets:
+        lo = min(b[0] for b in brackets.values())
+        hi = max(b[1] for b in brackets.values())
+    else:
+        lo, hi = coarse[0], coarse[-1]
+        notes.append("no selection clamps any feature, so the probe had nothing to bracket: the grid spans "
+                     "multiplier_range")
+    n = max(cfg.min_multipliers, int(math.ceil(math.log(hi / lo) / math.log(cfg.multiplier_step))) + 1)
+    grid = [float(f"{m:.4g}") for m in np.geomspace(lo, hi, n)]
+    return grid, {"coarse": coarse.tolist(), "probe_documents": int(len(rows)), "brackets": brackets, "notes": notes,
+                  "rule": f"from the last probe multiplier whose retain increase is below {low_target:g} of the "
+                          f"clean retain loss to the first above {high_target:g}"}
+
+
+def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe: dict | None) -> dict:
+    started = time.perf_counter()
+    loaded, store = context["loaded"], context["store"]
+    attrs = store.attrs
+    sae = _load_sae(t, loaded.device)
+    select, measure_set = context["select"], context["measure"]
+    p = t.prepared
+    results = dict(p["results"])
+    interventions = _expand(p["selections"], grid) if "unlearning" in cfg.suite else []
+    losses = None
+    if "unlearning" in cfg.suite or "core" in cfg.suite:
+        losses = measure(loaded, sae, measure_set, interventions, cfg.batch_size, cfg.dense_rate,
+                         core="core" in cfg.suite, desc=t.name, shared=context.setdefault("shared", {}))
+    if "core" in cfg.suite:
+        results["core"] = {**losses.core, "layer": attrs["layer"], "hook_name": attrs["hook_name"]}
+    sources = attrs["sources"]
+    documents = {"select": select.documents(sources) if cfg.select_from == "heldout" else {},
+                 "measure": measure_set.documents(sources)}
+    if "unlearning" in cfg.suite:
+        results["unlearning"] = _unlearning(losses, measure_set, interventions, p, cfg, grid, probe, documents, t)
+        if context["notes"]:
+            results["unlearning"]["warnings"] += context["notes"]
+    seconds = p["seconds"] + time.perf_counter() - started
+    meta = {"run": str(t.sae_dir), "store": str(store.path), "external": t.external,
+            "eval_config": cfg.model_dump(mode="json"), "seconds": round(seconds, 1),
+            "heldout_tokens": {"select": int(select.keep.sum()) if cfg.select_from == "heldout" else 0,
+                               "measure": int(measure_set.keep.sum())},
+            "select_tokens": p["select_tokens"], "select_from": cfg.select_from}
+    t.out_dir.mkdir(parents=True, exist_ok=True)
+    bootstrap = results.get("unlearning", {}).pop("_bootstrap", None)
+    if bootstrap is not None:
+        np.savez(t.out_dir / "unlearning_bootstrap.npz", **bootstrap)
     for suite, data in results.items():
-        write_json(out_dir / f"{suite}.json", {**data, "meta": meta})
+        write_json(t.out_dir / f"{suite}.json", {**data, "meta": meta})
     from .plots import plot_run
-    plot_run(out_dir, results)
+    plot_run(t.out_dir, results)
+    results["meta"] = meta
     return results
+
+
+def _unlearning(losses, measure_set: HeldOut, interventions, p, cfg, grid, probe, documents, t) -> dict:
+    scored = score_unlearning(losses, measure_set.dangerous, interventions, p["families"], cfg)
+    clean_f, clean_r = scored["clean_forget"], scored["clean_retain"]
+    settings, controls = [], []
+    for s, df, dr in zip(interventions, scored["forget_increase"], scored["retain_increase"]):
+        row = {k: v for k, v in s.items() if k not in ("group", "repeat")}
+        row.update(forget_loss_increase=float(df), retain_loss_increase=float(dr))
+        if s["group"] == "method":
+            settings.append(row)
+        else:
+            controls.append({"control": s["group"], "repeat": s["repeat"], **row})
+    tolerance = cfg.retain_tolerance * clean_r
+    best_score, best = score(settings, tolerance)
+    control_score, control_best = score([c for c in controls if c["control"] == "random"], tolerance)
+    method = scored["scores"]["method"]
+    threshold, n = scored["family"]
+    chosen = next(s for s in settings if (s["retain_threshold"], s["n_features"]) == (threshold, n))
+    warnings = _unlearning_warnings(settings, p["rates"], cfg)
+    for f, reached in method["reached"].items():
+        if not reached:
+            warnings.append(f"the retain-loss increase never reaches {float(f):.1%} of the clean retain loss within "
+                            f"the grid (up to x{grid[-1]:g}): score_at_retain {f} is the forget increase at the "
+                            "largest multiplier, a lower bound")
+    if probe:
+        warnings += probe["notes"]
+    forget_docs = [(int(measure_set.source[i]), int(measure_set.doc[i])) for i in scored["scored_documents"]["forget"]]
+    retain_docs = [(int(measure_set.source[i]), int(measure_set.doc[i])) for i in scored["scored_documents"]["retain"]]
+    result = {
+        "score": best_score, "control_score": control_score, "best_setting": best,
+        "warnings": warnings, "best_control": control_best, "retain_tolerance_nats": tolerance,
+        "clean_forget_loss": clean_f, "clean_retain_loss": clean_r,
+        "settings": settings, "controls": controls,
+        "score_at_retain": method["score_at_retain"], "pauc": method["pauc"],
+        "saebench_style_score": method["saebench_style_score"], "reached": method["reached"],
+        "control_scores": {k: v for k, v in scored["scores"].items() if k != "method"},
+        "selected_features": chosen["features"],
+        "chosen_setting": {"retain_threshold": threshold, "n_features": n, "chosen_on": scored["chosen_on"]},
+        "multipliers": grid, "multiplier_probe": probe,
+        "primary": f"{cfg.primary:g}",
+        "heldout_documents": documents,
+        "bootstrap": {"resamples": cfg.bootstrap_resamples, "unit": "measurement document", "seed": cfg.seed,
+                      "id": resample_id(forget_docs, retain_docs, cfg.bootstrap_resamples, cfg.seed),
+                      "scored_documents": {"forget": len(forget_docs), "retain": len(retain_docs)},
+                      "draws_file": "unlearning_bootstrap.npz"},
+        "protocol": "SAEBench selection and clamp; next-token loss on held-out forget (dangerous) and retain (safe) "
+                    "documents instead of WMDP/MMLU accuracy; scores at fixed retain-loss increases, interpolated "
+                    "along the multiplier grid; 95% percentile-bootstrap intervals over measurement documents",
+    }
+    result["_bootstrap"] = {"id": np.array(result["bootstrap"]["id"]), **scored["bootstrap"]}
+    return result
+
+
+def run_target(name: str, runs_dir: Path, shards: Path | None) -> Target:
+    """A run of this project (`run_N`, N, a run directory) or, with `shards`, a SAELens-format SAE directory."""
+    from train.runs import resolve_run
+
+    path = Path(name).expanduser()
+    if shards is not None and path.is_dir() and not (path / "train_config.json").is_file():
+        return external_target(path, shards)
+    run_dir = resolve_run(name, runs_dir)
+    return Target(name, run_dir, open_run_store(run_dir), run_dir / "eval")
+
+
+def external_target(sae_dir: Path, shards: Path) -> Target:
+    """An SAE this project did not train: SAELens files, checked against the store it is said to read."""
+    missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if not (sae_dir / f).is_file()]
+    if missing:
+        raise TrainError(f"{sae_dir} is neither a run directory nor a SAELens SAE directory (no {', '.join(missing)})")
+    try:
+        store = ShardStore.open(shards)
+    except HarvestError as exc:
+        raise TrainError(f"--shards {shards} cannot be opened: {exc}") from None
+    if not store.complete:
+        raise TrainError(f"--shards {store.path} is still being harvested ({store.rows_committed:,} of "
+                         f"{store.rows_total:,} rows); evaluate once it is complete, so that no held-out document is "
+                         "one the harvest is about to store")
+    cfg = json.loads((sae_dir / CONFIG_FILE).read_text())
+    hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
+    d_in = cfg.get("d_in")
+    if d_in != store.d_model or (hook is not None and hook != store.attrs["hook_name"]):
+        raise TrainError(f"{sae_dir} reads {hook or 'an unnamed hook'} with d_in {d_in}, but the store {store.path} "
+                         f"holds {store.attrs['hook_name']} with d_model {store.d_model}: give --shards the store "
+                         "of the model and hook the SAE was trained on")
+    return Target(sae_dir.name, sae_dir, store, sae_dir / "eval", external=True)
 
 
 def open_run_store(run_dir: Path) -> ShardStore:
@@ -131,99 +332,10 @@ def _unlearning_warnings(settings: list[dict], stats: dict, cfg: EvalConfig) -> 
             firing = int((stats["forget_rate"] > 0).sum())
             warnings.append(
                 f"no feature was selected at retain threshold {threshold}: each of the {firing} features that fire on "
-                f"held-out forget text also fires on at least that fraction of retain tokens (mean retain firing "
+                f"forget text also fires on at least that fraction of retain tokens (mean retain firing "
                 f"rate {float(stats['retain_rate'].mean()):.3f}), so these settings clamp nothing; a sparser SAE "
                 f"(higher --l1) or a higher --retain-threshold can select some")
     if all(not s["features"] for s in settings):
         warnings.append("the unlearning score is 0.0 because no setting clamped any feature, not because "
                         "clamping failed")
     return warnings
-
-
-def _batches(heldout: HeldOut, batch_size: int):
-    for start in range(0, len(heldout.input_ids), batch_size):
-        w = slice(start, start + batch_size)
-        yield (torch.from_numpy(heldout.input_ids[w]), torch.from_numpy(heldout.keep[w]), heldout.dangerous[w])
-
-
-@torch.inference_mode()
-def _firing_statistics(loaded, sae: SAE, heldout: HeldOut, batch_size: int) -> dict:
-    block_output = BlockOutput(loaded.model, loaded.blocks[loaded.layer], loaded.device)
-    fired = {True: 0, False: 0}
-    summed = {True: 0, False: 0}
-    tokens = {True: 0, False: 0}
-    try:
-        for ids, keep, dangerous in _batches(heldout, batch_size):
-            h = block_output(ids).float()
-            keep = keep.to(h.device)
-            f = sae.encode(h)
-            for label in (True, False):
-                mask = keep & torch.as_tensor(dangerous == label, device=h.device)[:, None]
-                fl = f[mask]
-                fired[label] = fired[label] + (fl > 0).sum(0).double().cpu()
-                summed[label] = summed[label] + fl.sum(0).double().cpu()
-                tokens[label] += int(mask.sum())
-    finally:
-        block_output.close()
-    return {"forget_rate": (fired[True] / tokens[True]).numpy(), "retain_rate": (fired[False] / tokens[False]).numpy(),
-            "a_dangerous": (summed[True] / tokens[True]).numpy(), "a_safe": (summed[False] / tokens[False]).numpy()}
-
-
-def _unlearning_settings(stats: dict, cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
-    settings, controls = [], []
-    for threshold in cfg.retain_thresholds:
-        for n in cfg.n_features:
-            feats = select_features(stats["forget_rate"], stats["retain_rate"], threshold, n).tolist()
-            for m in cfg.multipliers:
-                settings.append({"retain_threshold": threshold, "n_features": n, "multiplier": m, "features": feats})
-    rng = np.random.default_rng(cfg.seed)
-    for n in cfg.n_features:
-        for m in cfg.multipliers:
-            for repeat in range(cfg.control_repeats):
-                feats = random_features(stats["forget_rate"], n, rng).tolist()
-                controls.append({"control": True, "repeat": repeat, "n_features": n, "multiplier": m, "features": feats})
-    return settings, controls
-
-
-@torch.inference_mode()
-def _measure(loaded, sae: SAE, heldout: HeldOut, interventions: list[dict], cfg: EvalConfig) -> dict:
-    spliced = SplicedModel(loaded.model, loaded.blocks, loaded.layer)
-    core = CoreAccumulator(sae.d_sae, loaded.device)
-    sums = {"clean": np.zeros(2)}
-    counts = np.zeros(2)
-    per_setting = np.zeros((len(interventions), 2))
-    feature_tensors = [torch.as_tensor(s["features"], dtype=torch.long, device=loaded.device) for s in interventions]
-    for ids, keep, dangerous in _batches(heldout, cfg.batch_size):
-        ids, keep = ids.to(loaded.device), keep.to(loaded.device)
-        h, clean_logits = spliced.clean(ids)
-        label_of_window = torch.as_tensor(dangerous, device=loaded.device)
-
-        def by_label(loss: torch.Tensor) -> np.ndarray:
-            per_window = loss.sum(1)
-            return np.array([float(per_window[label_of_window].sum()), float(per_window[~label_of_window].sum())])
-
-        targets = keep[:, 1:].sum(1)
-        counts += np.array([float(targets[label_of_window].sum()), float(targets[~label_of_window].sum())])
-        sums["clean"] += by_label(next_token_loss(clean_logits, ids, keep))
-
-        x = h[keep].float()
-        x_hat, f = sae(x)
-        core.add_reconstruction(x, x_hat, f)
-        h_sae, h_zero = h.clone(), h.clone()
-        h_sae[keep] = x_hat.to(h.dtype)
-        h_zero[keep] = 0
-        losses, kls = {}, {}
-        losses["clean"] = float(next_token_loss(clean_logits, ids, keep).sum())
-        for name, edited in (("sae", h_sae), ("zero", h_zero)):
-            logits = spliced.with_block_output(ids, edited)
-            losses[name] = float(next_token_loss(logits, ids, keep).sum())
-            kls[name] = float(kl_to_clean(clean_logits, logits, keep).sum())
-        core.add_losses(losses, kls, int(targets.sum()))
-
-        for i, (setting, feats) in enumerate(zip(interventions, feature_tensors)):
-            edited = clamp(h, sae, feats, setting["multiplier"], keep)
-            per_setting[i] += by_label(next_token_loss(spliced.with_block_output(ids, edited), ids, keep))
-    clean = sums["clean"] / counts
-    return {"clean": {"forget": float(clean[0]), "retain": float(clean[1])},
-            "settings": [tuple(float(v) for v in row / counts) for row in per_setting],
-            "core": core.result(cfg.dense_rate)}

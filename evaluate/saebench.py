@@ -39,6 +39,9 @@ FORGET_DATASET = "wmdp-bio"
 IGNORED_SIDE_EFFECT_SETS = ("wmdp-bio", "college_biology")  # as SAEBench's get_metrics_df
 
 
+SAEBENCH_MULTIPLIERS = (25, 50, 100, 200)  # SAEBench's default grid, for an eval config that leaves it to the probe
+
+
 def require_sae_bench() -> None:
     try:
         import sae_bench.evals.unlearning.main  # noqa: F401
@@ -156,7 +159,7 @@ def run_saebench(run_dir: Path, cfg: EvalConfig, model=None, progress=print) -> 
         model_name=model_name, llm_batch_size=cfg.saebench_llm_batch_size, llm_dtype=cfg.saebench_llm_dtype,
         dataset_size=cfg.saebench_dataset_size, seq_len=cfg.saebench_seq_len, random_seed=cfg.seed,
         retain_thresholds=list(cfg.retain_thresholds), n_features_list=list(cfg.n_features),
-        multipliers=[int(m) for m in cfg.multipliers])
+        multipliers=[int(m) for m in (cfg.multipliers or SAEBENCH_MULTIPLIERS)])
     work = run_dir / "eval" / "saebench"
     shutil.rmtree(work, ignore_errors=True)
     (work / FORGET_CORPUS_RELATIVE).parent.mkdir(parents=True)

@@ -58,6 +58,27 @@ class SplicedModel:
         with self._replaced(h):
             return self.model(input_ids=input_ids, use_cache=False).logits
 
+    @torch.inference_mode()
+    def losses_with_block_output(self, input_ids: torch.Tensor, h: torch.Tensor, keep: torch.Tensor,
+                                 clean_loss: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+        """`next_token_loss` when block L outputs `h`, given the clean per-target loss and which positions of
+        `h` differ from the clean output. Attention is causal, so every position before a row's first
+        changed one keeps its clean output exactly: the head (the 262k-vocabulary matmul, most of the
+        cost) runs only from there on, and the clean loss stands before it."""
+        with self._replaced(h):
+            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        seq = input_ids.shape[1]
+        first = torch.where(changed.any(1), changed.float().argmax(1), torch.full_like(changed[:, 0], seq, dtype=torch.long))
+        need = (torch.arange(seq - 1, device=h.device)[None, :] >= first[:, None]) & keep[:, 1:]
+        loss = clean_loss.clone()
+        if need.any():
+            logits = self.model.get_output_embeddings()(hidden[:, :-1][need])
+            cap = getattr(self.model.config, "final_logit_softcapping", None)
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            loss[need] = F.cross_entropy(logits.float(), input_ids[:, 1:][need], reduction="none")
+        return loss
+
     @contextmanager
     def _replaced(self, h: torch.Tensor):
         originals = [self.blocks[i] for i in range(self.layer + 1)]

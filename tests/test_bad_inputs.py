@@ -255,7 +255,7 @@ def test_run_names_that_are_runs_resolve_to_them(project):
 
 def test_eval_writes_only_its_runs_eval_and_report_only_its_out(project, monkeypatch, capsys):
     before = tree(project.parent)
-    assert run_cli(monkeypatch, ["eval", "run_1", "--suite", "specialization", "--heldout-windows", "2",
+    assert run_cli(monkeypatch, ["eval", "run_1", "--suite", "specialization", "--heldout-docs", "2", "--null-permutations", "10",
                                  "--device", "cpu", "--dtype", "float32"]) == 0
     assert run_cli(monkeypatch, ["report", "--out", "my-report"]) == 0
     new = set(tree(project.parent)) - set(before)

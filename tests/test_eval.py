@@ -1,15 +1,18 @@
 """The eval stage on the tiny model: clamp, scoring, held-out separation, splicing, files."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evaluate.bootstrap import ci95, resample_counts, weighted_means
+from evaluate.curve import at_retain, curve_scores, pauc, saebench_style
 from evaluate.heldout import held_out
-from evaluate.splice import SplicedModel
-from evaluate.unlearning import clamp, score, select_features
+from evaluate.splice import SplicedModel, next_token_loss
+from evaluate.unlearning import clamp, eligible, random_features, score, select_features, top_r_features
 from harvest.model import find_blocks
 from train.sae import SAE
 
@@ -57,19 +60,117 @@ def test_selection_and_score_of_a_known_case():
     assert score(settings[:1], tolerance=0.02) == (0.0, None)
 
 
-def test_held_out_text_never_overlaps_the_store(tiny_store, tiny_model):
+def test_held_out_documents_are_whole_disjoint_and_never_in_the_store(tiny_store, tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    select, measure = held_out(tiny_store, tokenizer, windows_per_label=4)
+    select, measure = held_out(tiny_store, tokenizer, docs_per_label=6, doc_tokens=40, tokens_per_label=10_000)
     labels, docs = tiny_store.read("label"), tiny_store.read("doc")
+    sources = tiny_store.attrs["sources"]
     for part in (select, measure):
-        assert part.dangerous.sum() == 4 and (~part.dangerous).sum() == 4
-        for source in np.unique(part.source):
-            held = set(np.unique(part.doc[part.source == source][part.keep[part.source == source]]).tolist())
-            stored = set(np.unique(docs[labels == source]).tolist())
-            assert held and not held & stored
-    select_docs = {(s, d) for s, row in zip(select.source, select.doc) for d in row[row >= 0]}
-    measure_docs = {(s, d) for s, row in zip(measure.source, measure.doc) for d in row[row >= 0]}
-    assert len(select_docs & measure_docs) <= 3  # at most the one document per source cut at the boundary
+        assert part.dangerous.sum() == 6 and (~part.dangerous).sum() == 6
+        assert (part.keep.sum(1) <= 40).all() and (part.input_ids[:, 0] == tokenizer.bos_token_id).all()
+        for s in np.unique(part.source):
+            held = set(part.doc[part.source == s].tolist())
+            assert held and not held & set(np.unique(docs[labels == s]).tolist())
+        # a row is one document: its first tokens, exactly as the tokenizer gives them
+        spec = sources[int(part.source[0])]["spec"]
+        from harvest.config import SourceSpec
+        from harvest.sources import iter_documents
+        text = next(d.text for d in iter_documents(SourceSpec(**spec), tiny_store.attrs["seed"])
+                    if d.index == part.doc[0])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:40]
+        assert part.input_ids[0, 1:1 + len(ids)].tolist() == ids and part.keep[0].sum() == len(ids)
+    select_docs = set(zip(select.source.tolist(), select.doc.tolist()))
+    measure_docs = set(zip(measure.source.tolist(), measure.doc.tolist()))
+    assert len(select_docs) == len(select) and not select_docs & measure_docs
+    assert measure.documents(sources).keys() <= {s["name"] for s in sources}
+    # asking more than the sources hold: allowed, and said
+    select, _ = held_out(tiny_store, tokenizer, docs_per_label=500, doc_tokens=40, tokens_per_label=10**6)
+    assert select.notes and "documents" in select.notes[0]
+
+
+def test_too_few_held_out_documents_is_refused(tiny_store, tiny_model):
+    from train.errors import TrainError
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    with pytest.raises(TrainError, match="held-out document"):
+        held_out(tiny_store, tokenizer, docs_per_label=500, doc_tokens=40, tokens_per_label=10**6, min_docs=1000)
+
+
+def test_score_at_retain_interpolates_a_hand_computed_curve():
+    # multipliers in increasing order; the retain increase dips at the third (0.15 -> 0.12)
+    retain = np.array([0.05, 0.15, 0.12, 0.35, 0.5])
+    forget = np.array([0.5, 1.0, 0.9, 2.0, 3.0])
+    clean_retain = 20.0
+    # running max of retain with the origin: x = 0, .05, .15, .15, .35, .5; y = 0, .5, 1, .9, 2, 3
+    assert at_retain(retain, forget, 0.1) == (pytest.approx(0.5 + 0.5 * 0.5), True)
+    assert at_retain(retain, forget, 0.2) == (pytest.approx(0.9 + 0.25 * 1.1), True)  # after the dip: from (.15, .9)
+    assert at_retain(retain, forget, 0.4) == (pytest.approx(2.0 + 1.0 / 3.0), True)
+    assert at_retain(retain, forget, 0.6) == (3.0, False)  # censored: the largest multiplier's value
+    area = 0.05 * 0.5 / 2 + 0.1 * (0.5 + 1.0) / 2 + 0.05 * (0.9 + 1.175) / 2
+    assert pauc(retain, forget, 0.2) == pytest.approx(area / 0.2)
+    assert saebench_style(retain, forget, 0.2) == 1.0
+    scores = curve_scores(retain, forget, clean_retain, [0.005, 0.01, 0.02], 0.01)
+    assert scores["at_retain_0.005"] == pytest.approx(0.75) and scores["at_retain_0.01"] == pytest.approx(1.175)
+    assert scores["at_retain_0.02"] == pytest.approx(2.0 + 1.0 / 3.0) and scores["pauc"] == pytest.approx(area / 0.2)
+
+
+def test_bootstrap_interval_covers_the_true_value():
+    # documents of random length whose mean loss per token is 2.0 in the population
+    rng = np.random.default_rng(0)
+    covered = 0
+    trials = 200
+    for trial in range(trials):
+        tokens = rng.integers(20, 200, size=60).astype(float)
+        sums = tokens * (2.0 + rng.normal(0, 0.5, size=60))
+        counts, _ = resample_counts(60, 3, 400, seed=trial)
+        lo, hi = ci95(weighted_means(counts, sums, tokens)[1:])
+        covered += lo <= 2.0 <= hi
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def test_bootstrap_resamples_are_shared_so_run_differences_are_paired():
+    from evaluate.config import EvalConfig
+    from evaluate.measure import Losses
+    from evaluate.scoring import score_unlearning
+
+    rng = np.random.default_rng(1)
+    n_docs, grid = 40, [1.0, 2.0, 4.0, 8.0]
+    dangerous = np.arange(n_docs) < 20
+    tokens = rng.integers(30, 120, size=n_docs).astype(float)
+    clean = tokens * rng.uniform(2, 4, size=n_docs)
+    strength = np.array(grid)[:, None] * rng.uniform(0.0, 0.02, size=(len(grid), n_docs))
+    interventions = [{"group": "method", "repeat": 0, "retain_threshold": 0.01, "n_features": 5, "multiplier": m}
+                     for m in grid]
+    cfg = EvalConfig(bootstrap_resamples=200)
+    run_a = Losses(clean, tokens, clean + tokens * strength * np.where(dangerous, 5, 1))
+    # run B: every setting raises the forget loss twice as much as in run A, the retain side identical
+    run_b = Losses(clean, tokens, np.where(dangerous, clean + 2 * (run_a.interventions - clean), run_a.interventions))
+    a = score_unlearning(run_a, dangerous, interventions, [(0.01, 5)], cfg)["bootstrap"]
+    b = score_unlearning(run_b, dangerous, interventions, [(0.01, 5)], cfg)["bootstrap"]
+    a, b = a["method/at_retain_0.01"], b["method/at_retain_0.01"]
+    assert len(a) == 201 and np.allclose(b, 2 * a)  # resample by resample: the same documents in both runs
+    lo, hi = ci95(a[1:])
+    assert hi - lo > 0.05 * abs(a[0])  # each run's own interval is wide, the paired ratio exact
+    d_lo, d_hi = ci95(b[1:] - a[1:])
+    assert d_lo <= a[0] <= d_hi
+
+
+def test_controls_pass_the_same_retain_filter():
+    rng = np.random.default_rng(2)
+    forget = rng.uniform(0, 0.2, 200) * (rng.uniform(size=200) > 0.2)
+    retain = rng.uniform(0, 0.03, 200)
+    stats = {"forget_rate": forget, "retain_rate": retain, "forget_fires": forget * 10_000,
+             "a_dangerous": forget * rng.uniform(0.5, 2, 200), "a_safe": retain * rng.uniform(0.5, 2, 200)}
+    for threshold in (0.001, 0.01):
+        ok = eligible(forget, retain, threshold)
+        method = select_features(forget, retain, threshold, 10)
+        for feats in (method, random_features(forget, retain, threshold, 10, rng), top_r_features(stats, threshold, 10, 50)):
+            assert len(feats) == min(10, ok.sum()) and ok[feats].all() and len(set(feats.tolist())) == len(feats)
+        total = stats["a_dangerous"] + stats["a_safe"]
+        r = np.where(total > 0, stats["a_dangerous"] / np.where(total > 0, total, 1), 0)
+        top = top_r_features(stats, threshold, 10, 50)
+        pool = np.flatnonzero(ok & (stats["forget_fires"] >= 50))
+        assert sorted(r[top].tolist(), reverse=True) == sorted(r[pool].tolist(), reverse=True)[: len(top)]
 
 
 def test_spliced_rerun_of_the_clean_output_gives_the_clean_logits(tiny_model):
@@ -81,39 +182,114 @@ def test_spliced_rerun_of_the_clean_output_gives_the_clean_logits(tiny_model):
     assert not torch.allclose(spliced.with_block_output(ids, h * 0), logits, atol=1e-3)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, logits)  # the model is whole again
+    # an edit from position 9 of row 0 only: the head reruns from there, and the losses are the full rerun's
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    keep[:, 0] = False
+    keep[1, 12:] = False  # padding
+    edited = h.clone()
+    edited[0, 9:11] += 3.0
+    changed = (edited != h).any(-1)
+    reference = next_token_loss(spliced.with_block_output(ids, edited), ids, keep)
+    partial = spliced.losses_with_block_output(ids, edited, keep, next_token_loss(logits, ids, keep), changed)
+    assert torch.allclose(partial, reference, atol=1e-5) and not torch.allclose(partial[0], reference[0] * 0)
+    assert torch.equal(partial[1], next_token_loss(logits, ids, keep)[1])
+
+
+SMALL_EVAL = ["--heldout-docs", "6", "--heldout-doc-tokens", "40", "--select-tokens", "1500", "--probe-docs", "3",
+              "--bootstrap-resamples", "50", "--null-permutations", "20", "--batch-size", "12", "--device", "cpu",
+              "--dtype", "float32"]
 
 
 def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, capsys):
     runs = tmp_path / "runs"
     assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.001")) == 0
     assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.0")) == 0
-    assert run_cli(monkeypatch, ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--heldout-windows", "4",
-                                 "--multiplier", "5", "--multiplier", "50", "--device", "cpu", "--dtype", "float32"]) == 0
+    assert run_cli(monkeypatch, ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--retain-threshold", "0.3",
+                                 "--retain-threshold", "0.6", "--n-features", "4", "--multiplier-range", "1", "300",
+                                 "--probe-step", "10", *SMALL_EVAL]) == 0
     out = capsys.readouterr().out
-    assert "unlearning score" in out
+    assert "unlearning at retain +1.0%" in out and "95% intervals" in out
+    grids = []
     for run in ("run_1", "run_2"):
         eval_dir = runs / run / "eval"
         u = json.loads((eval_dir / "unlearning.json").read_text())
-        assert {"score", "control_score", "settings"} <= u.keys()
-        assert len(u["settings"]) == 2 * 2 * 2 and {"retain_threshold", "n_features", "multiplier", "features",
-                                                     "forget_loss_increase", "retain_loss_increase"} <= u["settings"][0].keys()
+        assert {"score", "control_score", "settings", "controls", "best_setting", "warnings"} <= u.keys()
+        for scores in (u, u["control_scores"]["random"], u["control_scores"]["top_r"]):
+            assert set(scores["score_at_retain"]) == {"0.005", "0.01", "0.02"}
+            for item in (*scores["score_at_retain"].values(), scores["pauc"], scores["saebench_style_score"]):
+                lo, hi = item["ci95"]
+                assert set(item) == {"value", "ci95"} and lo <= hi
+        assert u["score"] == pytest.approx(max(0.0, max(
+            [s["forget_loss_increase"] for s in u["settings"] if s["retain_loss_increase"] <= u["retain_tolerance_nats"]],
+            default=0.0)))
+        grid = u["multipliers"]
+        assert len(grid) >= 10 and max(b / a for a, b in zip(grid, grid[1:])) <= 1.5 + 1e-3
+        grids.append(grid)
+        assert len(u["settings"]) == 2 * len(grid) and {"retain_threshold", "n_features", "multiplier", "features",
+                                                         "forget_loss_increase", "retain_loss_increase"} <= u["settings"][0].keys()
+        assert sorted(c["control"] for c in u["controls"]) == ["random"] * len(u["settings"]) + ["top_r"] * len(u["settings"])
+        assert "half A" in u["chosen_setting"]["chosen_on"]  # four (threshold, N) pairs: chosen on one half
+        chosen = u["chosen_setting"]
+        assert u["selected_features"] == next(s["features"] for s in u["settings"] if s["retain_threshold"]
+                                              == chosen["retain_threshold"] and s["n_features"] == chosen["n_features"])
+        measured = u["heldout_documents"]["measure"]
+        assert u["heldout_documents"]["select"] == {} and sum(map(len, measured.values())) == 12
+        assert (eval_dir / "unlearning_bootstrap.npz").exists()
         c = json.loads((eval_dir / "core.json").read_text())
         for key in ("explained_variance", "mse", "cossim", "l0", "l1", "dead_fraction", "ce_loss_score", "kl_div_score"):
             assert np.isfinite(c[key]), key
+            assert np.isfinite(c["per_label"]["dangerous"][key]) and np.isfinite(c["per_label"]["safe"][key])
         assert c["ce_loss_with_ablation"] >= c["ce_loss_without_sae"]
+        assert c["per_label"]["dangerous"]["tokens"] + c["per_label"]["safe"]["tokens"] == c["tokens"]
         s = json.loads((eval_dir / "specialization.json").read_text())
-        assert {"n_dangerous_specific", "decoder_cos_dangerous", "decoder_cos_random"} <= s.keys()
+        assert {"n_dangerous_specific", "n_dangerous_specific_null", "decoder_cos_dangerous", "decoder_cos_random",
+                "decoder_cos_random_ci95"} <= s.keys() and s["statistics_from"] == "store"
         assert (eval_dir / "r_histogram.png").exists() and (eval_dir / "unlearning.png").exists()
+    assert grids[0] == grids[1]  # one grid for every run of one eval
+    ids = [json.loads((runs / r / "eval" / "unlearning.json").read_text())["bootstrap"]["id"] for r in ("run_1", "run_2")]
+    assert ids[0] == ids[1]
     report_dir = tmp_path / "report"
     assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(report_dir)]) == 0
-    assert "| run_1 |" in (report_dir / "report.md").read_text()
+    text = (report_dir / "report.md").read_text()
+    assert "| run_1 |" in text and "95%" in text and "total_loss" in text and "mse" in text
+    assert re.search(r"ratio ortho 0\.001 d96 - ratio ortho 0\.0 d96: [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] \(95%\)",
+                     text), text
+    assert re.search(r"\| [-\d.e]+ \[[-\d.e]+, [-\d.e]+\] \|", text)
     assert (report_dir / "report.csv").read_text().count("\n") == 3
     for plot in ("unlearning_vs_ortho.png", "training_curves.png", "r_histograms.png", "unlearning_tradeoff.png",
                  "decoder_cos.png"):
         assert (report_dir / plot).stat().st_size > 0, plot
     header = (report_dir / "report.csv").read_text().splitlines()[0].split(",")
-    assert {"trainer", "l1", "ortho", "d_sae", "seed", "final_loss", "explained_variance", "l0", "ce_loss_score",
+    assert {"trainer", "l1", "ortho", "d_sae", "seed", "total_loss", "mse", "explained_variance", "l0", "ce_loss_score",
+            "unlearning_at_1%", "unlearning_at_1%_ci95_lo", "ev_dangerous", "ce_score_safe",
             "unlearning_score", "control_score", "n_dangerous_specific"} <= set(header)
+
+
+def test_an_external_saelens_directory_evaluates(tiny_store, tmp_path, monkeypatch, capsys):
+    attrs = tiny_store.attrs
+    external = tmp_path / "published-sae"
+    sae = SAE(tiny_store.d_model, 48, seed=3)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.3)
+    sae.save(external, metadata={"model_name": "someone-elses", "hook_name": attrs["hook_name"]})
+    args = ["eval", str(external), "--shards", str(tiny_store.path), "--multiplier", "1", "--multiplier", "10",
+            "--retain-threshold", "0.05", "--n-features", "5", *SMALL_EVAL]
+    assert run_cli(monkeypatch, args) == 0
+    u = json.loads((external / "eval" / "unlearning.json").read_text())
+    assert u["multipliers"] == [1.0, 10.0] and u["meta"]["external"] and "value" in u["score_at_retain"]["0.01"]
+    assert u["chosen_setting"]["chosen_on"] == "every measurement document"
+    assert (external / "eval" / "core.json").exists()
+    capsys.readouterr()
+    wrong_hook = tmp_path / "other-hook"
+    sae.save(wrong_hook, metadata={"hook_name": "blocks.1.hook_resid_post"})
+    assert run_cli(monkeypatch, ["eval", str(wrong_hook), "--shards", str(tiny_store.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "blocks.1.hook_resid_post" in err and attrs["hook_name"] in err
+    wrong_width = tmp_path / "other-width"
+    SAE(tiny_store.d_model + 1, 8).save(wrong_width, metadata={"hook_name": attrs["hook_name"]})
+    assert run_cli(monkeypatch, ["eval", str(wrong_width), "--shards", str(tiny_store.path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"d_in {tiny_store.d_model + 1}" in err and not (wrong_width / "eval").exists()
 
 
 def test_report_groups_seeds_with_their_spread():
@@ -142,18 +318,24 @@ def test_unknown_run_is_one_clear_line(tmp_path, monkeypatch, capsys):
 
 def test_a_score_from_settings_that_clamp_nothing_says_so():
     from evaluate.config import EvalConfig
-    from evaluate.runner import _unlearning_settings, _unlearning_warnings
+    from evaluate.runner import _unlearning_warnings
 
     cfg = EvalConfig(retain_thresholds=[0.001, 0.01], n_features=[2], multipliers=[25.0])
+
+    def settings(rates):
+        return [{"retain_threshold": t, "n_features": 2, "multiplier": 25.0,
+                 "features": select_features(rates["forget_rate"], rates["retain_rate"], t, 2).tolist()}
+                for t in cfg.retain_thresholds]
+
     dense = {"forget_rate": np.array([0.5, 0.4, 0.3]), "retain_rate": np.array([0.2, 0.3, 0.05])}
-    settings, _ = _unlearning_settings(dense, cfg)
-    assert all(s["features"] == [] for s in settings)
-    warnings = _unlearning_warnings(settings, dense, cfg)
+    chosen = settings(dense)
+    assert all(s["features"] == [] for s in chosen)
+    warnings = _unlearning_warnings(chosen, dense, cfg)
     assert len(warnings) == 3 and "retain threshold 0.001" in warnings[0] and "clamped any feature" in warnings[2]
     sparse = {"forget_rate": np.array([0.5, 0.4, 0.3]), "retain_rate": np.array([0.2, 0.005, 0.003])}
-    settings, _ = _unlearning_settings(sparse, cfg)
-    assert [s["features"] for s in settings] == [[], [1, 2]]  # most frequent on forget first
-    warnings = _unlearning_warnings(settings, sparse, cfg)
+    chosen = settings(sparse)
+    assert [s["features"] for s in chosen] == [[], [1, 2]]  # most frequent on forget first
+    warnings = _unlearning_warnings(chosen, sparse, cfg)
     assert len(warnings) == 1 and "retain threshold 0.001" in warnings[0]
 
 
