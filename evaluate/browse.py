@@ -130,7 +130,10 @@ def read_unlearning(run_dir: Path) -> dict | None:
 
 
 def selected_features(unlearning: dict | None) -> list[int]:
-    """Every feature that some unlearning setting clamped, most settings first."""
+    """The features of the eval's chosen setting (`selected_features`); for an eval file written before
+    that key existed, every feature some unlearning setting clamped, most settings first."""
+    if (unlearning or {}).get("selected_features"):
+        return [int(f) for f in unlearning["selected_features"]]
     counts: dict[int, int] = {}
     for setting in (unlearning or {}).get("settings", []):
         for feature in setting.get("features", []):
@@ -295,7 +298,7 @@ def _index(run_dir: Path, store: ShardStore, sae: SAE, stats: FeatureStats, show
         "model": attrs["model"]["id"], "layer": attrs.get("layer"), "hook_name": attrs.get("hook_name"),
         "sources": [{"name": s["name"], "label": s["label"]} for s in attrs["sources"]],
         "architecture": sae_cfg.get("architecture"), "d_in": sae.d_in, "d_sae": sae.d_sae,
-        "train": {k: train_cfg.get(k) for k in ("trainer", "l1", "ortho", "dict_size", "tokens", "seed")},
+        "train": {k: train_cfg.get(k) for k in ("trainer", "arch", "k", "l1", "ortho", "ortho_weighting", "dict_size", "tokens", "seed")},
         "features_option": ",".join(keywords + [str(i) for i in parse_features(cfg.features, sae.d_sae, run_dir)[1]]),
         "r_threshold": cfg.r_threshold, "min_rate": cfg.min_rate,
         "evaluated": unlearning is not None,
