@@ -22,8 +22,8 @@ def test_ratio_and_ranks_on_a_hand_made_batch():
     # a_d = [2, 0, 1, 0, 1], a_s = [0, 1, 1, 0, 1]
     expected_r = torch.tensor([1.0, 0.0, 0.5, math.nan, 0.5])
     assert torch.allclose(r, expected_r, equal_nan=True)
-    # 4 ranked features; ranks by r: f1 (0.0) 1, f2 (0.5) 2, f4 (0.5) 3 (stable), f0 (1.0) 4
-    assert torch.equal(s, torch.tensor([4 / 4, 1 / 4, 2 / 4, 0.0, 3 / 4]))
+    # 4 ranked features; ranks by r: f1 (0.0) 1, f2 and f4 (0.5) tie at 2.5, f0 (1.0) 4
+    assert torch.equal(s, torch.tensor([4 / 4, 1 / 4, 2.5 / 4, 0.0, 2.5 / 4]))
 
 
 def test_ranks_need_both_groups():

@@ -55,7 +55,8 @@ def _summary(r: RunResult) -> str:
     if r.failed:
         return f"{r.run_dir}: FAILED, {r.failed}"
     m = r.final["final_metrics"]
-    return (f"{r.run_dir}: {r.cfg.trainer} d_sae {r.final['dict_size']} ortho {r.cfg.ortho} l1 {r.cfg.l1}, "
+    sparsity = f"k {r.cfg.k}" if r.cfg.arch in ("topk", "batchtopk") else f"sparsity coeff {r.final['sparsity_coeff']:.4g}"
+    return (f"{r.run_dir}: {r.cfg.arch} {r.cfg.trainer} d_sae {r.final['dict_size']} ortho {r.cfg.ortho} {sparsity}, "
             f"{r.steps} steps; loss {m.get('loss', float('nan')):.4g}, recon {m.get('recon', float('nan')):.4g}, "
             f"L0 {m.get('l0', float('nan')):.1f}, dead {int(m.get('dead', 0))}; "
             f"{r.final['tokens_per_s_this_session'] or 0:,.0f} tok/s (x{r.final['lockstep_size']} in lockstep)")

@@ -9,13 +9,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from harvest.config import closest, closest_file, describe_validation_error
 
 from .errors import TrainError
 
 TRAINERS = ("baseline", "ratio", "seed_halves", "seed_coactivation")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+FIXED_L0_ARCHS = ("topk", "batchtopk")
 LOADER_KEYS = ("shards", "batch_size", "dangerous_fraction", "data_seed", "tokens", "window_chunks", "device",
                "resident")
 """Runs that agree on these can share every batch: a sweep trains each such group in lockstep."""
@@ -31,10 +33,57 @@ class TrainConfig(BaseModel):
     """`baseline` (the seed's run 0), `ratio` (ratio-ranked orthogonality with true labels), or the seed's
     own variants `seed_halves` (runs 1-4) and `seed_coactivation` (runs 5-10), bugs included; see
     configs/seed/."""
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = "relu"
+    """SAE architecture (docs/architectures.md): `relu` (the seed's SAE, sparsity by `l1`), `topk` (the
+    `k` largest pre-activations per token, Gao et al. 2024), `batchtopk` (the top `k` x batch over the
+    batch, Bussmann et al. 2024; saved as a JumpReLU SAE with the threshold it learnt) or `jumprelu`
+    (learnt per-feature thresholds and an L0 term, Rajamanoharan et al. 2024). Every trainer and the
+    ratio penalty work with each."""
     ortho: float = Field(0.001, ge=0)
-    """lambda_2, weight of the orthogonality term (ratio and seed trainers)."""
+    """lambda_2, weight of the orthogonality term (ratio and seed trainers); 0 turns the ratio term off."""
+    ortho_weighting: Literal["rank", "top", "uniform", "shuffled"] = "rank"
+    """Feature weights s_i of the ratio term: `rank` (the seed's rank(r_i)/n, tied r at their average
+    rank), `top` (1 for features with r above `ortho_top_r` that fired on at least `ortho_min_count`
+    rows of the batch, else 0), or the controls `uniform` (1 for every feature that fired) and
+    `shuffled` (`rank` with labels permuted within each batch)."""
+    ortho_top_r: float = Field(0.9, ge=0, lt=1)
+    """`top` weighting: the ratio r_i = a_d / (a_d + a_s) a feature must exceed (0.9: its mean activation
+    on dangerous rows is over 9x that on safe rows; the eval's dangerous-specific threshold)."""
+    ortho_min_count: int = Field(10, ge=1)
+    """`top` weighting: the rows of the batch a feature must fire on, so that a ratio from a handful of
+    tokens does not count."""
+    ortho_normalize: Literal["sum", "mean"] = "sum"
+    """`sum` (the seed's): sum over pairs i != j of s_i s_j |cos(w_i, w_j)|; `mean`: that divided by the
+    sum of s_i s_j over the pairs, a weighted mean |cos| in [0, 1], so that lambda_2 means the same at
+    every d_sae and weighting."""
     l1: float = Field(0.04, ge=0)
-    """lambda_1, weight of mean ||f||_1."""
+    """lambda_1, weight of mean ||f||_1 (`relu`; the starting value when `target_l0` adapts it)."""
+    k: int = Field(32, gt=0)
+    """`topk`: features kept per token; `batchtopk`: per token on average over the batch."""
+    aux_k: int | None = Field(None, gt=0)
+    """`topk`, `batchtopk`: dead features in the AuxK loss per token. Default: d_in / 2 (Gao et al.'s
+    heuristic, as SAELens, sparsify and dictionary_learning use)."""
+    aux_coeff: float = Field(1 / 32, ge=0)
+    """`topk`, `batchtopk`: weight of the AuxK loss (Gao et al.'s 1/32 on the residual-variance
+    normalised loss, as dictionary_learning and sparsify's scripts; 0 turns it off). A feature is dead
+    for it after `dead_after_tokens` tokens without firing."""
+    l0_coeff: float = Field(1.0, ge=0)
+    """`jumprelu`: weight of the L0 term (SAELens' `l0_coefficient`, its default; the starting value when
+    `target_l0` adapts it)."""
+    bandwidth: float = Field(0.05, gt=0)
+    """`jumprelu`: width of the straight-through estimators' rectangle kernel (SAELens' default)."""
+    threshold_init: float = Field(0.01, ge=0)
+    """`jumprelu`: initial threshold of every feature (SAELens' default)."""
+    batchtopk_threshold_lr: float = Field(0.01, gt=0, le=1)
+    """`batchtopk`: rate of the moving average that learns the inference threshold from each batch's
+    smallest kept activation (SAELens' `topk_threshold_lr`)."""
+    target_l0: float | None = Field(None, gt=0)
+    """`relu`, `jumprelu`: adapt the sparsity coefficient (`l1`, `l0_coeff`) during training so that L0
+    ends near this many features per token: after every step the coefficient is multiplied by
+    exp(rate x log((L0 + 1) / (target + 1))), the log clipped to [-1, 1], with rate `target_l0_rate`
+    times the learning-rate schedule's factor (docs/architectures.md). `topk`/`batchtopk` fix L0 by k."""
+    target_l0_rate: float = Field(0.1, gt=0, le=1)
+    """`target_l0`: gain of the coefficient's multiplicative update per step (see `target_l0`)."""
     lr: float = Field(3e-4, gt=0)
     """Adam learning rate."""
     warmup_steps: int = Field(1000, ge=0)
@@ -65,8 +114,10 @@ class TrainConfig(BaseModel):
     computes it (one pass over the store, said on stderr) and saves it there for the next run. The
     saved SAE reads raw activations: the scale is folded into b_enc and b_dec (decoder rows stay
     unit-norm; feature activations carry the same factor)."""
-    recon: Literal["l2", "mse"] = "l2"
-    """Reconstruction term: mean ||x - x_hat||_2 (`l2`, the seed's template) or its square (`mse`)."""
+    recon: Literal["l2", "mse"] | None = None
+    """Reconstruction term: mean ||x - x_hat||_2 (`l2`, the seed's template) or its square (`mse`,
+    as SAELens and dictionary_learning train). Default: `l2` for `relu` (so the seed's presets and
+    every earlier run keep their meaning), `mse` for the other architectures."""
     window_chunks: int = Field(32, gt=0)
     """Chunks per shuffle window of the loader."""
     ortho_block: int = Field(2048, gt=0)
@@ -85,6 +136,10 @@ class TrainConfig(BaseModel):
     """A feature that has not fired for this many tokens counts as dead."""
     runs_dir: Path = Path("runs")
     """Where run directories `run_<N>` are created."""
+    wandb: str | None = None
+    """Weights & Biases project to log every run's metrics to (one W&B run per SAE, named after its run
+    directory, resumed with it; files under `<run>/wandb/`). Needs the `wandb` extra
+    (`pip install 'ratio-sae[wandb]'`); `WANDB_MODE=offline` logs without a network."""
     halves_split: int | None = Field(None, gt=0)
     """seed_halves: rows [0, split) of a batch play "dangerous", the rest "safe" (default batch/2).
     The seed's run 4 used 2048 on 2048-row batches: an empty half, NaN ratios, fixed ranks."""
@@ -93,6 +148,19 @@ class TrainConfig(BaseModel):
     sigmoid(5c), c^2, c^3, c^3 sigmoid(m_i m_j), c^3 log1p(m_i m_j)/max."""
     ortho_lr_warmup: bool = False
     """seed_coactivation: scale the term by lr / max lr (the seed's runs 8-10)."""
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self):
+        if self.recon is None:
+            self.recon = "l2" if self.arch == "relu" else "mse"
+        if self.target_l0 is not None:
+            if self.arch in FIXED_L0_ARCHS:
+                raise ValueError(f"target_l0 adapts the sparsity coefficient of relu and jumprelu; {self.arch} fixes "
+                                 "L0 with k")
+            coefficient = "l1" if self.arch == "relu" else "l0_coeff"
+            if getattr(self, coefficient) == 0:
+                raise ValueError(f"target_l0 scales {coefficient} multiplicatively, so it must start above 0")
+        return self
 
     def group_key(self) -> tuple:
         return tuple(str(getattr(self, k)) for k in LOADER_KEYS)

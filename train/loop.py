@@ -28,6 +28,7 @@ from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .loader import ShardLoader
 from .runs import MetricsLog, checkpoint_step, load_checkpoint, new_run_dir, run_lock, save_checkpoint, write_json
+from .tracking import open_wandb_runs
 from .trainers import TRAINERS, Trainer
 
 
@@ -168,6 +169,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
            steps: int, device: torch.device, progress: bool) -> list[RunResult]:
     cfg0, d_model = cfgs[0], store.d_model
     logs = [MetricsLog(d / "metrics.jsonl", resume_step=start) for d in run_dirs]
+    wandb_runs = open_wandb_runs([c.wandb for c in cfgs], run_dirs, [c.model_dump(mode="json") for c in cfgs])
     failed: list[str | None] = [None] * len(trainers)
     loader = ShardLoader(store, batch_size=cfg0.batch_size, dangerous_fraction=cfg0.dangerous_fraction,
                          seed=cfg0.data_seed, window_chunks=cfg0.window_chunks, device=device,
@@ -205,8 +207,11 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
             last_step, last_time = step, now
             for i, log in enumerate(logs):
                 if not failed[i]:
-                    log.append({"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
-                                "epoch": batch.epoch})
+                    row = {"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
+                           "epoch": batch.epoch}
+                    log.append(row)
+                    if wandb_runs[i] is not None:
+                        wandb_runs[i].log(row)
         if step % cfg0.checkpoint_every == 0 and step < steps:
             for i, trainer in enumerate(trainers):
                 if not failed[i]:
@@ -226,7 +231,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
         trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
         final = {
             "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
-            "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "sparsity_penalty": c.l1,
+            "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "arch": c.arch, "sparsity_penalty": c.l1,
+            "sparsity_coeff": trainer.sparsity_coeff,
             "ortho_penalty": c.ortho, "trainer": c.trainer, "d_in": d_model, "tokens": trainer.step_count * c.batch_size,
             "final_metrics": latest[i], "seconds_this_session": round(seconds, 2),
             "tokens_per_s_this_session": round((step - start) * c.batch_size / seconds, 1) if seconds else None,
@@ -234,6 +240,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
         }
         write_json(run_dir / "final_info.json", final)
         results.append(RunResult(run_dir, c, trainer.step_count, None, final))
+    for run in filter(None, wandb_runs):
+        run.finish()
     return results
 
 

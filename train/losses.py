@@ -1,17 +1,29 @@
-"""Loss terms: reconstruction, sparsity, and the ratio-ranked decoder orthogonality penalty.
+"""Loss terms: reconstruction, sparsity, AuxK, and the ratio-ranked decoder orthogonality penalty.
 
-Ratio ranks (DESIGN.md): in a batch, `a_d[i]` and `a_s[i]` are feature i's mean activation on the
-dangerous and on the safe rows; `r_i = a_d / (a_d + a_s)`; the features are ranked by r (1 = lowest)
-and `s_i = rank_i / n`, where n is the number of ranked features, so the most dangerous-specific
-feature weighs 1. A feature silent on both groups has no ratio: it gets weight 0 (it is then in no
-pair of the penalty). Ranks carry no gradient.
+Ratio weights (DESIGN.md): in a batch, `a_d[i]` and `a_s[i]` are feature i's mean activation on the
+dangerous and on the safe rows, and `r_i = a_d / (a_d + a_s)`. A feature silent on both groups has
+no ratio and weight 0 (it is then in no pair of the penalty). Weightings (`--ortho-weighting`):
+- `rank` (the seed's): s_i = rank(r_i) / n over the n features with a ratio, 1 = lowest r, tied r at
+  their average rank (scipy.stats.rankdata's `average`), so the most dangerous-specific feature
+  weighs 1;
+- `top`: s_i = 1 for features with r_i > `top_r` that fired on at least `min_count` rows of the
+  batch, else 0: only dangerous-specific features are pushed apart;
+- `uniform`: s_i = 1 for every feature that fired (a control: orthogonality without labels);
+- `shuffled`: `rank` with r from labels permuted within the batch (a control: the same penalty
+  with uninformative labels).
+Weights carry no gradient.
 
     L_ortho = sum over i != j of s_i s_j |w_i . w_j|     (w: unit decoder rows)
 
-computed in square blocks, so that no d_sae x d_sae matrix is ever held, forward or backward.
+(`sum`, the seed's), or that divided by the sum over i != j of s_i s_j (`mean`: a weighted mean
+|cos|, so that lambda_2 means the same at every width). Computed in float32, in square blocks over
+the rows with s > 0 only, so that no d_sae x d_sae matrix is ever held, forward or backward.
 """
 
 import torch
+
+WEIGHTINGS = ("rank", "top", "uniform", "shuffled")
+NORMALIZATIONS = ("sum", "mean")
 
 
 def reconstruction(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l2") -> torch.Tensor:
@@ -28,28 +40,76 @@ def l1(f: torch.Tensor) -> torch.Tensor:
     return f.float().abs().sum(dim=-1).mean()
 
 
-@torch.no_grad()
-def ratio_ranks(f: torch.Tensor, dangerous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (r, s) for a batch of feature activations f (batch, d_sae) and a boolean row mask.
+def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, w_dec: torch.Tensor,
+         aux_k: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024, appendix A.2): the top `aux_k` dead features' activations (relu of
+    their pre-activations) reconstruct the residual x - x_hat, without the decoder bias; the squared
+    error is divided by the residual's variance, and scaled by min(dead / aux_k, 1) when few are dead
+    (as dictionary_learning and sparsify do). Zero when no feature is dead."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros((), dtype=torch.float32)
+    residual = residual.detach().float()
+    k = min(aux_k, n_dead)
+    values, indices = torch.where(dead[None], pre, -torch.inf).topk(k, dim=-1, sorted=False)
+    acts = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+    error = (acts @ w_dec).float() - residual
+    variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
+    loss = error.pow(2).sum(dim=-1).mean() / variance
+    return min(n_dead / aux_k, 1.0) * loss.nan_to_num(0.0)
 
-    r is NaN for features silent on both groups; their s is 0.
-    """
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of a 1-D tensor, ties at their average rank (scipy.stats.rankdata's
+    `average`), computed on the tensor's device."""
+    ordered, order = torch.sort(values, stable=True)
+    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0)
+    ranks = torch.empty(values.shape, dtype=torch.float32, device=values.device)
+    ranks[order] = (last - (counts - 1) / 2).float()[group]
+    return ranks
+
+
+def feature_ratios(f: torch.Tensor, dangerous: torch.Tensor) -> torch.Tensor:
+    """r_i = a_d / (a_d + a_s) for a batch of features f (batch, d_sae); NaN for silent features."""
     if not dangerous.any() or dangerous.all():
         raise ValueError("a batch needs both dangerous and safe rows to rank features")
     f = f.float()
     a_d = f[dangerous].mean(dim=0)
     a_s = f[~dangerous].mean(dim=0)
     total = a_d + a_s
-    alive = total > 0
-    r = torch.where(alive, a_d / total.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
+    return torch.where(total > 0, a_d / total.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
+
+
+@torch.no_grad()
+def ratio_ranks(f: torch.Tensor, dangerous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, s) of the `rank` weighting; r is NaN for features silent on both groups, whose s is 0."""
+    r = feature_ratios(f, dangerous)
+    alive = ~torch.isnan(r)
     s = torch.zeros_like(r)
     n = int(alive.sum())
     if n:
-        order = torch.argsort(r[alive], stable=True)
-        ranks = torch.empty(n, device=f.device)
-        ranks[order] = torch.arange(1, n + 1, device=f.device, dtype=torch.float32)
-        s[alive] = ranks / n
+        s[alive] = average_ranks(r[alive]) / n
     return r, s
+
+
+@torch.no_grad()
+def ratio_weights(f: torch.Tensor, dangerous: torch.Tensor, weighting: str = "rank", *, top_r: float = 0.9,
+                  min_count: int = 1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, s) of a weighting (see the module docstring). `shuffled` permutes the labels with
+    `generator` (a CPU generator: the trainer seeds it per step, so that a resumed run draws the same)."""
+    if weighting == "rank":
+        return ratio_ranks(f, dangerous)
+    if weighting == "shuffled":
+        permutation = torch.randperm(len(dangerous), generator=generator).to(dangerous.device)
+        return ratio_ranks(f, dangerous[permutation])
+    r = feature_ratios(f, dangerous)
+    if weighting == "uniform":
+        return r, (~torch.isnan(r)).float()
+    if weighting == "top":
+        fired = (f > 0).sum(dim=0)
+        return r, ((r > top_r) & (fired >= min_count)).float()
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
 
 class _PairwiseAbsCosine(torch.autograd.Function):
@@ -97,9 +157,20 @@ class _PairwiseAbsCosine(torch.autograd.Function):
         return grad * grad_out, None, None
 
 
-def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048) -> torch.Tensor:
-    """L_ortho over the unit decoder rows of the ranked features (s > 0)."""
-    ranked = s > 0
-    w = w_dec[ranked]
-    w = w / w.norm(dim=1, keepdim=True)
-    return _PairwiseAbsCosine.apply(w, s[ranked].to(w.dtype), block)
+def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048,
+                        normalize: str = "sum") -> torch.Tensor:
+    """L_ortho over the unit decoder rows of the weighted features (s > 0), in float32 whatever the
+    autocast: only those rows are gathered, so `top` costs only its selected features' pairs."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    with torch.autocast(w_dec.device.type, enabled=False):
+        weighted = s > 0
+        w = w_dec[weighted]
+        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        w = w / w.norm(dim=1, keepdim=True)
+        s = s[weighted].to(w.dtype)
+        total = _PairwiseAbsCosine.apply(w, s, block)
+        if normalize == "mean":
+            pairs = s.sum() ** 2 - (s * s).sum()  # sum over i != j of s_i s_j
+            total = total / pairs if pairs > 0 else total  # no pair: the sum is 0 already
+    return total

@@ -1,4 +1,4 @@
-"""The SAE of DESIGN.md: a standard ReLU SAE, saved in SAELens' own format.
+"""The SAE: the standard ReLU SAE of DESIGN.md, the base of every architecture, and the one loader.
 
     encode: f = relu((x - b_dec) W_enc + b_enc)        decode: x_hat = f W_dec + b_dec
 
@@ -6,23 +6,57 @@
 component along each row is removed before the optimiser step and the rows are renormalised after
 it. Files: `sae_weights.safetensors` + `cfg.json`, SAELens' names and schema, so that
 `sae_lens.SAE.load_from_disk(run_dir)` loads a run as it is.
+
+Every architecture (train/architectures/) is a subclass that owns how features are computed (its
+activation, and what training adds to it: a sparsity term, an auxiliary loss, a parameter kept in
+bounds) and what it writes to cfg.json; the trainers and the training loop only call the methods
+defined here. `SAE.load(directory)` loads any of them, from our run directories or from SAELens'
+own files, by the `architecture` cfg.json names.
 """
 
+import copy
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import TrainError
+from .losses import l1
+
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
 
 
+@dataclass
+class TrainingOutput:
+    """What one training forward pass gives the trainer: the reconstruction, the features, the
+    architecture's unweighted sparsity term (weighted by the trainer's coefficient, which
+    `--target-l0` may adapt; None where k fixes the sparsity) and its already weighted auxiliary
+    losses (AuxK)."""
+
+    x_hat: torch.Tensor
+    f: torch.Tensor
+    sparsity: torch.Tensor | None = None
+    auxiliary: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class SAE(nn.Module):
+    architecture = "relu"
+    """The `--arch` name."""
+    saelens_architecture = "standard"
+    """cfg.json's `architecture` for SAELens."""
+    sparsity_option: str | None = "l1"
+    """The TrainConfig field holding the coefficient of `TrainingOutput.sparsity` (None: no such term)."""
+    sparsity_name = "l1"
+    """The name of the sparsity term in metrics.jsonl."""
+
     def __init__(self, d_in: int, d_sae: int, *, seed: int | None = None, device="cpu", dtype=torch.float32):
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
+        self.apply_b_dec_to_input = True
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         w_dec = torch.randn(d_sae, d_in, generator=generator, dtype=torch.float32)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
@@ -32,8 +66,22 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, device=device, dtype=dtype))
 
+    @classmethod
+    def from_config(cls, cfg, d_in: int, device) -> "SAE":
+        """The untrained SAE of a TrainConfig (its architecture's options read here)."""
+        return cls(d_in, cfg.dict_size or d_in, seed=cfg.seed, device=device)
+
+    # --- the architecture ----------------------------------------------------------------------
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        sae_in = x - self.b_dec if self.apply_b_dec_to_input else x
+        return sae_in @ self.W_enc + self.b_enc
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        return self.activation(self.pre_acts(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         return f @ self.W_dec + self.b_dec
@@ -41,6 +89,16 @@ class SAE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encode(x)
         return self.decode(f), f
+
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
+        """The forward pass of a training step. `dead`: the features counted dead (for AuxK)."""
+        x_hat, f = self(x)
+        return TrainingOutput(x_hat, f, sparsity=l1(f))
+
+    @torch.no_grad()
+    def after_step(self, f: torch.Tensor) -> None:
+        """After each optimiser step (`f`: that step's features): parameters back in bounds."""
+        self.normalize_decoder()
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -53,7 +111,22 @@ class SAE(nn.Module):
     def normalize_decoder(self) -> None:
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
 
+    def for_inference(self) -> "SAE":
+        """A copy of the SAE as it is saved and used after training (BatchTopK: a JumpReLU SAE)."""
+        return copy.deepcopy(self)
+
+    @torch.no_grad()
+    def divide_input_scale(self, scale: float) -> None:
+        """Make an SAE trained on inputs x * scale read raw x: every tensor in pre-activation units
+        is divided by the scale (features then carry 1/scale; decoder rows stay unit-norm)."""
+        self.b_enc /= scale
+        self.b_dec /= scale
+
     # --- files ---------------------------------------------------------------------------------
+
+    def saelens_config(self) -> dict:
+        """The architecture's own keys of cfg.json (beyond d_in, d_sae and the shared ones)."""
+        return {}
 
     def save(self, directory: Path, metadata: dict | None = None) -> None:
         directory = Path(directory)
@@ -63,12 +136,13 @@ class SAE(nn.Module):
         save_file(tensors, tmp)
         tmp.replace(directory / WEIGHTS_FILE)
         cfg = {
-            "architecture": "standard",
+            "architecture": self.saelens_architecture,
             "d_in": self.d_in,
             "d_sae": self.d_sae,
+            **self.saelens_config(),
             "dtype": str(self.W_dec.dtype).removeprefix("torch."),
             "device": "cpu",
-            "apply_b_dec_to_input": True,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
             "normalize_activations": "none",
             "reshape_activations": "none",
             # SAELens reads configs without a version as its pre-6.0 format and drops this metadata.
@@ -77,11 +151,30 @@ class SAE(nn.Module):
         _write_json(directory / CONFIG_FILE, cfg)
 
     @classmethod
+    def from_saelens_config(cls, cfg: dict, device, dtype) -> "SAE":
+        """An SAE of this architecture shaped by a cfg.json (its weights loaded afterwards)."""
+        return cls(cfg["d_in"], cfg["d_sae"], device=device, dtype=dtype)
+
+    @classmethod
     def load(cls, directory: Path, device="cpu") -> "SAE":
+        """The SAE of a run directory, or of any SAELens directory of a supported architecture."""
+        from .architectures import SAELENS_ARCHITECTURES
+
         directory = Path(directory)
         cfg = json.loads((directory / CONFIG_FILE).read_text())
+        name = cfg.get("architecture", "standard")
+        if name not in SAELENS_ARCHITECTURES:
+            raise TrainError(f"{directory}: SAE architecture {name!r} is not supported; "
+                             f"supported: {', '.join(SAELENS_ARCHITECTURES)}")
+        for key, plain in (("normalize_activations", "none"), ("reshape_activations", "none")):
+            if cfg.get(key, plain) != plain:
+                raise TrainError(f"{directory}: cfg.json has {key} {cfg[key]!r}; only {plain!r} is supported")
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise TrainError(f"{directory}: cfg.json has rescale_acts_by_decoder_norm true; fold the decoder "
+                             "norms into the weights first (SAELens: fold_W_dec_norm)")
         tensors = load_file(directory / WEIGHTS_FILE, device=str(device))
-        sae = cls(cfg["d_in"], cfg["d_sae"], device=device, dtype=tensors["W_dec"].dtype)
+        sae = SAELENS_ARCHITECTURES[name].from_saelens_config(cfg, device, tensors["W_dec"].dtype)
+        sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
         sae.load_state_dict(tensors)
         return sae
 

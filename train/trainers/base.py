@@ -1,14 +1,19 @@
 """What every trainer shares: the SAE, constrained Adam with linear warm-up, one step, and its state.
 
 A trainer defines `loss(x, dangerous)`; `step` does the rest: the gradient, removing the decoder
-gradient's component along each unit row, the Adam step, renormalising the rows.
+gradient's component along each unit row, the Adam step, the architecture's own after-step (unit
+decoder rows, thresholds kept >= 0, BatchTopK's threshold), and, with `--target-l0`, the sparsity
+coefficient's update. The SAE's architecture (`--arch`) is the SAE's business: the trainer only
+calls the methods of train/sae.py.
 """
 
 import torch
 
+from ..architectures import build_sae
 from ..config import TrainConfig
-from ..losses import l1, reconstruction
+from ..losses import reconstruction
 from ..sae import SAE
+from ..sparsity_target import adapted_coefficient
 
 
 class Trainer:
@@ -17,7 +22,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, d_in: int, device: torch.device):
         self.cfg = cfg
         self.device = device
-        self.sae = SAE(d_in, cfg.dict_size or d_in, seed=cfg.seed, device=device)
+        self.sae = build_sae(cfg, d_in, device)
+        self.sparsity_coeff = float(getattr(cfg, self.sae.sparsity_option)) if self.sae.sparsity_option else 0.0
+        """The weight of the architecture's sparsity term (`l1`, `l0_coeff`); `target_l0` adapts it."""
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -28,10 +35,18 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
 
     def base_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
-        x_hat, f = self.sae(x)
-        recon = reconstruction(x, x_hat, self.cfg.recon)
-        sparsity = l1(f)
-        return recon + self.cfg.l1 * sparsity, {"recon": recon, "l1": sparsity}, f
+        """Reconstruction + the sparsity coefficient x the architecture's sparsity term + its
+        auxiliary losses; the terms for metrics.jsonl; the features."""
+        out = self.sae.training_forward(x, self.tokens_since_fired >= self.cfg.dead_after_tokens)
+        recon = reconstruction(x, out.x_hat, self.cfg.recon)
+        loss, terms = recon, {"recon": recon}
+        if out.sparsity is not None:
+            loss = loss + self.sparsity_coeff * out.sparsity
+            terms[self.sae.sparsity_name] = out.sparsity
+        for name, value in out.auxiliary.items():
+            loss = loss + value
+            terms[name] = value
+        return loss, terms, out.f
 
     def loss(self, x: torch.Tensor, dangerous: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         raise NotImplementedError
@@ -49,7 +64,7 @@ class Trainer:
         self.sae.remove_parallel_decoder_grad()
         self.optimizer.step()
         self.scheduler.step()
-        self.sae.normalize_decoder()
+        self.sae.after_step(f.detach())
         self.step_count += 1
         with torch.no_grad():
             fired = (f > 0).any(dim=0)
@@ -59,7 +74,12 @@ class Trainer:
             metrics = {"loss": loss, **terms, "l0": (f > 0).float().sum(dim=-1).mean(),
                        "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum(),
                        "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
-        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+        if self.cfg.target_l0 is not None:
+            metrics["sparsity_coeff"] = self.sparsity_coeff  # the one this step trained with
+            self.sparsity_coeff = adapted_coefficient(self.sparsity_coeff, metrics["l0"], self.cfg.target_l0,
+                                                      self.cfg.target_l0_rate * metrics["lr"] / self.cfg.lr)
+        return metrics
 
     def init_from_sample(self, mean: torch.Tensor, mean_norm: float, store_mean: torch.Tensor | None = None,
                          store_mean_norm: float | None = None) -> None:
@@ -75,15 +95,12 @@ class Trainer:
                 self.sae.b_dec.copy_(chosen * self.input_scale)
 
     def sae_for_raw_inputs(self) -> SAE:
-        """The trained SAE with the input scale folded in: it reads and writes raw activations."""
-        if self.input_scale == 1.0:
-            return self.sae
-        folded = SAE(self.sae.d_in, self.sae.d_sae, device=self.device)
-        folded.load_state_dict(self.sae.state_dict())
-        with torch.no_grad():
-            folded.b_enc /= self.input_scale
-            folded.b_dec /= self.input_scale
-        return folded
+        """The trained SAE as it is saved (`SAE.for_inference`), with the input scale folded in: it
+        reads and writes raw activations."""
+        sae = self.sae.for_inference()
+        if self.input_scale != 1.0:
+            sae.divide_input_scale(self.input_scale)
+        return sae
 
     # --- checkpoint state ----------------------------------------------------------------------
 
@@ -95,6 +112,7 @@ class Trainer:
                 tensors[f"adam.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
         tensors["tokens_since_fired"] = self.tokens_since_fired
         tensors["step_count"] = torch.tensor(self.step_count)
+        tensors["sparsity_coeff"] = torch.tensor(self.sparsity_coeff, dtype=torch.float64)
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -106,6 +124,8 @@ class Trainer:
                 self.optimizer.state[p] = state
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
         self.step_count = int(tensors["step_count"])
+        if "sparsity_coeff" in tensors:  # float64 holds the Python float exactly
+            self.sparsity_coeff = float(tensors["sparsity_coeff"])
         # The scheduler's state is its step: rebuild it, rather than load pickled state.
         self.scheduler.last_epoch = self.step_count
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,

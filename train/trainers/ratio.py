@@ -1,6 +1,9 @@
-"""The method: baseline + lambda_2 L_ortho, with ranks from true dangerous/safe labels (train/losses.py)."""
+"""The method: the base loss + lambda_2 L_ortho on any architecture (train/losses.py), weighted by
+`--ortho-weighting` from true dangerous/safe labels, normalised by `--ortho-normalize`."""
 
-from ..losses import ratio_orthogonality, ratio_ranks
+import torch
+
+from ..losses import ratio_orthogonality, ratio_weights
 from .base import Trainer
 
 
@@ -9,8 +12,15 @@ class RatioTrainer(Trainer):
 
     def loss(self, x, dangerous):
         loss, terms, f = self.base_loss(x)
-        _, s = ratio_ranks(f.detach(), dangerous)
-        ortho = ratio_orthogonality(self.sae.W_dec, s, block=self.cfg.ortho_block)
+        if self.cfg.ortho == 0:  # lambda_2 = 0: the base loss, without computing a term it would zero
+            return loss, terms, f
+        cfg = self.cfg
+        generator = None
+        if cfg.ortho_weighting == "shuffled":  # from the seed and the step: a resumed run draws the same
+            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count + 7)
+        _, s = ratio_weights(f.detach(), dangerous, cfg.ortho_weighting, top_r=cfg.ortho_top_r,
+                             min_count=cfg.ortho_min_count, generator=generator)
+        ortho = ratio_orthogonality(self.sae.W_dec, s, block=cfg.ortho_block, normalize=cfg.ortho_normalize)
         terms["ortho"] = ortho
         terms["ranked"] = (s > 0).sum()
-        return loss + self.cfg.ortho * ortho, terms, f
+        return loss + cfg.ortho * ortho, terms, f

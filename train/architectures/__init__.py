@@ -1,0 +1,16 @@
+"""SAE architectures, one module each (`--arch`); `relu` is the standard SAE of train/sae.py."""
+
+from ..sae import SAE
+from .batchtopk import BatchTopKSAE
+from .jumprelu import JumpReLUSAE
+from .topk import TopKSAE
+
+ARCHITECTURES: dict[str, type[SAE]] = {c.architecture: c for c in (SAE, TopKSAE, BatchTopKSAE, JumpReLUSAE)}
+"""By `--arch` name: the class trained."""
+SAELENS_ARCHITECTURES: dict[str, type[SAE]] = {"standard": SAE, "topk": TopKSAE, "jumprelu": JumpReLUSAE}
+"""By cfg.json `architecture`: the class a saved SAE loads as (BatchTopK is saved as JumpReLU)."""
+
+
+def build_sae(cfg, d_in: int, device) -> SAE:
+    """The untrained SAE of a TrainConfig."""
+    return ARCHITECTURES[cfg.arch].from_config(cfg, d_in, device)

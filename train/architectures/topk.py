@@ -1,0 +1,53 @@
+"""TopK SAE (Gao et al. 2024): each token keeps its k largest pre-activations, the rest are zero.
+
+    f = relu(topk_k((x - b_dec) W_enc + b_enc))        x_hat = f W_dec + b_dec
+
+L0 is at most k by construction (less only where fewer than k pre-activations are positive), so
+there is no sparsity term. Features that have not fired for `dead_after_tokens` tokens are trained
+by the AuxK loss (train/losses.py `auxk`): their top `aux_k` pre-activations reconstruct the
+residual the live features leave. Files: SAELens' `topk` cfg.json, with `k`.
+"""
+
+import torch
+
+from ..losses import auxk
+from ..sae import SAE, TrainingOutput
+
+
+class TopKSAE(SAE):
+    architecture = "topk"
+    saelens_architecture = "topk"
+    sparsity_option = None
+    sparsity_name = None
+
+    def __init__(self, d_in: int, d_sae: int, *, k: int, aux_k: int | None = None, aux_coeff: float = 0.0,
+                 seed: int | None = None, device="cpu", dtype=torch.float32):
+        super().__init__(d_in, d_sae, seed=seed, device=device, dtype=dtype)
+        self.k = k
+        self.aux_k = aux_k or d_in // 2
+        self.aux_coeff = aux_coeff
+
+    @classmethod
+    def from_config(cls, cfg, d_in, device):
+        return cls(d_in, cfg.dict_size or d_in, k=cfg.k, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff, seed=cfg.seed,
+                   device=device)
+
+    @classmethod
+    def from_saelens_config(cls, cfg, device, dtype):
+        return cls(cfg["d_in"], cfg["d_sae"], k=int(cfg["k"]), device=device, dtype=dtype)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
+        pre = self.pre_acts(x)
+        f = self.activation(pre)
+        x_hat = self.decode(f)
+        out = TrainingOutput(x_hat, f)
+        if self.aux_coeff > 0:
+            out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k)
+        return out
+
+    def saelens_config(self) -> dict:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}

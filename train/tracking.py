@@ -1,0 +1,42 @@
+"""`--wandb PROJECT`: every run's metrics.jsonl rows also logged to Weights & Biases.
+
+One W&B run per SAE (a lockstep group logs several from one process), named after its run
+directory, with the whole TrainConfig as its config, its files under `<run>/wandb/`. Its id is
+kept in `<run>/wandb_id`, so `pipeline train --resume` continues the same W&B run. `wandb` is an
+optional extra; `WANDB_MODE=offline` logs to those files without a network (`wandb sync` uploads
+them later).
+"""
+
+import secrets
+from pathlib import Path
+
+from .errors import TrainError
+
+ID_FILE = "wandb_id"
+
+
+class WandbRun:
+    def __init__(self, project: str, run_dir: Path, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise TrainError("--wandb needs the wandb package: pip install 'ratio-sae[wandb]'") from None
+        id_file = run_dir / ID_FILE
+        if id_file.exists():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(4)  # W&B ids: lowercase letters and digits
+            id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir),
+                              config=config, reinit="create_new")
+
+    def log(self, row: dict) -> None:
+        self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def open_wandb_runs(projects: list[str | None], run_dirs: list[Path], configs: list[dict]) -> list[WandbRun | None]:
+    """A W&B run for each run directory whose config names a project; None for the others."""
+    return [WandbRun(p, d, c) if p else None for p, d, c in zip(projects, run_dirs, configs)]
