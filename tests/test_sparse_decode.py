@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from train import sparse_decode
-from train.sparse_decode import GatheredRowsSum, decode_topk, dense_decode
+from train.sparse_decode import GatheredRowsSum, decode_sparse_rows, decode_topk, dense_decode
 
 
 def _case(tokens=37, d_in=24, d_sae=96, k=5, seed=0, dtype=torch.float64):
@@ -44,13 +44,58 @@ def test_rows_no_token_chose_get_no_gradient_and_repeated_rows_accumulate():
     torch.testing.assert_close(w_grad[3], expected_row3)
 
 
+def test_variable_rows_as_batchtopk_selects_them_equal_the_dense_decode():
+    g = torch.Generator().manual_seed(3)
+    tokens, d_in, d_sae = 9, 12, 30
+    pre = torch.randn(tokens, d_sae, generator=g, dtype=torch.float64)
+    values, flat = pre.flatten().topk(4 * tokens)  # uneven per token; some tokens may get none
+    W = torch.randn(d_sae, d_in, generator=g, dtype=torch.float64)
+    b = torch.randn(d_in, generator=g, dtype=torch.float64)
+    grad = torch.randn(tokens, d_in, generator=g, dtype=torch.float64)
+
+    def dense(v, w, bb):
+        return torch.zeros(tokens * d_sae, dtype=v.dtype).scatter(0, flat, v).view(tokens, d_sae) @ w + bb
+
+    outs = []
+    for fn in (dense, lambda v, w, bb: decode_sparse_rows(v, flat, tokens, w, bb, route="gathered")):
+        v, w, bb = (t.clone().requires_grad_() for t in (values, W, b))
+        out = fn(v, w, bb)
+        out.backward(grad)
+        outs.append((out.detach(), v.grad, w.grad, bb.grad))
+    for name, r, o in zip(("x_hat", "values", "W_dec", "b_dec"), *outs):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12, msg=name)
+
+
 def test_gradcheck_of_the_autograd_function():
     values, indices, W, _, _ = _case(tokens=5, d_in=6, d_sae=12, k=3)
+    offsets = torch.arange(0, 16, 3)
     assert torch.autograd.gradcheck(GatheredRowsSum.apply,
-                                    (values.requires_grad_(), indices, W.requires_grad_()))
+                                    (values.reshape(-1).requires_grad_(), indices.reshape(-1), offsets,
+                                     W.requires_grad_()))
 
 
 def test_auto_route_by_density():
-    assert sparse_decode.choose_route(32, 10240) == "gathered"
-    assert sparse_decode.choose_route(320, 640) == "dense"
-    assert sparse_decode.choose_route(320, 640, "gathered") == "gathered"
+    assert sparse_decode.choose_route(2048 * 32, 2048, 10240) == "gathered"
+    assert sparse_decode.choose_route(2048 * 320, 2048, 640) == "dense"
+    assert sparse_decode.choose_route(2048 * 320, 2048, 640, "gathered") == "gathered"
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_centred_affine_equals_the_plain_expression_and_its_gradients(centred):
+    from train.encoder import centered_affine
+
+    g = torch.Generator().manual_seed(1)
+    x, W, b_enc, b_dec, grad = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                                for shape in ((13, 7), (7, 19), (19,), (7,), (13, 19)))
+    results = []
+    for fn in (lambda x, w, be, bd: ((x - bd) if centred else x) @ w + be,
+               lambda x, w, be, bd: centered_affine(x, w, be, bd if centred else None)):
+        leaves = [t.clone().requires_grad_() for t in (x, W, b_enc, b_dec)]
+        out = fn(*leaves)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, r, o in zip(("pre", "x", "W_enc", "b_enc", "b_dec"), *results):
+        if r is None:
+            assert o is None, name
+        else:
+            torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12, msg=name)
