@@ -25,11 +25,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from train.errors import TrainError
 from train.runs import write_json
-from train.sae import CONFIG_FILE, WEIGHTS_FILE
+from train.sae import CONFIG_FILE, SAE, WEIGHTS_FILE
 
 from .config import EvalConfig
 
@@ -70,9 +69,11 @@ def release_name(run_dir: Path) -> str:
 
 
 def saebench_sae(run_dir: Path, release: str, model, cfg: EvalConfig):
-    """The run's SAE as SAEBench's ReLU SAE (the same encode and decode) on the model's device, in
-    SAEBench's dtype, with its config standardised."""
+    """The run's SAE as SAEBench's SAE of its architecture (ReLU, TopK or JumpReLU: the same encode and
+    decode) on the model's device, in SAEBench's dtype, with its config standardised."""
+    from sae_bench.custom_saes.jumprelu_sae import JumpReluSAE
     from sae_bench.custom_saes.relu_sae import ReluSAE
+    from sae_bench.custom_saes.topk_sae import TopKSAE
     from sae_bench.sae_bench_utils.general_utils import load_and_format_sae
 
     sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
@@ -81,9 +82,23 @@ def saebench_sae(run_dir: Path, release: str, model, cfg: EvalConfig):
     if match is None:
         raise TrainError(f"{run_dir}: hook {hook_name!r} is not a residual-stream block output")
     device = torch.device(model.cfg.device)
-    sae = ReluSAE(sae_cfg["d_in"], sae_cfg["d_sae"], model.cfg.model_name, int(match.group(1)), device, torch.float32,
-                  hook_name)
-    sae.load_state_dict(load_file(run_dir / WEIGHTS_FILE))
+    ours = SAE.load(run_dir)
+    if not ours.apply_b_dec_to_input:
+        raise TrainError(f"{run_dir}: cfg.json has apply_b_dec_to_input false, which SAEBench's SAEs do not read")
+    shape = (ours.d_in, ours.d_sae)
+    where = (model.cfg.model_name, int(match.group(1)), device, torch.float32)
+    state = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    if ours.saelens_architecture == "topk":
+        sae = TopKSAE(*shape, ours.k, *where, hook_name=hook_name)
+        state["k"] = torch.tensor(ours.k, dtype=torch.int)
+    elif ours.saelens_architecture == "jumprelu":
+        sae = JumpReluSAE(*shape, *where, hook_name=hook_name)
+        # SAEBench's JumpReLU reads x, not x - b_dec: fold b_dec into b_enc (the same pre-activations)
+        with torch.no_grad():
+            state["b_enc"] = ours.b_enc - ours.b_dec @ ours.W_enc
+    else:
+        sae = ReluSAE(*shape, *where, hook_name)
+    sae.load_state_dict(state)
     _, sae, _ = load_and_format_sae(release, sae, str(device))
     return sae.to(device=device, dtype=getattr(torch, cfg.saebench_llm_dtype))
 

@@ -166,3 +166,20 @@ def test_a_target_l0_run_resumes_bit_for_bit(tiny_store, tmp_path, monkeypatch):
     assert len({r["sparsity_coeff"] for r in logged}) > 1  # the controller moved it
     final = json.loads((tmp_path / "b" / "run_1" / "final_info.json").read_text())
     assert final["sparsity_coeff"] != 0.05
+
+
+def test_architecture_refusals_are_one_line_before_any_run_directory(tiny_store, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    cases = [
+        (["--arch", "topk", "--target-l0", "10"], "target_l0 adapts the sparsity coefficient of relu and jumprelu; "
+                                                  "topk fixes L0 with k"),
+        (["--target-l0", "10", "--l1", "0"], "target_l0 scales l1 multiplicatively, so it must start above 0"),
+        (["--arch", "batchtopk", "--k", "200"], "k 200 is more than the SAE's 96 features (dict_size)"),
+        (["--arch", "tpok"], "arch: Input should be 'relu', 'topk', 'batchtopk' or 'jumprelu' (did you mean 'topk'?)"),
+        (["--ortho-normalize", "avg"], "ortho_normalize: Input should be 'sum' or 'mean'"),
+    ]
+    for extra, words in cases:
+        assert cli(monkeypatch, train_args(tiny_store, runs, *extra)) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not runs.exists()

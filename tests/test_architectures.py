@@ -1,6 +1,7 @@
 """The SAE architectures and the ratio penalty's options, against plain reference computations."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,39 @@ def test_target_l0_is_refused_where_k_fixes_l0():
         TrainConfig(arch="relu", target_l0=10, l1=0)
     assert TrainConfig().recon == "l2" and TrainConfig(arch="topk").recon == "mse"
     assert TrainConfig(arch="jumprelu", recon="l2").recon == "l2"
+
+
+def test_sae_files_of_an_unsupported_kind_are_refused_in_one_line(tmp_path):
+    import json
+
+    from train.errors import TrainError
+
+    SAE(8, 24, seed=0).save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    for change, words in (({"architecture": "gated"}, "SAE architecture 'gated' is not supported; supported: "
+                                                       "standard, topk, jumprelu"),
+                          ({"normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm'; only 'none'")):
+        (tmp_path / "cfg.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(TrainError, match=words):
+            SAE.load(tmp_path)
+
+
+def test_sweeps_grid_the_architecture_options_and_a_list_of_grids_is_their_union(tmp_path):
+    from train.config import load_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {arch: topk, k: 16}\n"
+                     "grid:\n  - {ortho: [0.0], seed: [0, 1]}\n"
+                     "  - {ortho: [1.0], ortho_weighting: [top, shuffled], ortho_normalize: [mean], seed: [0, 1]}\n"
+                     "  - {arch: [relu, jumprelu], target_l0: [20], ortho_top_r: [0.8], ortho_min_count: [3]}\n")
+    runs = load_sweep(sweep, {})
+    got = [(c.arch, c.ortho, c.ortho_weighting, c.seed, c.target_l0) for c in runs]
+    assert got == [("topk", 0.0, "rank", 0, None), ("topk", 0.0, "rank", 1, None),
+                   ("topk", 1.0, "top", 0, None), ("topk", 1.0, "top", 1, None),
+                   ("topk", 1.0, "shuffled", 0, None), ("topk", 1.0, "shuffled", 1, None),
+                   ("relu", 0.001, "rank", 0, 20), ("jumprelu", 0.001, "rank", 0, 20)]
+    assert runs[2].ortho_normalize == "mean" and runs[6].ortho_min_count == 3 and runs[6].recon == "l2"
+    assert runs[7].recon == "mse" and len({c.group_key() for c in runs}) == 1
+    matched = load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweeps" / "matched.yaml", {})
+    assert {c.k for c in matched} == {32} and {c.arch for c in matched} == {"topk"}
+    assert len(matched) == 3 + 2 * 4 * 3 and len({c.group_key() for c in matched}) == 1

@@ -256,3 +256,28 @@ def test_saebench_cli_without_the_model_is_one_clear_line(harness, tmp_path, mon
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "SAEBench needs gemma-2-2b-it" in err and "hf auth login" in err
     assert not (run / "eval" / "saebench_unlearning.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "batchtopk"])
+def test_every_architecture_becomes_saebench_s_sae_with_the_same_encoding(harness, tmp_path, arch):
+    from evaluate.saebench import saebench_sae
+    from train.architectures import ARCHITECTURES
+    from train.config import TrainConfig
+
+    sae = ARCHITECTURES[arch].from_config(TrainConfig(arch=arch, dict_size=256, k=16, seed=2), 64, "cpu")
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+        if arch == "jumprelu":
+            sae.threshold.uniform_(0, 0.5)
+    if arch == "batchtopk":
+        sae.after_step(sae.training_forward(torch.randn(64, 64), torch.zeros(256, dtype=torch.bool)).f)
+    run = tmp_path / "run_1"
+    sae.for_inference().save(run, metadata={"model_name": "google/gemma-2-2b", "hook_name": "blocks.1.hook_resid_post"})
+    theirs = saebench_sae(run, "test-release", harness["model"], EvalConfig(saebench_llm_dtype="float32"))
+    ours = SAE.load(run)
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        assert torch.equal(theirs.encode(x) > 0, ours.encode(x) > 0)
+        assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
+        assert torch.allclose(theirs.decode(theirs.encode(x)), ours.decode(ours.encode(x)), atol=1e-4)

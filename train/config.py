@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from harvest.config import closest, closest_file, describe_validation_error
 
@@ -155,11 +156,12 @@ class TrainConfig(BaseModel):
             self.recon = "l2" if self.arch == "relu" else "mse"
         if self.target_l0 is not None:
             if self.arch in FIXED_L0_ARCHS:
-                raise ValueError(f"target_l0 adapts the sparsity coefficient of relu and jumprelu; {self.arch} fixes "
-                                 "L0 with k")
+                raise PydanticCustomError("target_l0", "target_l0 adapts the sparsity coefficient of relu and "
+                                          "jumprelu; {arch} fixes L0 with k", {"arch": self.arch})
             coefficient = "l1" if self.arch == "relu" else "l0_coeff"
             if getattr(self, coefficient) == 0:
-                raise ValueError(f"target_l0 scales {coefficient} multiplicatively, so it must start above 0")
+                raise PydanticCustomError("target_l0", "target_l0 scales {option} multiplicatively, so it must "
+                                          "start above 0", {"option": coefficient})
         return self
 
     def group_key(self) -> tuple:
@@ -199,7 +201,9 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
 def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
     """A sweep file: `base:` (options) and `grid:` (option -> list of values); runs are the grid's product.
 
-    Flags given on the command line override `base:`, never the grid.
+    `grid:` may also be a list of such mappings: the runs are then the union of their products, in
+    order (e.g. one lambda_2 = 0 arm plus lambda_2 x weighting, without repeating the baseline for
+    every weighting). Flags given on the command line override `base:`, never the grid.
     """
     data = read_yaml(path)
     unknown = set(data) - {"base", "grid"}
@@ -209,13 +213,18 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
     if not isinstance(data.get("base") or {}, dict):
         raise TrainError(f"sweep {path}: base must map options to values")
     base = {**(data.get("base") or {}), **{k: v for k, v in overrides.items() if v is not None}}
-    grid = data.get("grid") or {}
-    if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
-        raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values")
-    for key in [*base, *grid]:
+    grids = data.get("grid") or {}
+    grids = grids if isinstance(grids, list) and grids else [grids]
+    for grid in grids:
+        if not isinstance(grid, dict) or any(not isinstance(v, list) or not v for v in grid.values()):
+            raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values "
+                             "(or be a list of such mappings)")
+    for key in [*base, *(k for grid in grids for k in grid)]:
         if key not in TrainConfig.model_fields:
             raise TrainError(f"sweep {path}: unknown option {key!r}{closest(key, TrainConfig.model_fields)}")
     runs = []
-    for values in itertools.product(*grid.values()):
-        runs.append(validate({**base, **dict(zip(grid, values))}, f"sweep {path} run {dict(zip(grid, values))}"))
+    for grid in grids:
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            runs.append(validate({**base, **point}, f"sweep {path} run {point}"))
     return runs

@@ -28,7 +28,7 @@ from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .loader import ShardLoader
 from .runs import MetricsLog, checkpoint_step, load_checkpoint, new_run_dir, run_lock, save_checkpoint, write_json
-from .tracking import open_wandb_runs
+from .tracking import open_wandb_runs, require_wandb
 from .trainers import TRAINERS, Trainer
 
 
@@ -95,6 +95,8 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
                          "slower than float32; leave it off")
     d_model = store.d_model
     trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
+    if any(c.wandb for c in cfgs):
+        require_wandb()  # before any run directory is made
     steps = (cfg0.tokens or store.rows_committed) // cfg0.batch_size
     if steps == 0:
         raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")

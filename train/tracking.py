@@ -15,12 +15,17 @@ from .errors import TrainError
 ID_FILE = "wandb_id"
 
 
+def require_wandb():
+    try:
+        import wandb
+    except ImportError:
+        raise TrainError("--wandb needs the wandb package: pip install 'ratio-sae[wandb]'") from None
+    return wandb
+
+
 class WandbRun:
     def __init__(self, project: str, run_dir: Path, config: dict):
-        try:
-            import wandb
-        except ImportError:
-            raise TrainError("--wandb needs the wandb package: pip install 'ratio-sae[wandb]'") from None
+        wandb = require_wandb()
         id_file = run_dir / ID_FILE
         if id_file.exists():
             run_id = id_file.read_text().strip()

@@ -15,6 +15,7 @@ from ..losses import auxk
 from ..sae import SAE, TrainingOutput
 from ..sparse_decode import decode_sparse_rows
 from .jumprelu import JumpReLUSAE
+from .topk import _check_k
 
 
 class BatchTopKSAE(SAE):
@@ -35,6 +36,7 @@ class BatchTopKSAE(SAE):
 
     @classmethod
     def from_config(cls, cfg, d_in, device):
+        _check_k(cfg.k, cfg.dict_size or d_in)
         return cls(d_in, cfg.dict_size or d_in, k=cfg.k, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff,
                    threshold_lr=cfg.batchtopk_threshold_lr, seed=cfg.seed, device=device)
 

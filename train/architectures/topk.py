@@ -11,6 +11,7 @@ residual the live features leave. Training decodes from the k chosen decoder row
 
 import torch
 
+from ..errors import TrainError
 from ..losses import auxk
 from ..sae import SAE, TrainingOutput
 from ..sparse_decode import decode_topk
@@ -31,6 +32,7 @@ class TopKSAE(SAE):
 
     @classmethod
     def from_config(cls, cfg, d_in, device):
+        _check_k(cfg.k, cfg.dict_size or d_in)
         return cls(d_in, cfg.dict_size or d_in, k=cfg.k, aux_k=cfg.aux_k, aux_coeff=cfg.aux_coeff, seed=cfg.seed,
                    device=device)
 
@@ -56,3 +58,8 @@ class TopKSAE(SAE):
 
     def saelens_config(self) -> dict:
         return {"k": self.k, "rescale_acts_by_decoder_norm": False}
+
+
+def _check_k(k: int, d_sae: int) -> None:
+    if k > d_sae:
+        raise TrainError(f"k {k} is more than the SAE's {d_sae} features (dict_size); choose k <= dict_size")
