@@ -252,7 +252,7 @@ def arch_data(store: ShardStore, batch_size: int, steps: int, heldout_batches: i
     """Stratified batches from the shard loader (half dangerous, as `pipeline train` draws them): the first
     warm-up + `steps` to train on, the next `heldout_batches` held out."""
     train_batches = ARCH_WARMUP_STEPS + steps
-    loader = ShardLoader(store, batch_size=batch_size, window_chunks=WINDOW_CHUNKS, device="cpu", resident=False)
+    loader = ShardLoader(store, batch_size=batch_size, window_chunks=FEED_WINDOW_CHUNKS, device="cpu", resident=False)
     drawn = [(b.x.float(), b.dangerous) for b in loader.iterate(0, steps=train_batches + heldout_batches)]
     heldout = torch.cat([x for x, _ in drawn[train_batches:]])
     path = work / "arch-acts.npy"
