@@ -144,6 +144,7 @@ def train(
     threshold_init: Annotated[Optional[float], typer.Option(help=_tdoc("threshold_init"))] = None,
     batchtopk_threshold_lr: Annotated[Optional[float], typer.Option(help=_tdoc("batchtopk_threshold_lr"))] = None,
     target_l0: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0"))] = None,
+    target_l0_gain: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_gain"))] = None,
     target_l0_rate: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_rate"))] = None,
     lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"))] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"))] = None,
@@ -184,7 +185,7 @@ def train(
                      ortho_min_count=ortho_min_count, ortho_normalize=ortho_normalize, k=k, aux_k=aux_k,
                      aux_coeff=aux_coeff, l0_coeff=l0_coeff, bandwidth=bandwidth, threshold_init=threshold_init,
                      batchtopk_threshold_lr=batchtopk_threshold_lr, target_l0=target_l0,
-                     target_l0_rate=target_l0_rate, wandb=wandb)
+                     target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate, wandb=wandb)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
                           dask=dask):
         typer.echo(line)

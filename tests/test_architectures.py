@@ -10,7 +10,7 @@ from train.architectures import ARCHITECTURES, BatchTopKSAE, JumpReLUSAE, TopKSA
 from train.config import TrainConfig
 from train.losses import auxk, average_ranks, ratio_orthogonality, ratio_weights
 from train.sae import SAE
-from train.sparsity_target import adapted_coefficient
+from train.sparsity_target import SparsityController
 
 from .test_sae_losses import double_loop
 
@@ -261,13 +261,17 @@ def test_top_weighting_touches_only_the_selected_rows():
 
 # --- target L0 --------------------------------------------------------------------------------------------
 
-def test_target_l0_controller_moves_the_coefficient_toward_the_target():
-    assert adapted_coefficient(0.1, 20.0, 20.0, 0.1) == 0.1
-    up = adapted_coefficient(0.1, 41.0, 20.0, 0.1)
-    assert up == pytest.approx(0.1 * math.exp(0.1 * math.log(42 / 21)))
-    assert adapted_coefficient(0.1, 5.0, 20.0, 0.1) < 0.1
-    assert adapted_coefficient(0.1, 1e6, 20.0, 0.1) == pytest.approx(0.1 * math.exp(0.1))  # clipped
-    assert adapted_coefficient(0.1, 0.0, 20.0, 0.1) == pytest.approx(0.1 * math.exp(-0.1))
+def test_target_l0_controller_is_a_pi_controller_on_the_log_coefficient():
+    c = SparsityController(start=0.1, target=20.0, gain=1.0, rate=0.1)
+    assert c.update(20.0, 1.0) == 0.1 and c.integral == 0.0  # on target: nothing moves
+    e = math.log(42 / 21)
+    assert c.update(41.0, 0.5) == pytest.approx(0.1 * math.exp(1.0 * 0.5 * e + 0.1 * 0.5 * e))
+    assert c.integral == pytest.approx(0.5 * e)
+    # the proportional part goes when the error does; the integral part stays
+    assert c.update(20.0, 1.0) == pytest.approx(0.1 * math.exp(0.1 * 0.5 * e))
+    assert c.update(1e6, 1.0) == pytest.approx(0.1 * math.exp(1.0 + 0.1 * (0.5 * e + 1.0)))  # clipped at 1
+    low = SparsityController(start=0.1, target=20.0, gain=0.0, rate=0.1)
+    assert low.update(0.0, 1.0) == pytest.approx(0.1 * math.exp(-0.1))  # nothing fires: finite, clipped
 
 
 def test_target_l0_is_refused_where_k_fixes_l0():

@@ -79,12 +79,17 @@ class TrainConfig(BaseModel):
     """`batchtopk`: rate of the moving average that learns the inference threshold from each batch's
     smallest kept activation (SAELens' `topk_threshold_lr`)."""
     target_l0: float | None = Field(None, gt=0)
-    """`relu`, `jumprelu`: adapt the sparsity coefficient (`l1`, `l0_coeff`) during training so that L0
-    ends near this many features per token: after every step the coefficient is multiplied by
-    exp(rate x log((L0 + 1) / (target + 1))), the log clipped to [-1, 1], with rate `target_l0_rate`
-    times the learning-rate schedule's factor (docs/architectures.md). `topk`/`batchtopk` fix L0 by k."""
-    target_l0_rate: float = Field(0.1, gt=0, le=1)
-    """`target_l0`: gain of the coefficient's multiplicative update per step (see `target_l0`)."""
+    """`relu`, `jumprelu`: adapt the sparsity coefficient (`l1`, `l0_coeff`: their value is the start)
+    during training so that L0 ends near this many features per token. A PI controller on the log of
+    the coefficient, fed each step's L0: c = c_0 exp(gain phi e_t + rate sum phi e), with
+    e = log((L0 + 1) / (target + 1)) clipped to [-1, 1] and phi the learning-rate schedule's factor
+    (docs/architectures.md). `topk`/`batchtopk` fix L0 by k."""
+    target_l0_gain: float = Field(1.0, ge=0)
+    """`target_l0`: the controller's proportional gain (how much the coefficient answers the current
+    error at once)."""
+    target_l0_rate: float = Field(0.02, gt=0, le=1)
+    """`target_l0`: the controller's integral rate per step (how fast a lasting error moves the
+    coefficient: at most a factor e^rate per step)."""
     lr: float = Field(3e-4, gt=0)
     """Adam learning rate."""
     warmup_steps: int = Field(1000, ge=0)

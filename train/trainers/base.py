@@ -13,7 +13,7 @@ from ..architectures import build_sae
 from ..config import TrainConfig
 from ..losses import reconstruction
 from ..sae import SAE
-from ..sparsity_target import adapted_coefficient
+from ..sparsity_target import SparsityController
 
 
 class Trainer:
@@ -25,6 +25,8 @@ class Trainer:
         self.sae = build_sae(cfg, d_in, device)
         self.sparsity_coeff = float(getattr(cfg, self.sae.sparsity_option)) if self.sae.sparsity_option else 0.0
         """The weight of the architecture's sparsity term (`l1`, `l0_coeff`); `target_l0` adapts it."""
+        self.controller = (SparsityController(self.sparsity_coeff, cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_rate)
+                           if cfg.target_l0 is not None else None)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -79,10 +81,9 @@ class Trainer:
                        "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum(),
                        "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
         metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
-        if self.cfg.target_l0 is not None:
+        if self.controller is not None:
             metrics["sparsity_coeff"] = self.sparsity_coeff  # the one this step trained with
-            self.sparsity_coeff = adapted_coefficient(self.sparsity_coeff, metrics["l0"], self.cfg.target_l0,
-                                                      self.cfg.target_l0_rate * metrics["lr"] / self.cfg.lr)
+            self.sparsity_coeff = self.controller.update(metrics["l0"], metrics["lr"] / self.cfg.lr)
         return metrics
 
     def init_from_sample(self, mean: torch.Tensor, mean_norm: float, store_mean: torch.Tensor | None = None,
@@ -117,6 +118,8 @@ class Trainer:
         tensors["tokens_since_fired"] = self.tokens_since_fired
         tensors["step_count"] = torch.tensor(self.step_count)
         tensors["sparsity_coeff"] = torch.tensor(self.sparsity_coeff, dtype=torch.float64)
+        if self.controller is not None:
+            tensors["sparsity_integral"] = torch.tensor(self.controller.integral, dtype=torch.float64)
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -130,6 +133,8 @@ class Trainer:
         self.step_count = int(tensors["step_count"])
         if "sparsity_coeff" in tensors:  # float64 holds the Python float exactly
             self.sparsity_coeff = float(tensors["sparsity_coeff"])
+        if self.controller is not None and "sparsity_integral" in tensors:
+            self.controller.integral = float(tensors["sparsity_integral"])
         # The scheduler's state is its step: rebuild it, rather than load pickled state.
         self.scheduler.last_epoch = self.step_count
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
