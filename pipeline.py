@@ -341,7 +341,10 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Repeats of each measurement (median, min, max).")] = 3,
     sizes: Annotated[str, typer.Option(help="Dictionary sizes in multiples of d_in, comma-separated (16384 latents are added on CUDA).")] = "1,4,8",
     lockstep: Annotated[str, typer.Option(help="Lockstep group sizes K, comma-separated.")] = "1,4,8",
-    only: Annotated[str, typer.Option(help="Benchmarks to run, comma-separated: harvest, train, lockstep, loader.")] = "harvest,train,lockstep,loader",
+    arch_sizes: Annotated[str, typer.Option(help="Dictionary sizes of the architecture rows (archs), in multiples of d_in, comma-separated.")] = "4,16",
+    k: Annotated[int, typer.Option(help="Active latents per token of the TopK and BatchTopK rows, ours and the peers'.")] = 32,
+    heldout_batches: Annotated[int, typer.Option(help="Batches held out of training, for the architecture rows' explained variance and L0.")] = 4,
+    only: Annotated[str, typer.Option(help="Benchmarks to run, comma-separated: harvest, train, lockstep, loader, archs.")] = "harvest,train,lockstep,loader,archs",
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also run SAELens and dictionary_learning in their environment.")] = True,
     peer_python: Annotated[Path, typer.Option(help="Python of the peers' environment.")] = Path(".venv-saebench/bin/python"),
     results: Annotated[Optional[Path], typer.Option(help="Markdown file the dated tables are appended to.")] = Path("bench/RESULTS.md"),
@@ -355,6 +358,7 @@ def bench(
                           windows=windows, context_length=context_length, harvest_batch=harvest_batch, shards=shards,
                           train_batch=train_batch, steps=steps, repeats=repeats,
                           sizes=_numbers(sizes, float, "--sizes"), lockstep=_numbers(lockstep, int, "--lockstep"),
+                          arch_sizes=_numbers(arch_sizes, float, "--arch-sizes"), k=k, heldout_batches=heldout_batches,
                           only=only.split(","),
                           peers=peers, peer_python=peer_python, results=None if no_record else results)
         report = run_bench(cfg)

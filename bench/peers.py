@@ -7,7 +7,7 @@ measurement as the last lines of stdout (library chatter goes to stderr).
     .venv-saebench/bin/python bench/peers.py harvest --model-dir DIR --layer 12 --tokens tokens.npy \
         --batch-size 8 --repeats 3
     .venv-saebench/bin/python bench/peers.py train --acts acts.npy --d-sae 5120 --batch-size 2048 \
-        --steps 20 --repeats 3 --peer dictionary_learning
+        --steps 20 --repeats 3 --peer dictionary_learning --arch topk --k 32 --heldout 8192
 
 harvest: SAELens' CacheActivationsRunner on exactly the given token windows (a pre-tokenised in-memory
 dataset), hook `blocks.L.hook_resid_post`, its defaults otherwise (TransformerLens HookedTransformer, which
@@ -18,12 +18,19 @@ buffering and writing; not timed: building the model. A second line times the ru
 runner's storage overhead can be read off. TransformerLens builds `google/gemma-3-270m` offline only when
 handed the HF model and tokenizer: by name alone it fetches the weights from the hub.
 
-train: the peer's standard ReLU + L1 SAE step on fp32 batches already in memory (contiguous slices of
-acts.npy), a fresh SAE per repeat, 3 untimed warm-up steps, then `--steps` timed ones:
-tokens/s = steps * batch / time. dictionary_learning: `StandardTrainer.update` (ConstrainedAdam: gradient
-projection and decoder renormalisation every step). SAELens: `SAETrainer.step` on a `StandardTrainingSAE`
-(Adam, gradient clipping, dead-feature statistics), the per-step work of its `fit()` without the LM and
-without wandb. The schedules' warm-ups are switched off: they change scalars, not cost.
+train: a peer's SAE training step on fp32 batches already in memory (contiguous slices of acts.npy), a fresh
+SAE per repeat, 3 untimed warm-up steps, then `--steps` timed ones: tokens/s = steps * batch / time.
+`--arch standard` (ReLU + L1), `topk` or `batchtopk`, with `--k` active latents per token:
+- dictionary_learning: `StandardTrainer.update` (ConstrainedAdam: gradient projection and decoder
+  renormalisation every step), `TopKTrainer.update` and `BatchTopKTrainer.update` (Adam, AuxK, gradient
+  projection, clipping, renormalisation; geometric-median b_dec at step 0, in the warm-up);
+- SAELens: `SAETrainer.step` on a `StandardTrainingSAE` or a `TopKTrainingSAE` (Adam, gradient clipping,
+  dead-feature statistics), the per-step work of its `fit()` without the LM and without wandb;
+  `--sparse-activations` turns on its COO activations and sparse decoder product.
+The schedules' warm-ups are switched off: they change scalars, not cost. With `--heldout N` the last N rows are
+never trained on, and after each repeat's training (warm-up + timed steps) the record carries explained variance
+(1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2) and L0 on them, in batches of `--batch-size` (BatchTopK: its
+training-mode batch top-k; dictionary_learning learns the inference threshold only from step 1000 on).
 """
 
 import argparse
@@ -140,58 +147,117 @@ def harvest(args) -> None:
           "notes": f"the LM forward of the runner alone, no buffering or writing; LM in {args.dtype}"})
 
 
-def dictionary_learning_step(d_in: int, d_sae: int, steps: int, seed: int):
-    from dictionary_learning.trainers import StandardTrainer
+def dictionary_learning_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, lr: float | None, k: int):
+    from dictionary_learning.trainers import BatchTopKTrainer, StandardTrainer, TopKTrainer
 
-    trainer = StandardTrainer(steps=steps, activation_dim=d_in, dict_size=d_sae, layer=0, lm_name="peers-bench",
-                              warmup_steps=0, sparsity_warmup_steps=None, seed=seed, device="cpu")
-    return trainer.update
+    common = dict(steps=steps, activation_dim=d_in, dict_size=d_sae, layer=0, lm_name="peers-bench", warmup_steps=0,
+                  seed=seed, device="cpu", **({"lr": lr} if lr is not None else {}))
+    if arch == "standard":
+        trainer = StandardTrainer(sparsity_warmup_steps=None, **common)
+        return trainer.update, lambda x: trainer.ae(x, output_features=True)
+    trainer = (TopKTrainer if arch == "topk" else BatchTopKTrainer)(k=k, **common)
+    # Its forward applies the inference threshold, which BatchTopK learns only from step 1000 on: before that,
+    # the batch's own top k x batch (training-mode encoding), as in training.
+    encode = (lambda x: trainer.ae.encode(x)) if arch == "topk" else (lambda x: trainer.ae.encode(x, use_threshold=False))
+    return trainer.update, lambda x: (lambda f: (trainer.ae.decode(f), f))(encode(x))
 
 
-def sae_lens_step(d_in: int, d_sae: int, steps: int, seed: int, batch_size: int):
-    from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig
+def sae_lens_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, batch_size: int, lr: float | None,
+                     k: int, sparse: bool):
+    from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
     torch.manual_seed(seed)
-    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, device="cpu"))
+    if arch == "standard":
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, device="cpu"))
+    else:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, use_sparse_activations=sparse,
+                                                    device="cpu"))
+    lr = SAETrainerConfig.lr if lr is None else lr
     # lr_end: LanguageModelSAERunnerConfig fills it in (lr / 10) before handing a trainer config over.
     cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, device="cpu",
-                           lr_end=SAETrainerConfig.lr / 10)
+                           lr=lr, lr_end=lr / 10)
     trainer = SAETrainer(cfg, sae, data_provider=iter(()))
 
     def update(step: int, x: torch.Tensor) -> None:
         trainer.step(x)
         trainer.n_training_steps += 1  # fit() advances it after each step; the dead-feature window counts on it
 
-    return update
+    def reconstruct(x: torch.Tensor):
+        f = sae.encode(x)
+        return sae.decode(f), f.to_dense() if f.is_sparse else f
+
+    return update, reconstruct
+
+
+@torch.no_grad()
+def quality(reconstruct, rows: torch.Tensor, batch_size: int) -> dict:
+    """Explained variance (1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, as evaluate/core.py) and mean L0."""
+    sq_err = l0 = 0.0
+    for i in range(0, len(rows) - batch_size + 1, batch_size):
+        x = rows[i: i + batch_size]
+        x_hat, f = reconstruct(x)
+        sq_err += float(((x.double() - x_hat.double()) ** 2).sum())
+        l0 += float((f != 0).sum())
+    used = rows[: (len(rows) // batch_size) * batch_size].double()
+    total_var = float(((used - used.mean(0)) ** 2).sum())
+    return {"explained_variance": 1 - sq_err / total_var, "l0": l0 / len(used)}
+
+
+PEER_NAMES = {
+    ("dictionary_learning", "standard"): "StandardTrainer",
+    ("dictionary_learning", "topk"): "TopKTrainer",
+    ("dictionary_learning", "batchtopk"): "BatchTopKTrainer",
+    ("sae_lens", "standard"): "StandardTrainingSAE + SAETrainer.step",
+    ("sae_lens", "topk"): "TopKTrainingSAE + SAETrainer.step",
+}
 
 
 def train(args) -> None:
     acts = torch.from_numpy(np.ascontiguousarray(np.load(args.acts), dtype=np.float32))
     rows, d_in = acts.shape
-    n_full = rows // args.batch_size
-    if n_full == 0:
-        sys.exit(f"{args.acts}: {rows} rows, fewer than one batch of {args.batch_size}")
+    heldout = acts[rows - args.heldout:] if args.heldout else None
+    n_full = (rows - args.heldout) // args.batch_size
+    if n_full == 0 or (args.heldout and args.heldout < args.batch_size):
+        sys.exit(f"{args.acts}: {rows} rows, fewer than one batch of {args.batch_size} to train on "
+                 f"(and {args.heldout} held out, at least one batch when any)")
+    if (args.peer, args.arch) not in PEER_NAMES or (args.sparse_activations and args.peer != "sae_lens"):
+        sys.exit(f"{args.peer} has no {args.arch} trainer here" + (" with sparse activations" * args.sparse_activations))
     total = WARMUP_STEPS + args.steps
     batches = [acts[(i % n_full) * args.batch_size:][: args.batch_size] for i in range(total)]
+    dist = "dictionary-learning" if args.peer == "dictionary_learning" else "sae-lens"
+    peer = f"{args.peer} {version(dist)} {PEER_NAMES[args.peer, args.arch]}"
+    if args.arch != "standard":
+        peer += f" (k {args.k}" + (", use_sparse_activations" if args.sparse_activations else "") + ")"
     if args.peer == "dictionary_learning":
-        peer = f"dictionary_learning {version('dictionary-learning')} StandardTrainer"
-        make = lambda seed: dictionary_learning_step(d_in, args.d_sae, total, seed)  # noqa: E731
+        make = lambda seed: dictionary_learning_trainer(args.arch, d_in, args.d_sae, total, seed, args.lr, args.k)  # noqa: E731
     else:
-        peer = f"sae_lens {version('sae-lens')} StandardTrainingSAE + SAETrainer.step"
-        make = lambda seed: sae_lens_step(d_in, args.d_sae, total, seed, args.batch_size)  # noqa: E731
+        make = lambda seed: sae_lens_trainer(args.arch, d_in, args.d_sae, total, seed, args.batch_size,  # noqa: E731
+                                             args.lr, args.k, args.sparse_activations)
 
-    rates = []
-    for seed in range(args.repeats):
-        update = make(seed)
-        for step, x in enumerate(batches[:WARMUP_STEPS]):
-            update(step, x)
-        start = time.perf_counter()
-        for step, x in enumerate(batches[WARMUP_STEPS:], WARMUP_STEPS):
-            update(step, x)
-        rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
-    emit({"bench": "train", "peer": peer, "d_in": d_in, "d_sae": args.d_sae, "batch_size": args.batch_size,
-          "steps": args.steps, **summary(rates), "threads": torch.get_num_threads()})
+    rates, qualities = [], []
+    record = {"bench": "train", "peer": peer, "arch": args.arch, "d_in": d_in, "d_sae": args.d_sae}
+    try:
+        for seed in range(args.repeats):
+            update, reconstruct = make(seed)
+            for step, x in enumerate(batches[:WARMUP_STEPS]):
+                update(step, x)
+            start = time.perf_counter()
+            for step, x in enumerate(batches[WARMUP_STEPS:], WARMUP_STEPS):
+                update(step, x)
+            rates.append(args.steps * args.batch_size / (time.perf_counter() - start))
+            if heldout is not None:
+                qualities.append(quality(reconstruct, heldout, args.batch_size))
+    except Exception as exc:  # noqa: BLE001 - the reason is the result
+        emit({**record, "error": first_line(exc)})
+        return
+    record.update(batch_size=args.batch_size, steps=args.steps, **summary(rates), threads=torch.get_num_threads())
+    if qualities:
+        record["trained_tokens"] = total * args.batch_size
+        for key in ("explained_variance", "l0"):
+            values = [q[key] for q in qualities]
+            record[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    emit(record)
 
 
 def main() -> None:
@@ -206,13 +272,21 @@ def main() -> None:
     h.add_argument("--batch-size", type=int, default=8, help="windows per LM forward")
     h.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the LM's compute dtype")
     h.add_argument("--repeats", type=int, default=3)
-    t = sub.add_parser("train", help="a peer's standard ReLU + L1 SAE step")
+    t = sub.add_parser("train", help="a peer's SAE training step: standard (ReLU + L1), TopK or BatchTopK")
     t.add_argument("--acts", type=Path, required=True, help="float32 (rows, d_in) activations")
     t.add_argument("--d-sae", type=int, required=True)
     t.add_argument("--batch-size", type=int, default=2048)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--peer", choices=["dictionary_learning", "sae_lens"], required=True)
+    t.add_argument("--arch", choices=["standard", "topk", "batchtopk"], default="standard")
+    t.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
+    t.add_argument("--lr", type=float, default=None, help="Adam learning rate; default: the peer's own")
+    t.add_argument("--sparse-activations", action="store_true",
+                   help="sae_lens topk: its sparse (COO) activations and sparse decoder product")
+    t.add_argument("--heldout", type=int, default=0,
+                   help="the last HELDOUT rows are not trained on; explained variance and L0 are measured on them "
+                        "after each repeat's training")
     args = parser.parse_args()
     # Libraries print progress and banners to stdout; the caller parses stdout's last lines as JSON.
     with contextlib.redirect_stdout(sys.stderr):

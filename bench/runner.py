@@ -1,6 +1,7 @@
 """`pipeline bench`: every benchmark in turn, one report, appended to bench/RESULTS.md."""
 
 import json
+import statistics
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from harvest.config import load_config
 from harvest.model import locate_model, resolve_device
 from harvest.store import ShardStore
+from train.config import TrainConfig
 
 from . import ceilings, harvest, train
 from .machine import describe
@@ -20,7 +22,7 @@ from .models import bench_model
 from .results import Measurement, Report
 
 PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
-SECTIONS = ("harvest", "train", "lockstep", "loader")
+SECTIONS = ("harvest", "train", "lockstep", "loader", "archs")
 
 
 @dataclass
@@ -49,6 +51,12 @@ class BenchConfig:
     sizes: list[float] = field(default_factory=lambda: [1, 4, 8])
     """Dictionary sizes, in multiples of d_in (16384 latents are added on CUDA)."""
     lockstep: list[int] = field(default_factory=lambda: [1, 4, 8])
+    arch_sizes: list[float] = field(default_factory=lambda: [4, 16])
+    """Dictionary sizes of the architecture rows (`archs`), in multiples of d_in."""
+    k: int = 32
+    """Active latents per token of the TopK and BatchTopK rows, ours and the peers'."""
+    heldout_batches: int = 4
+    """Batches held out of training, on which the architecture rows' explained variance and L0 are measured."""
     only: list[str] = field(default_factory=lambda: list(SECTIONS))
     """Which benchmarks to run (the ceilings always run)."""
     peers: bool = True
@@ -64,9 +72,14 @@ class BenchConfig:
             self.windows, self.context_length, self.harvest_batch = 16, 64, 4
             self.train_batch, self.steps, self.repeats = 256, 3, 2
             self.sizes, self.lockstep = [1, 2], [1, 2]
+            self.arch_sizes, self.k, self.heldout_batches = [2], 4, 1
         for name in ("windows", "train_batch", "steps", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.k < 1 or self.heldout_batches < 1:
+            raise ValueError(f"--k and --heldout-batches must be at least 1, got {self.k} and {self.heldout_batches}")
+        if not self.arch_sizes or min(self.arch_sizes) <= 0:
+            raise ValueError("architecture dictionary sizes must be positive")
         if not self.sizes or min(self.sizes) <= 0 or not self.lockstep or min(self.lockstep) < 1:
             raise ValueError("dictionary sizes must be positive and lockstep group sizes at least 1")
         unknown = set(self.only) - set(SECTIONS)
@@ -101,6 +114,8 @@ def run_bench(cfg: BenchConfig) -> Report:
                 _peer_train(report, cfg, store, sizes[:2], work)
         if "lockstep" in cfg.only:
             train.run_lockstep(report, store, steps=cfg.steps, lockstep=cfg.lockstep, **common)
+        if "archs" in cfg.only:
+            _architectures(report, cfg, store, work)
         if "loader" in cfg.only:
             train.run_loader(report, store, **common, work_dir=work,
                              pinned_gbps=peaks["pinned_h2d"].median if "pinned_h2d" in peaks else None)
@@ -196,3 +211,83 @@ def _peer_train(report: Report, cfg: BenchConfig, store: ShardStore, sizes: list
                                   str(cfg.train_batch), "--steps", str(cfg.steps), "--repeats", str(cfg.repeats),
                                   "--peer", peer])
             _record_peers(report, records, ours, f"baseline d_sae {d_sae}")
+
+
+PEER_ARCHS = [("dictionary_learning", "standard", False), ("sae_lens", "standard", False),
+              ("dictionary_learning", "topk", False), ("sae_lens", "topk", False), ("sae_lens", "topk", True),
+              ("dictionary_learning", "batchtopk", False)]
+"""The peers' trainers the architecture rows are compared with: (library, --arch, SAELens' sparse activations)."""
+
+
+def _architectures(report: Report, cfg: BenchConfig, store: ShardStore, work: Path) -> None:
+    """Every architecture, ours and the peers', on the same batches: tokens/s, then EV and L0 on held-out rows.
+
+    Repeats are interleaved: each round trains every one of ours, then runs every peer once, so that a slow
+    spell of a shared machine falls on all of them alike."""
+    d = store.d_model
+    data = train.arch_data(store, cfg.train_batch, cfg.steps, cfg.heldout_batches, work)
+    settings = train.arch_settings(cfg.k)
+    tokens = len(data.batches) * cfg.train_batch
+    peers = PEER_ARCHS if cfg.peers and cfg.peer_python.exists() else []
+    if cfg.peers and not peers:
+        report.ratio("architectures / peers", None, note=f"no peer environment at {cfg.peer_python} (make peers-env)")
+    lr = TrainConfig.model_fields["lr"].default
+    for d_sae in sorted({round(m * d) for m in cfg.arch_sizes}):
+        ours = {name: [] for name, _ in settings}
+        theirs: dict[tuple, list[dict]] = {p: [] for p in peers}
+        for seed in range(cfg.repeats):
+            for name, options in settings:
+                ours[name].append(train.train_arch(options, d, d_sae, data, seed))
+            for peer in peers:
+                if theirs[peer] and "error" in theirs[peer][-1]:
+                    continue  # it failed once: the reason is recorded, the rest would fail alike
+                library, arch, sparse = peer
+                args = ["train", "--acts", str(data.acts_file), "--d-sae", str(d_sae), "--batch-size",
+                        str(cfg.train_batch), "--steps", str(cfg.steps), "--repeats", "1", "--peer", library,
+                        "--arch", arch, "--k", str(cfg.k), "--lr", f"{lr:g}", "--heldout", str(len(data.heldout))]
+                theirs[peer].append(_peer(cfg, args + ["--sparse-activations"] * sparse)[-1])
+        setting = f"batch {cfg.train_batch}, {cfg.steps} steps timed after {train.ARCH_WARMUP_STEPS}, lr {lr:g}"
+        measured = {}
+        for name, runs in ours.items():
+            m = Measurement("archs", f"{name}, d_sae {d_sae} ({d_sae / d:g} x d_in)", [r[0] for r in runs],
+                            note=_quality_note([r[1] for r in runs], [r[2] for r in runs], tokens) + f"; {setting}")
+            report.measurements.append(m)
+            measured[name] = (m, statistics.median(r[1] for r in runs))
+        peer_measured = {}
+        for peer, records in theirs.items():
+            failed = next((r for r in records if "error" in r or "tok_per_s" not in r), None)
+            label = records[0].get("peer", f"{peer[0]} {peer[1]}") if records else f"{peer[0]} {peer[1]}"
+            if failed is not None:
+                report.ratio(f"{label}, d_sae {d_sae}", None, note=failed.get("error", "no figure")[:200])
+                continue
+            evs = [r["explained_variance"]["median"] for r in records]
+            m = Measurement("peers", f"{label}, d_sae {d_sae}", [r["tok_per_s"] for r in records],
+                            note=_quality_note(evs, [r["l0"]["median"] for r in records], records[0]["trained_tokens"]))
+            report.measurements.append(m)
+            peer_measured[peer] = (m, statistics.median(evs))
+        _compare(report, d, d_sae, cfg.k, measured, peer_measured)
+        train.time_decode_routes(report, d, d_sae, cfg.k, cfg.train_batch, cfg.repeats)
+
+
+def _quality_note(evs: list[float], l0s: list[float], tokens: int) -> str:
+    return (f"EV {statistics.median(evs):.3f} [{min(evs):.3f}, {max(evs):.3f}], L0 {statistics.median(l0s):.1f} "
+            f"on held-out rows after {tokens:,} tokens")
+
+
+def _compare(report: Report, d: int, d_sae: int, k: int, ours: dict, peers: dict) -> None:
+    width = f"{d_sae / d:g} x d_in"
+    relu, _ = ours["relu (baseline)"]
+    topk, topk_ev = ours[f"topk k {k}"]
+    ratio, _ = ours[f"topk k {k} + ratio term, top weighting"]
+    report.ratio(f"ratio term (top weighting) overhead on topk, {width}", topk.median / ratio.median - 1,
+                 at_most=0.15 if d_sae >= 16 * d else None)
+    for (library, arch, sparse), (m, ev) in peers.items():
+        if arch == "standard":
+            report.ratio(f"relu / {m.name}", relu.median / m.median, at_least=1.2)
+            continue
+        mine, mine_ev = ours[f"topk k {k}"] if arch == "topk" else ours[f"batchtopk k {k}"]
+        report.ratio(f"{arch} / {m.name}", mine.median / m.median, at_least=1.5 if d_sae >= 16 * d else None)
+        report.ratio(f"{arch} EV - {m.name} EV", mine_ev - ev, at_least=-0.02)
+    fastest = max((m.median for (_, arch, _), (m, _) in peers.items() if arch == "topk"), default=None)
+    if fastest:
+        report.ratio(f"topk / fastest peer topk, {width}", topk.median / fastest, at_least=1.5 if d_sae >= 16 * d else None)

@@ -11,8 +11,10 @@
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from harvest.store import COLUMNS, ShardStore
@@ -216,3 +218,95 @@ def _copy(store: ShardStore, path: Path, rows: int, codec: str, clevel: int) -> 
         copy.write_rows(c, {name: store.read(name, c, c + store.chunk_rows) for name in COLUMNS})
     copy.commit(rows)
     return ShardStore.open(path)
+
+
+# --- architectures against the peers --------------------------------------------------------------
+
+ARCH_WARMUP_STEPS = 3
+"""Untimed steps before the timed ones, as bench/peers.py takes."""
+
+
+def arch_settings(k: int) -> list[tuple[str, dict]]:
+    """(row name, TrainConfig options) of every architecture row; warm-up off, as the peers' schedules are."""
+    base = dict(warmup_steps=0, ortho=0.0)
+    return [
+        ("relu (baseline)", dict(trainer="baseline", arch="relu", **base)),
+        (f"topk k {k}", dict(trainer="baseline", arch="topk", k=k, **base)),
+        (f"topk k {k} + ratio term, top weighting", dict(trainer="ratio", arch="topk", k=k, warmup_steps=0, ortho=1e-3,
+                                                         ortho_weighting="top")),
+        (f"batchtopk k {k}", dict(trainer="baseline", arch="batchtopk", k=k, **base)),
+        ("jumprelu", dict(trainer="baseline", arch="jumprelu", **base)),
+    ]
+
+
+@dataclass
+class ArchData:
+    """The rows every architecture and every peer trains on: batches in a fixed order, then held-out rows."""
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    heldout: torch.Tensor
+    acts_file: Path
+    """The same rows (training batches in order, then the held-out ones) as float32 .npy, for bench/peers.py."""
+
+
+def arch_data(store: ShardStore, batch_size: int, steps: int, heldout_batches: int, work: Path) -> ArchData:
+    """Stratified batches from the shard loader (half dangerous, as `pipeline train` draws them): the first
+    warm-up + `steps` to train on, the next `heldout_batches` held out."""
+    train_batches = ARCH_WARMUP_STEPS + steps
+    loader = ShardLoader(store, batch_size=batch_size, window_chunks=FEED_WINDOW_CHUNKS, device="cpu", resident=False)
+    drawn = [(b.x.float(), b.dangerous) for b in loader.iterate(0, steps=train_batches + heldout_batches)]
+    heldout = torch.cat([x for x, _ in drawn[train_batches:]])
+    path = work / "arch-acts.npy"
+    # bench/peers.py trains on the first rows in batch order and holds out the last `heldout` rows, as here
+    np.save(path, torch.cat([x for x, _ in drawn]).numpy())
+    return ArchData(drawn[:train_batches], heldout, path)
+
+
+@torch.no_grad()
+def reconstruction_quality(sae, rows: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """(explained variance, mean L0) on held-out rows, in training batches (BatchTopK: its batch top k), with
+    bench/peers.py's formula: 1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2."""
+    sq_err = l0 = 0.0
+    for i in range(0, len(rows) - batch_size + 1, batch_size):
+        x = rows[i: i + batch_size]
+        x_hat, f = sae(x)
+        sq_err += float(((x.double() - x_hat.double()) ** 2).sum())
+        l0 += float((f != 0).sum())
+    used = rows[: len(rows) // batch_size * batch_size].double()
+    return 1 - sq_err / float(((used - used.mean(0)) ** 2).sum()), l0 / len(used)
+
+
+def train_arch(options: dict, d_in: int, d_sae: int, data: ArchData, seed: int) -> tuple[float, float, float]:
+    """(tokens/s of the timed steps, explained variance, L0) of one fresh SAE on the ArchData batches."""
+    trainer = TRAINERS[options["trainer"]](TrainConfig(dict_size=d_sae, seed=seed, **options), d_in, torch.device("cpu"))
+    first = data.batches[0][0]
+    trainer.init_from_sample(first.mean(0), float(first.norm(dim=1).mean()))  # b_dec: the mean, as `pipeline train`
+    for x, dangerous in data.batches[:ARCH_WARMUP_STEPS]:
+        trainer.step(x, dangerous, log=False)
+    timed = data.batches[ARCH_WARMUP_STEPS:]
+    start = time.perf_counter()
+    for x, dangerous in timed:
+        trainer.step(x, dangerous, log=False)  # as the training loop runs the steps between its logging steps
+    rate = len(timed) * len(timed[0][0]) / (time.perf_counter() - start)
+    return (rate, *reconstruction_quality(trainer.sae, data.heldout, len(first)))
+
+
+def time_decode_routes(report: Report, d_in: int, d_sae: int, k: int, batch_size: int, repeats: int) -> None:
+    """TopK decoding, forward and both gradients, through the dense code and through gathered rows."""
+    from train.sparse_decode import decode_topk
+
+    g = torch.Generator().manual_seed(0)
+    values, indices = torch.randn(batch_size, d_sae, generator=g).topk(k, dim=-1, sorted=False)
+    w = torch.randn(d_sae, d_in, generator=g)
+    b = torch.zeros(d_in)
+    grad = torch.randn(batch_size, d_in, generator=g)
+    runs = {"dense": [], "gathered": []}
+    for _ in range(repeats + 1):  # interleaved; the first round warms up
+        for route, times in runs.items():
+            v, wr = values.clone().requires_grad_(), w.clone().requires_grad_()
+            start = time.perf_counter()
+            decode_topk(v, indices, wr, b, route=route).backward(grad)
+            times.append(batch_size / (time.perf_counter() - start))
+    dense, gathered = (Measurement("train", f"topk decode + gradients, {route} route, d_sae {d_sae}, k {k}",
+                                   runs[route][1:], note=f"batch {batch_size}") for route in ("dense", "gathered"))
+    report.measurements += [dense, gathered]
+    report.ratio(f"topk decode: gathered / dense route, d_sae {d_sae / d_in:g} x d_in", gathered.median / dense.median)

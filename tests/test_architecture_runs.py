@@ -43,10 +43,10 @@ def arch_runs(tiny_store, tmp_path_factory):
         sweeps.append(path)
     original = Trainer.step
 
-    def interrupt_at_step_27(self, x, dangerous):
+    def interrupt_at_step_27(self, x, dangerous, **kwargs):
         if self.step_count == 27:
             raise KeyboardInterrupt
-        return original(self, x, dangerous)
+        return original(self, x, dangerous, **kwargs)
 
     for arch, path in zip(ARCHS, sweeps):
         args = train_args(tiny_store, root / f"sweep_{arch}")
@@ -150,10 +150,10 @@ def test_a_target_l0_run_resumes_bit_for_bit(tiny_store, tmp_path, monkeypatch):
     assert cli(monkeypatch, train_args(tiny_store, tmp_path / "a", *extra)) == 0
     original = Trainer.step
 
-    def interrupt_at_step_33(self, x, dangerous):
+    def interrupt_at_step_33(self, x, dangerous, **kwargs):
         if self.step_count == 33:
             raise KeyboardInterrupt
-        return original(self, x, dangerous)
+        return original(self, x, dangerous, **kwargs)
 
     monkeypatch.setattr(Trainer, "step", interrupt_at_step_33)
     assert cli(monkeypatch, train_args(tiny_store, tmp_path / "b", *extra)) == 130

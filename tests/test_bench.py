@@ -15,15 +15,21 @@ def test_quick_bench_runs_every_benchmark_and_appends_a_dated_table(monkeypatch,
     assert run_cli(monkeypatch, args) == 0
     text = results.read_text()
     assert text.startswith("# Benchmark results")
-    for section in ("ceilings", "harvest", "train", "lockstep", "loader"):
+    for section in ("ceilings", "harvest", "train", "lockstep", "loader", "archs"):
         assert f"| {section} |" in text, section
     for ratio in ("harvest / bare forward", "harvest / naive full forward", "ratio overhead over baseline",
                   "per-SAE cost K=2 / K=1", "loader / straight Zarr reading, uncompressed",
-                  "time the trainer waited for the loader"):
+                  "time the trainer waited for the loader", "ratio term (top weighting) overhead on topk",
+                  "topk decode: gathered / dense route"):
         assert f"| {ratio}" in text, ratio
     # every measured figure is a positive number
-    rows = [line.split("|") for line in text.splitlines() if re.match(r"\| (harvest|train|lockstep|loader) \|", line)]
+    rows = [line.split("|") for line in text.splitlines()
+            if re.match(r"\| (harvest|train|lockstep|loader|archs) \|", line)]
     assert rows and all(float(r[3].replace(",", "")) > 0 for r in rows)
+    # every architecture row carries its quality on held-out rows; TopK's L0 is k (4 in the quick mode)
+    archs = [r for r in rows if r[1].strip() == "archs"]
+    assert len(archs) == 5 and all(re.search(r"EV -?[0-9.]+ \[", r[7]) for r in archs)
+    assert all("L0 4.0 " in r[7] for r in archs if "topk" in r[2])
     assert run_cli(monkeypatch, args) == 0  # a second run appends, keeping the first
     assert results.read_text().startswith(text) and results.read_text().count("\n## ") == 2
 
@@ -32,6 +38,10 @@ def test_bad_bench_settings_get_one_line(monkeypatch, tmp_path, capsys):
     assert run_cli(monkeypatch, ["bench", "--quick", "--no-peers", "--model", "random:huge", "--no-record"]) == 2
     err = capsys.readouterr().err
     assert "unknown random model shape 'huge'" in err and "Traceback" not in err
+    assert run_cli(monkeypatch, ["bench", "--k", "0", "--no-peers", "--no-record"]) == 2
+    assert "--k and --heldout-batches must be at least 1, got 0 and 4" in capsys.readouterr().err
+    assert run_cli(monkeypatch, ["bench", "--arch-sizes", "0", "--no-peers", "--no-record"]) == 2
+    assert "architecture dictionary sizes must be positive" in capsys.readouterr().err
 
 
 def test_flop_per_token_is_twice_the_parameters_of_the_blocks_run():

@@ -75,10 +75,10 @@ def test_interrupted_run_resumes_to_the_same_weights(store, tmp_path, monkeypatc
 
     original = Trainer.step
 
-    def interrupt_at_step_27(self, x, dangerous):
+    def interrupt_at_step_27(self, x, dangerous, **kwargs):
         if self.step_count == 27:
             raise KeyboardInterrupt
-        return original(self, x, dangerous)
+        return original(self, x, dangerous, **kwargs)
 
     monkeypatch.setattr(Trainer, "step", interrupt_at_step_27)
     assert cli(monkeypatch, train_args(store, runs / "b")) == 130

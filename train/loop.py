@@ -212,10 +212,11 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
     step = start
     stop.deferring = True  # from here a signal stops training at the end of its step, with a checkpoint
     for batch in loader.iterate(start, steps - start):
+        logging = (batch.step + 1) % cfg0.log_every == 0 or batch.step + 1 == steps  # metrics only where logged
         for i, trainer in enumerate(trainers):
             if failed[i]:
                 continue
-            metrics = trainer.step(batch.x, batch.dangerous)
+            metrics = trainer.step(batch.x, batch.dangerous, log=logging)
             if metrics is None:
                 failed[i] = (f"non-finite loss at step {batch.step}; stopped, last good checkpoint kept "
                              f"({_checkpoint_step(run_dirs[i])})")

@@ -22,6 +22,8 @@ the rows with s > 0 only, so that no d_sae x d_sae matrix is ever held, forward 
 
 import torch
 
+from .sparse_decode import decode_topk
+
 WEIGHTINGS = ("rank", "top", "uniform", "shuffled")
 NORMALIZATIONS = ("sum", "mean")
 
@@ -52,8 +54,8 @@ def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, w_dec: t
     residual = residual.detach().float()
     k = min(aux_k, n_dead)
     values, indices = torch.where(dead[None], pre, -torch.inf).topk(k, dim=-1, sorted=False)
-    acts = torch.zeros_like(pre).scatter_(-1, indices, values.relu())
-    error = (acts @ w_dec).float() - residual
+    # from the chosen decoder rows, without the decoder bias (train/sparse_decode.py)
+    error = decode_topk(values.relu(), indices, w_dec, w_dec.new_zeros(w_dec.shape[1])).float() - residual
     variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
     loss = error.pow(2).sum(dim=-1).mean() / variance
     return min(n_dead / aux_k, 1.0) * loss.nan_to_num(0.0)

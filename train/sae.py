@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .encoder import centered_affine
 from .errors import TrainError
 from .losses import l1
 
@@ -74,8 +75,10 @@ class SAE(nn.Module):
     # --- the architecture ----------------------------------------------------------------------
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        sae_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        return sae_in @ self.W_enc + self.b_enc
+        # (x - b_dec) W_enc + b_enc, with b_dec's gradient summed before the matmul (train/encoder.py)
+        flat = x.reshape(-1, x.shape[-1])  # (batch, seq, d_in) from the eval as well as training's (batch, d_in)
+        pre = centered_affine(flat, self.W_enc, self.b_enc, self.b_dec if self.apply_b_dec_to_input else None)
+        return pre.view(*x.shape[:-1], self.d_sae)
 
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
@@ -84,7 +87,7 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
+        return torch.addmm(self.b_dec, f.reshape(-1, self.d_sae), self.W_dec).view(*f.shape[:-1], self.d_in)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encode(x)

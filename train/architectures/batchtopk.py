@@ -13,6 +13,7 @@ import torch
 
 from ..losses import auxk
 from ..sae import SAE, TrainingOutput
+from ..sparse_decode import decode_sparse_rows
 from .jumprelu import JumpReLUSAE
 from .topk import _check_k
 
@@ -47,8 +48,11 @@ class BatchTopKSAE(SAE):
 
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
         pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
+        acts = torch.relu(pre).flatten()
+        values, indices = acts.topk(min(self.k * len(pre), acts.numel()), sorted=False)
+        # the chosen decoder rows of each token, not the dense code (train/sparse_decode.py)
+        x_hat = decode_sparse_rows(values, indices, len(pre), self.W_dec, self.b_dec)
+        f = torch.zeros_like(acts).scatter(-1, indices, values).view(pre.shape)
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
             out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k)

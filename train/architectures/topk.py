@@ -5,7 +5,8 @@
 L0 is at most k by construction (less only where fewer than k pre-activations are positive), so
 there is no sparsity term. Features that have not fired for `dead_after_tokens` tokens are trained
 by the AuxK loss (train/losses.py `auxk`): their top `aux_k` pre-activations reconstruct the
-residual the live features leave. Files: SAELens' `topk` cfg.json, with `k`.
+residual the live features leave. Training decodes from the k chosen decoder rows of each token
+(train/sparse_decode.py), whose gradients touch only those rows. Files: SAELens' `topk` cfg.json, with `k`.
 """
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from ..errors import TrainError
 from ..losses import auxk
 from ..sae import SAE, TrainingOutput
+from ..sparse_decode import decode_topk
 
 
 class TopKSAE(SAE):
@@ -44,8 +46,11 @@ class TopKSAE(SAE):
 
     def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
         pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f)
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        values = values.relu()
+        # the k chosen decoder rows per token, not the dense code (train/sparse_decode.py)
+        x_hat = decode_topk(values, indices, self.W_dec, self.b_dec)
+        f = torch.zeros_like(pre).scatter(-1, indices, values)
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
             out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k)

@@ -53,8 +53,10 @@ class Trainer:
     def loss(self, x: torch.Tensor, dangerous: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         raise NotImplementedError
 
-    def step(self, x: torch.Tensor, dangerous: torch.Tensor) -> dict[str, float] | None:
-        """One optimiser step; returns the metrics, or None (nothing changed) if the loss is not finite."""
+    def step(self, x: torch.Tensor, dangerous: torch.Tensor, log: bool = True) -> dict[str, float] | None:
+        """One optimiser step; returns the metrics (empty unless `log`: the training loop asks on its
+        logging steps only, and `target_l0` reads L0 every step), or None (nothing changed) if the loss
+        is not finite."""
         if self.input_scale != 1.0:
             x = x * self.input_scale
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast):
@@ -72,6 +74,8 @@ class Trainer:
             fired = (f > 0).any(dim=0)
             self.tokens_since_fired += len(x)
             self.tokens_since_fired[fired] = 0
+            if not log and self.cfg.target_l0 is None:
+                return {}
             seen = self.step_count * len(x)
             metrics = {"loss": loss, **terms, "l0": (f > 0).float().sum(dim=-1).mean(),
                        "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum(),
