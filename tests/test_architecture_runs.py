@@ -133,8 +133,9 @@ def test_an_sae_written_by_sae_lens_loads_and_encodes_the_same(tmp_path, name):
 
 def test_pipeline_eval_evaluates_every_architecture(arch_runs, monkeypatch, capsys):
     runs = [str(arch_runs / f"alone_{arch}" / "run_1") for arch in ARCHS]
-    assert cli(monkeypatch, ["eval", *runs, "--heldout-windows", "4", "--multiplier", "5", "--multiplier", "50",
-                             "--device", "cpu", "--dtype", "float32"]) == 0
+    assert cli(monkeypatch, ["eval", *runs, "--heldout-docs", "4", "--heldout-doc-tokens", "40", "--select-tokens", "1000",
+                             "--bootstrap-resamples", "20", "--null-permutations", "10", "--multiplier", "5",
+                             "--multiplier", "50", "--device", "cpu", "--dtype", "float32"]) == 0
     for run, arch in zip(runs, ARCHS):
         core = json.loads((Path(run) / "eval" / "core.json").read_text())
         assert 0 < core["l0"] and core["explained_variance"] == core["explained_variance"]  # finite

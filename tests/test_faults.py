@@ -325,10 +325,10 @@ def test_ctrl_c_in_training_names_the_resume_command(tiny_store, tmp_path, monke
 
     original = Trainer.step
 
-    def interrupt_at_step_27(self, x, dangerous):
+    def interrupt_at_step_27(self, x, dangerous, **kwargs):
         if self.step_count == 27:
             raise KeyboardInterrupt
-        return original(self, x, dangerous)
+        return original(self, x, dangerous, **kwargs)
 
     monkeypatch.setattr(Trainer, "step", interrupt_at_step_27)
     runs = tmp_path / "runs"
@@ -375,10 +375,10 @@ def test_resuming_a_copied_group_trains_the_copy_and_never_touches_the_original(
 
     original = Trainer.step
 
-    def interrupt_at_step_47(self, x, dangerous):
+    def interrupt_at_step_47(self, x, dangerous, **kwargs):
         if self.step_count == 47:
             raise KeyboardInterrupt
-        return original(self, x, dangerous)
+        return original(self, x, dangerous, **kwargs)
 
     monkeypatch.setattr(Trainer, "step", interrupt_at_step_47)
     runs = tmp_path / "runs"
