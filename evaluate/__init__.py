@@ -1,1 +1,1 @@
-"""Eval stage (issue 5): unlearning, core metrics, feature specialisation, reports."""
+"""Eval stage: unlearning, core metrics, feature specialisation, reports."""

@@ -1,1 +1,1 @@
-"""Train stage (issue 4): labelled shards into device batches, baseline and ratio-ranked SAEs."""
+"""Train stage: labelled shards into device batches, baseline and ratio-ranked SAEs."""
