@@ -109,3 +109,19 @@ def tiny_store(tiny_model, corpora, tmp_path_factory):
     assert run_cli(mp, harvest_args(tiny_model, corpora, out)) == 0
     mp.undo()
     return ShardStore.open(out)
+
+
+def interrupt_training_at(monkeypatch, step: int):
+    """Make `Trainer.step` raise KeyboardInterrupt (a Ctrl-C) when a trainer is about to take step
+    `step`; returns the original method, to put back before resuming."""
+    from train.trainers.base import Trainer
+
+    original = Trainer.step
+
+    def step_or_interrupt(self, x, dangerous, **kwargs):
+        if self.step_count == step:
+            raise KeyboardInterrupt
+        return original(self, x, dangerous, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", step_or_interrupt)
+    return original

@@ -9,6 +9,7 @@ import torch
 
 from train.sae import SAE
 
+from .conftest import interrupt_training_at
 from .test_harvest import cli
 from .test_train import assert_same_weights, train_args
 
@@ -149,14 +150,7 @@ def test_a_target_l0_run_resumes_bit_for_bit(tiny_store, tmp_path, monkeypatch):
 
     extra = ("--arch", "jumprelu", "--target-l0", "12", "--l0-coeff", "0.05", "--ortho", "0")
     assert cli(monkeypatch, train_args(tiny_store, tmp_path / "a", *extra)) == 0
-    original = Trainer.step
-
-    def interrupt_at_step_33(self, x, dangerous, **kwargs):
-        if self.step_count == 33:
-            raise KeyboardInterrupt
-        return original(self, x, dangerous, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", interrupt_at_step_33)
+    original = interrupt_training_at(monkeypatch, 33)
     assert cli(monkeypatch, train_args(tiny_store, tmp_path / "b", *extra)) == 130
     monkeypatch.setattr(Trainer, "step", original)
     assert cli(monkeypatch, ["train", "--resume", str(tmp_path / "b" / "run_1"), "--no-progress"]) == 0

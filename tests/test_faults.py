@@ -19,7 +19,7 @@ import pytest
 
 from harvest.store import ShardStore
 
-from .conftest import harvest_args, run_cli
+from .conftest import harvest_args, interrupt_training_at, run_cli
 from .test_resume import assert_same_store, kill_at_random_moments, start, timed_run
 from .test_train import assert_same_weights, train_args
 
@@ -321,16 +321,7 @@ def test_training_stopped_by_a_signal_checkpoints_says_how_to_resume_and_resumes
 
 
 def test_ctrl_c_in_training_names_the_resume_command(tiny_store, tmp_path, monkeypatch, capsys):
-    from train.trainers.base import Trainer
-
-    original = Trainer.step
-
-    def interrupt_at_step_27(self, x, dangerous, **kwargs):
-        if self.step_count == 27:
-            raise KeyboardInterrupt
-        return original(self, x, dangerous, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", interrupt_at_step_27)
+    interrupt_training_at(monkeypatch, 27)
     runs = tmp_path / "runs"
     capsys.readouterr()
     assert run_cli(monkeypatch, train_args(tiny_store, runs)) == 130
@@ -373,14 +364,7 @@ def test_resuming_a_copied_group_trains_the_copy_and_never_touches_the_original(
         tiny_store, sweep_file, reference_sweep, tmp_path, monkeypatch, capsys):
     from train.trainers.base import Trainer
 
-    original = Trainer.step
-
-    def interrupt_at_step_47(self, x, dangerous, **kwargs):
-        if self.step_count == 47:
-            raise KeyboardInterrupt
-        return original(self, x, dangerous, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", interrupt_at_step_47)
+    original = interrupt_training_at(monkeypatch, 47)
     runs = tmp_path / "runs"
     assert run_cli(monkeypatch, sweep_args(tiny_store, runs, sweep_file, "--tokens", SWEEP_TOKENS,
                                            "--checkpoint-every", "20")) == 130

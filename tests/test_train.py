@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from harvest.store import ShardStore
 from train.sae import SAE
 
+from .conftest import interrupt_training_at
 from .test_harvest import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,14 +74,7 @@ def test_interrupted_run_resumes_to_the_same_weights(store, tmp_path, monkeypatc
 
     from train.trainers.base import Trainer
 
-    original = Trainer.step
-
-    def interrupt_at_step_27(self, x, dangerous, **kwargs):
-        if self.step_count == 27:
-            raise KeyboardInterrupt
-        return original(self, x, dangerous, **kwargs)
-
-    monkeypatch.setattr(Trainer, "step", interrupt_at_step_27)
+    original = interrupt_training_at(monkeypatch, 27)
     assert cli(monkeypatch, train_args(store, runs / "b")) == 130
     monkeypatch.setattr(Trainer, "step", original)
     run = runs / "b" / "run_1"
