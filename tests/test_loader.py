@@ -114,3 +114,22 @@ def test_wait_time_counts_the_trainer_blocked_on_a_slow_reader(store, monkeypatc
     for _ in fast.iterate(0, steps=fast.batches_per_epoch()):
         time.sleep(0.01)  # a consumer slower than the reader never waits for long
     assert fast.wait_seconds < loader.wait_seconds
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_pinned_buffers_are_reused_only_after_their_copy_to_the_loaders_device(store, monkeypatch, device):
+    """With --device cuda:1 while cuda:0 is current, the copy out of a pinned buffer must be waited for
+    on cuda:1's streams: an event on cuda:0's stream has nothing to wait for, and the buffer is
+    overwritten while its copy is in flight (a fake CUDA that defers every copy until waited on)."""
+    from .fake_cuda import FakeCuda
+
+    fake = FakeCuda(current_device=0).install(monkeypatch)
+    ld = loader(store, device=device, dtype=torch.bfloat16, resident=False)
+    batches = list(ld.iterate(0, steps=12))
+    fake.finish()  # the GPU catches up: every queued copy runs, reading its buffer as it is now
+    monkeypatch.undo()
+    acts = store.acts()
+    for batch in batches:
+        assert torch.equal(batch.x.view(torch.int16), acts[batch.rows].view(torch.int16)), f"batch {batch.step}"
+    on = {d for d, _ in fake.copies_on}
+    assert on == {torch.device(device).index}

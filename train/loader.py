@@ -126,6 +126,8 @@ class ShardLoader:
         staging = [torch.empty(self.batch_size, self.store.d_model, dtype=torch.bfloat16).pin_memory()
                    for _ in range(2)] if pin and not self.resident else []
         copied = [None, None]  # CUDA events: a pinned buffer is reused only once its copy has run
+        copy_stream = torch.cuda.Stream(device=self.device) if staging else None
+        compute = torch.cuda.current_stream(self.device) if staging else None
         step = start_step
         for window, first, acts in self._prefetched(self._schedule(start_step)):
             window_rows = self._window_rows(window.chunks)
@@ -140,9 +142,14 @@ class ShardLoader:
                     if copied[slot] is not None:
                         copied[slot].synchronize()
                     torch.index_select(acts, 0, torch.from_numpy(local), out=staging[slot])
-                    x = staging[slot].to(self.device, non_blocking=True)
-                    copied[slot] = torch.cuda.Event()
-                    copied[slot].record()
+                    # Events and streams of the loader's device, not the current one: an event on
+                    # another device's stream completes at once and the buffer is overwritten mid-copy.
+                    with torch.cuda.stream(copy_stream):
+                        x = staging[slot].to(self.device, non_blocking=True)
+                        copied[slot] = torch.cuda.Event()
+                        copied[slot].record(copy_stream)
+                    compute.wait_event(copied[slot])
+                    x.record_stream(compute)
                 else:
                     x = acts.index_select(0, torch.from_numpy(local))
                 yield Batch(step, x.to(self.dtype), labels, window.epoch, window_rows[local])
