@@ -41,8 +41,8 @@ def sae_flop_per_token(d_in: int, d_sae: int) -> float:
 
 
 def make_trainers(name: str, d_in: int, d_sae: int, k: int, device: torch.device) -> list:
-    autocast = device.type == "cuda"  # bf16 matmuls where they are native; fp32 on CPU as `pipeline train`
-    return [TRAINERS[name](TrainConfig(trainer=name, dict_size=d_sae, seed=i, ortho=1e-3, autocast=autocast),
+    # TrainConfig's own autocast default, as `pipeline train` runs: the benchmark measures the default
+    return [TRAINERS[name](TrainConfig(trainer=name, dict_size=d_sae, seed=i, ortho=1e-3),
                            d_in, device) for i in range(k)]
 
 
@@ -138,7 +138,7 @@ def run_trainers(report: Report, store: ShardStore, *, device: torch.device, bat
                              at_least=0.5 if d_sae >= 16384 and resident else None)
             if not resident and d_sae == sizes[0]:
                 report.ratio(f"time the trainer waited for the loader, d_sae {d_sae}, streamed", max(waits),
-                             at_most=0.05, note="worst of the repeats; the first window's read is excluded")
+                             at_most=0.05, note="worst of the repeats; the 2 warm-up steps' waits excluded")
 
 
 
