@@ -25,7 +25,8 @@ class Trainer:
         self.sae = build_sae(cfg, d_in, device)
         self.sparsity_coeff = float(getattr(cfg, self.sae.sparsity_option)) if self.sae.sparsity_option else 0.0
         """The weight of the architecture's sparsity term (`l1`, `l0_coeff`); `target_l0` adapts it."""
-        self.controller = (SparsityController(self.sparsity_coeff, cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_rate)
+        self.controller = (SparsityController(self.sparsity_coeff, cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_rate,
+                                              cfg.target_l0_ramp, device)
                            if cfg.target_l0 is not None else None)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
         warmup = cfg.warmup_steps
@@ -36,6 +37,11 @@ class Trainer:
         """Inputs are multiplied by this before the SAE sees them (see TrainConfig.normalize)."""
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)
 
+    def plan(self, steps: int) -> None:
+        """Told the run's length before its first step (`target_l0`'s reference schedule needs it)."""
+        if self.controller is not None:
+            self.controller.plan(steps, self.cfg.warmup_steps)
+
     def base_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """Reconstruction + the sparsity coefficient x the architecture's sparsity term + its
         auxiliary losses; the terms for metrics.jsonl; the features."""
@@ -43,7 +49,10 @@ class Trainer:
         recon = reconstruction(x, out.x_hat, self.cfg.recon)
         loss, terms = recon, {"recon": recon}
         if out.sparsity is not None:
-            loss = loss + self.sparsity_coeff * out.sparsity
+            coeff = self.sparsity_coeff
+            if torch.is_tensor(coeff):  # the controller's float64 coefficient, on the device
+                coeff = coeff.to(out.sparsity.dtype)
+            loss = loss + coeff * out.sparsity
             terms[self.sae.sparsity_name] = out.sparsity
         for name, value in out.auxiliary.items():
             loss = loss + value
@@ -74,17 +83,22 @@ class Trainer:
             fired = (f > 0).any(dim=0)
             self.tokens_since_fired += len(x)
             self.tokens_since_fired[fired] = 0
-            if not log and self.cfg.target_l0 is None:
+            trained_with = self.sparsity_coeff
+            if self.controller is not None or log:
+                l0 = (f > 0).float().sum(dim=-1).mean()
+            if self.controller is not None:
+                schedule_factor = self.scheduler.get_last_lr()[0] / self.cfg.lr
+                self.sparsity_coeff = self.controller.update(l0, self.step_count, schedule_factor)
+            if not log:
                 return {}
             seen = self.step_count * len(x)
-            metrics = {"loss": loss, **terms, "l0": (f > 0).float().sum(dim=-1).mean(),
+            metrics = {"loss": loss, **terms, "l0": l0,
                        "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum(),
-                       "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
-        metrics = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
-        if self.controller is not None:
-            metrics["sparsity_coeff"] = self.sparsity_coeff  # the one this step trained with
-            self.sparsity_coeff = self.controller.update(metrics["l0"], metrics["lr"] / self.cfg.lr)
-        return metrics
+                       "lr": self.scheduler.get_last_lr()[0]}
+            if self.controller is not None:
+                metrics["sparsity_coeff"] = trained_with
+                metrics["l0_reference"] = self.controller.reference(self.step_count)
+        return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
 
     def init_from_sample(self, mean: torch.Tensor, mean_norm: float, store_mean: torch.Tensor | None = None,
                          store_mean_norm: float | None = None) -> None:
@@ -117,9 +131,9 @@ class Trainer:
                 tensors[f"adam.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
         tensors["tokens_since_fired"] = self.tokens_since_fired
         tensors["step_count"] = torch.tensor(self.step_count)
-        tensors["sparsity_coeff"] = torch.tensor(self.sparsity_coeff, dtype=torch.float64)
+        tensors["sparsity_coeff"] = torch.as_tensor(self.sparsity_coeff, dtype=torch.float64)
         if self.controller is not None:
-            tensors["sparsity_integral"] = torch.tensor(self.controller.integral, dtype=torch.float64)
+            tensors.update(self.controller.state_tensors())
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -131,10 +145,12 @@ class Trainer:
                 self.optimizer.state[p] = state
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
         self.step_count = int(tensors["step_count"])
-        if "sparsity_coeff" in tensors:  # float64 holds the Python float exactly
+        if self.controller is not None:
+            self.controller.load_state_tensors(tensors)
+            if "sparsity_coeff" in tensors:
+                self.sparsity_coeff = tensors["sparsity_coeff"].to(self.device, torch.float64)
+        elif "sparsity_coeff" in tensors:  # float64 holds the Python float exactly
             self.sparsity_coeff = float(tensors["sparsity_coeff"])
-        if self.controller is not None and "sparsity_integral" in tensors:
-            self.controller.integral = float(tensors["sparsity_integral"])
         # The scheduler's state is its step: rebuild it, rather than load pickled state.
         self.scheduler.last_epoch = self.step_count
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
