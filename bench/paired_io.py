@@ -7,7 +7,8 @@ of a given checkout: run it alternately on two checkouts for paired before / aft
 Prints one line per run: the tree, harvest / bare forward (median of the repeats, each repeat a bare
 forward pass then a harvest of the same windows, as `pipeline bench` times them), and the fraction of
 the timed steps a baseline SAE spent waiting for the streamed loader (median of the repeats; the
-2 warm-up steps' waits excluded). The tiny random Gemma-2 (d_model 64, layer 2), CPU, float32, zstd-1;
+2 warm-up steps' waits excluded) with the tokens/s of those fed steps (the loader that gathers on the
+trainer's thread hides that work from its wait count; the fed rate shows it). The tiny random Gemma-2 (d_model 64, layer 2), CPU, float32, zstd-1;
 no ceilings, so a run takes seconds.
 """
 
@@ -49,16 +50,17 @@ def main() -> None:
                                  keep=Path(tmp) / "harvested")
         harvest_over_bare = next(r.value for r in report.ratios if r.name == "harvest / bare forward")
         store = ShardStore.open(kept)
-        waits = []
+        waits, fed_rates = [], []
         for _ in range(args.repeats):
             feed = ShardLoader(store, batch_size=args.train_batch, window_chunks=FEED_WINDOW_CHUNKS, device=device,
                                resident=False)
             steps = feed_steps(store, args.train_batch, 20)
-            _, wait = time_end_to_end(make_trainers("baseline", store.d_model, args.d_sae, 1, device), feed, steps,
-                                      device)
+            seconds, wait = time_end_to_end(make_trainers("baseline", store.d_model, args.d_sae, 1, device), feed,
+                                            steps, device)
             waits.append(wait)
-    print(f"{args.tree}\tharvest/bare {harvest_over_bare:.3f}\tloader wait share {statistics.median(waits):.4f}",
-          flush=True)
+            fed_rates.append(steps * args.train_batch / seconds)
+    print(f"{args.tree}\tharvest/bare {harvest_over_bare:.3f}\tloader wait share {statistics.median(waits):.4f}"
+          f"\tfed steps {statistics.median(fed_rates):.0f} tok/s", flush=True)
 
 
 if __name__ == "__main__":
