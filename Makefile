@@ -9,13 +9,13 @@ SAEBENCH_VENV := .venv-saebench
 .PHONY: demo study test docs saebench-env peers-env clean-venv gpu-wheels
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
-# harvest once, train a sweep of four ratio-ranked SAEs in lockstep from the cache, evaluate them
+# harvest once, train a baseline and a ratio-ranked SAE at matched L0 in lockstep from the cache, evaluate them
 # (unlearning, core, specialisation) and write reports/demo/report.md.
 demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline harvest --config configs/demo.yaml
 	$(VENV)/bin/pipeline info shards/demo/L12
 	$(VENV)/bin/pipeline train --sweep configs/sweeps/demo.yaml
-	$(VENV)/bin/pipeline eval $$(ls -d runs/run_* | sort -t_ -k2 -n | tail -4) --config configs/eval-demo.yaml
+	$(VENV)/bin/pipeline eval $$(ls -d runs/run_* | sort -t_ -k2 -n | tail -2) --config configs/eval-demo.yaml
 	$(VENV)/bin/pipeline report --out reports/demo
 
 # The study of docs/results-demo.md: 1M tokens, 4 lambda_2 x 3 seeds, about an hour on 2 CPU cores.

@@ -156,6 +156,7 @@ def train(
     target_l0: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0"))] = None,
     target_l0_gain: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_gain"))] = None,
     target_l0_rate: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_rate"))] = None,
+    target_l0_ramp: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_ramp"))] = None,
     lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"))] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"))] = None,
     dict_size: Annotated[Optional[int], typer.Option(help=_tdoc("dict_size"))] = None,
@@ -195,7 +196,8 @@ def train(
                      ortho_min_count=ortho_min_count, ortho_normalize=ortho_normalize, k=k, aux_k=aux_k,
                      aux_coeff=aux_coeff, l0_coeff=l0_coeff, bandwidth=bandwidth, threshold_init=threshold_init,
                      batchtopk_threshold_lr=batchtopk_threshold_lr, target_l0=target_l0,
-                     target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate, wandb=wandb)
+                     target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate,
+                     target_l0_ramp=target_l0_ramp, wandb=wandb)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
                           dask=dask):
         typer.echo(line)

@@ -262,16 +262,40 @@ def test_top_weighting_touches_only_the_selected_rows():
 # --- target L0 --------------------------------------------------------------------------------------------
 
 def test_target_l0_controller_is_a_pi_controller_on_the_log_coefficient():
-    c = SparsityController(start=0.1, target=20.0, gain=1.0, rate=0.1)
-    assert c.update(20.0, 1.0) == 0.1 and c.integral == 0.0  # on target: nothing moves
+    c = SparsityController(start=0.1, target=20.0, gain=1.0, rate=0.1, ramp=0.0)
+    c.plan(100)
+    t = torch.tensor
+    assert float(c.update(t(20.0), 1, 1.0)) == 0.1 and float(c.integral) == 0.0  # on target: nothing moves
     e = math.log(42 / 21)
-    assert c.update(41.0, 0.5) == pytest.approx(0.1 * math.exp(1.0 * 0.5 * e + 0.1 * 0.5 * e))
-    assert c.integral == pytest.approx(0.5 * e)
+    assert float(c.update(t(41.0), 2, 0.5)) == pytest.approx(0.1 * math.exp(1.0 * 0.5 * e + 0.1 * 0.5 * e))
+    assert float(c.integral) == pytest.approx(0.5 * e)
     # the proportional part goes when the error does; the integral part stays
-    assert c.update(20.0, 1.0) == pytest.approx(0.1 * math.exp(0.1 * 0.5 * e))
-    assert c.update(1e6, 1.0) == pytest.approx(0.1 * math.exp(1.0 + 0.1 * (0.5 * e + 1.0)))  # clipped at 1
-    low = SparsityController(start=0.1, target=20.0, gain=0.0, rate=0.1)
-    assert low.update(0.0, 1.0) == pytest.approx(0.1 * math.exp(-0.1))  # nothing fires: finite, clipped
+    assert float(c.update(t(20.0), 3, 1.0)) == pytest.approx(0.1 * math.exp(0.1 * 0.5 * e))
+    assert float(c.update(t(1e6), 4, 1.0)) == pytest.approx(0.1 * math.exp(1.0 + 0.1 * (0.5 * e + 1.0)))  # clipped
+    low = SparsityController(start=0.1, target=20.0, gain=0.0, rate=0.1, ramp=0.0)
+    assert float(low.update(t(0.0), 1, 1.0)) == pytest.approx(0.1 * math.exp(-0.1))  # nothing fires: finite
+
+
+def test_target_l0_reference_holds_through_the_warm_up_then_glides_geometrically_to_the_target():
+    c = SparsityController(start=0.1, target=20.0, gain=1.0, rate=0.1, ramp=0.5)
+    c.plan(200, warmup_steps=20)  # the reference holds until step 20, then reaches the target at step 100
+    first = 320.0
+    coeff = c.update(torch.tensor(first), 1, 0.05)  # step 1 fixes where the glide starts: no error yet
+    assert float(coeff) == 0.1 and float(c.integral) == 0.0
+    assert float(c.reference(20)) == pytest.approx(first)
+    half = math.exp(0.5 * math.log(21) + 0.5 * math.log(321)) - 1  # halfway in log(L0 + 1)
+    assert float(c.reference(60)) == pytest.approx(half)
+    assert float(c.reference(100)) == pytest.approx(20.0) and float(c.reference(150)) == pytest.approx(20.0)
+    # the error is against the reference, not the target
+    e = math.log(201 / (half + 1))
+    coeff = c.update(torch.tensor(200.0), 60, 1.0)
+    assert float(c.integral) == pytest.approx(e)
+    assert float(coeff) == pytest.approx(0.1 * math.exp(e + 0.1 * e))
+    # its state round-trips through the checkpoint tensors
+    again = SparsityController(start=0.1, target=20.0, gain=1.0, rate=0.1, ramp=0.5)
+    again.plan(200, warmup_steps=20)
+    again.load_state_tensors(c.state_tensors())
+    assert float(again.reference(60)) == float(c.reference(60)) and float(again.integral) == float(c.integral)
 
 
 def test_target_l0_is_refused_where_k_fixes_l0():

@@ -18,9 +18,11 @@ def test_no_sync_on_a_non_logging_step(case):
 
 
 @pytest.mark.parametrize("arch", ["relu", "jumprelu"])
-def test_no_sync_on_a_logging_step_but_the_one_copy(arch):
-    """A logging step reads its metrics in one device-to-host copy, no `item` per metric."""
-    assert step_syncs(Case("ratio", arch, {}), log=True) == {op: 0 for op in SYNC_OPS}
+def test_no_sync_with_target_l0_and_on_a_logging_step_but_its_one_copy(arch):
+    """`--target-l0` adapts the coefficient on the device; a logging step reads its metrics in one
+    device-to-host copy, with no `item` per metric."""
+    for log in (False, True):
+        assert step_syncs(Case("ratio", arch, {}), log=log, target_l0=True) == {op: 0 for op in SYNC_OPS}
 
 
 def batches(n: int, d_in: int = 16, batch: int = 32) -> list[torch.Tensor]:
@@ -47,7 +49,7 @@ def test_a_logging_step_returns_the_metrics_of_its_forward_pass(arch):
     expected = {"loss": float(loss), **{k: float(v) for k, v in terms.items()},
                 "l0": float((f > 0).float().sum(dim=-1).mean()),
                 "dead": float((trainer.tokens_since_fired >= min(dead_after, seen)).sum()),
-                "lr": float(torch.tensor(trainer.scheduler.get_last_lr()[0]))}
+                "lr": trainer.scheduler.get_last_lr()[0]}
     assert list(got) == list(expected) and got == expected
     expected_keys = ["loss", "recon", trainer.sae.sparsity_name, "auxk" if arch in ("topk", "batchtopk") else None,
                      "ortho", "ranked", "l0", "dead", "lr"]

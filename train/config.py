@@ -82,11 +82,18 @@ class TrainConfig(BaseModel):
     """`relu`, `jumprelu`: adapt the sparsity coefficient (`l1`, `l0_coeff`: their value is the start)
     during training so that L0 ends near this many features per token. A PI controller on the log of
     the coefficient, fed each step's L0: c = c_0 exp(gain phi e_t + rate sum phi e), with
-    e = log((L0 + 1) / (target + 1)) clipped to [-1, 1] and phi the learning-rate schedule's factor
+    e = log((L0 + 1) / (R_t + 1)) clipped to [-1, 1], R_t a reference that glides from the first
+    step's L0 to the target (`target_l0_ramp`) and phi the learning-rate schedule's factor
     (docs/architectures.md). `topk`/`batchtopk` fix L0 by k."""
     target_l0_gain: float = Field(1.0, ge=0)
     """`target_l0`: the controller's proportional gain (how much the coefficient answers the current
     error at once)."""
+    target_l0_ramp: float = Field(0.7, ge=0, le=1)
+    """`target_l0`: the point of the run (a fraction of its steps) by which the controller's reference
+    has glided geometrically from the first step's L0 down to the target; the glide starts when the
+    learning-rate warm-up ends, and the reference holds the target from then to the last step (0:
+    aim at the target from the first step). A ReLU SAE driven at the target at once falls below it
+    and does not come back."""
     target_l0_rate: float = Field(0.02, gt=0, le=1)
     """`target_l0`: the controller's integral rate per step (how fast a lasting error moves the
     coefficient: at most a factor e^rate per step)."""

@@ -112,6 +112,8 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
     steps = (cfg0.tokens or store.rows_committed) // cfg0.batch_size
     if steps == 0:
         raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")
+    for trainer in trainers:
+        trainer.plan(steps)
 
     created: list[Path] = []
     with ExitStack() as held:
@@ -287,7 +289,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
             final = {
                 "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
                 "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "arch": c.arch, "sparsity_penalty": c.l1,
-                "sparsity_coeff": trainer.sparsity_coeff,
+                "sparsity_coeff": float(trainer.sparsity_coeff),
                 "ortho_penalty": c.ortho, "trainer": c.trainer, "d_in": d_model, "tokens": trainer.step_count * c.batch_size,
                 "final_metrics": latest[i], "seconds_this_session": round(seconds, 2),
                 "tokens_per_s_this_session": round((step - start) * c.batch_size / seconds, 1) if seconds else None,

@@ -15,7 +15,6 @@ skipped too: the run stands as it was before it, and the host learns of it at th
 step or before the next checkpoint (`nonfinite_step`), where the training loop stops the run.
 """
 
-import numpy as np
 import torch
 
 from ..architectures import build_sae
@@ -38,7 +37,8 @@ class Trainer:
         self.sae = build_sae(cfg, d_in, device)
         self.sparsity_coeff = float(getattr(cfg, self.sae.sparsity_option)) if self.sae.sparsity_option else 0.0
         """The weight of the architecture's sparsity term (`l1`, `l0_coeff`); `target_l0` adapts it."""
-        self.controller = (SparsityController(self.sparsity_coeff, cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_rate)
+        self.controller = (SparsityController(self.sparsity_coeff, cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_rate,
+                                              cfg.target_l0_ramp, device)
                            if cfg.target_l0 is not None else None)
         # fused: one kernel per step on CUDA, and the `found_inf` skip without a host read
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=True)
@@ -56,6 +56,11 @@ class Trainer:
         self._nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)
         """On the device: the step whose loss was first non-finite, -1 while none was."""
 
+    def plan(self, steps: int) -> None:
+        """Told the run's length before its first step (`target_l0`'s reference schedule needs it)."""
+        if self.controller is not None:
+            self.controller.plan(steps, self.cfg.warmup_steps)
+
     def dead_features(self) -> torch.Tensor | None:
         """The features counted dead (for AuxK), or None where none can be (`quiet_tokens_bound`)."""
         if self.quiet_tokens_bound < self.cfg.dead_after_tokens:
@@ -69,7 +74,10 @@ class Trainer:
         recon = reconstruction(x, out.x_hat, self.cfg.recon)
         loss, terms = recon, {"recon": recon}
         if out.sparsity is not None:
-            loss = loss + self.sparsity_coeff * out.sparsity
+            coeff = self.sparsity_coeff
+            if torch.is_tensor(coeff):  # the controller's float64 coefficient, on the device
+                coeff = coeff.to(out.sparsity.dtype)
+            loss = loss + coeff * out.sparsity
             terms[self.sae.sparsity_name] = out.sparsity
         for name, value in out.auxiliary.items():
             loss = loss + value
@@ -108,27 +116,29 @@ class Trainer:
             if not log and self.controller is None:
                 return {}
             l0 = (f > 0).float().sum(dim=-1).mean()
-            lr = float(np.float32(self.scheduler.get_last_lr()[0]))  # as metrics.jsonl has always held it
             trained_with = self.sparsity_coeff
-            if self.controller is not None:
-                self.sparsity_coeff = self.controller.update(float(l0), lr / self.cfg.lr)
+            if self.controller is not None:  # on the device: L0 and the coefficient stay tensors
+                schedule_factor = self.scheduler.get_last_lr()[0] / self.cfg.lr
+                self.sparsity_coeff = self.controller.update(l0, self.step_count, schedule_factor)
             if not log:
                 return {}
             seen = self.step_count * len(x)
             metrics = {"loss": loss, **terms, "l0": l0,
-                       "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum()}
-            # everything in one copy to the host: the metrics, the failure flag, the quiet-token bound
-            read = torch.stack([*(v.detach().double().reshape(()) for v in metrics.values()),
+                       "dead": (self.tokens_since_fired >= min(self.cfg.dead_after_tokens, seen)).sum(),
+                       "lr": self.scheduler.get_last_lr()[0]}
+            if self.controller is not None:
+                metrics["sparsity_coeff"] = trained_with  # the one this step trained with
+                metrics["l0_reference"] = self.controller.reference(self.step_count)
+            # every tensor in one copy to the host, with the failure flag and the quiet-token bound
+            on_device = {k: v for k, v in metrics.items() if torch.is_tensor(v)}
+            read = torch.stack([*(v.detach().to(self.device, torch.float64).reshape(()) for v in on_device.values()),
                                 self._nonfinite_at.double(), self.tokens_since_fired.max().double()]).tolist()
         *values, nonfinite_at, quiet = read
         self.quiet_tokens_bound = int(quiet)
         if nonfinite_at >= 0:
             return None
-        metrics = dict(zip(metrics, values))
-        metrics["lr"] = lr
-        if self.controller is not None:
-            metrics["sparsity_coeff"] = trained_with  # the one this step trained with
-        return metrics
+        values = dict(zip(on_device, values))
+        return {k: values[k] if k in values else float(v) for k, v in metrics.items()}
 
     def nonfinite_step(self) -> int | None:
         """The step whose loss was first non-finite, or None (a read on the host: a sync on CUDA)."""
@@ -172,9 +182,9 @@ class Trainer:
                 tensors[f"adam.{i}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
         tensors["tokens_since_fired"] = self.tokens_since_fired
         tensors["step_count"] = torch.tensor(self.step_count)
-        tensors["sparsity_coeff"] = torch.tensor(self.sparsity_coeff, dtype=torch.float64)
+        tensors["sparsity_coeff"] = torch.as_tensor(self.sparsity_coeff, dtype=torch.float64)
         if self.controller is not None:
-            tensors["sparsity_integral"] = torch.tensor(self.controller.integral, dtype=torch.float64)
+            tensors.update(self.controller.state_tensors())
         return {k: v.detach() for k, v in tensors.items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -186,10 +196,12 @@ class Trainer:
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
         self.quiet_tokens_bound = int(tensors["tokens_since_fired"].max())
         self.step_count = int(tensors["step_count"])
-        if "sparsity_coeff" in tensors:  # float64 holds the Python float exactly
+        if self.controller is not None:
+            self.controller.load_state_tensors(tensors)
+            if "sparsity_coeff" in tensors:
+                self.sparsity_coeff = tensors["sparsity_coeff"].to(self.device, torch.float64)
+        elif "sparsity_coeff" in tensors:  # float64 holds the Python float exactly
             self.sparsity_coeff = float(tensors["sparsity_coeff"])
-        if self.controller is not None and "sparsity_integral" in tensors:
-            self.controller.integral = float(tensors["sparsity_integral"])
         # The scheduler's state is its step: rebuild it, rather than load pickled state.
         self.scheduler.last_epoch = self.step_count
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
