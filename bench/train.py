@@ -110,7 +110,8 @@ def run_trainers(report: Report, store: ShardStore, *, device: torch.device, bat
         ratio = Measurement("train", f"ratio step, d_sae {d_sae} ({d_sae / d:g} x d_in)", rate("ratio", d_sae))
         report.measurements += [base, ratio]
         report.ratio(f"ratio overhead over baseline, d_sae {d_sae / d:g} x d_in", base.median / ratio.median - 1,
-                     at_most=0.15 if d_sae == d else None)
+                     at_most=0.15 if d_sae == d else None,
+                     note=f"the pairwise term's FLOP predict n/(4B) = {d_sae / (4 * batch_size):.2f} (bench/ratio_term.py)")
         if peak_flops:
             report.ratio(f"baseline utilisation of bf16 peak, d_sae {d_sae}, batches in memory",
                          base.median * sae_flop_per_token(d, d_sae) / peak_flops,
