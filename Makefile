@@ -1,8 +1,9 @@
 # The README's two commands. Each creates .venv/ on first use and installs what it needs, with the
-# CPU build of torch pinned by constraints.txt (drop `-c constraints.txt` on a GPU machine).
+# CPU build of torch pinned by constraints.txt (drop `-c constraints.txt` on a GPU machine). --no-compile:
+# Python writes the byte-code of the modules it imports on first use, rather than pip for every file.
 PYTHON ?= python3
 VENV := .venv
-PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
+PIP := $(VENV)/bin/pip install --disable-pip-version-check --no-compile -q -c constraints.txt
 
 SAEBENCH_VENV := .venv-saebench
 
