@@ -72,9 +72,11 @@ def summary(name: str, results: dict, cfg) -> str:
         null = s["n_dangerous_specific_null"]
         lo, hi = s["decoder_cos_dangerous_ci95"]
         rlo, rhi = s["decoder_cos_random_ci95"]
+        # the mean |cos| over the dangerous-specific pairs is undefined with fewer than two of them
+        cos = (f"{s['decoder_cos_dangerous']:.4f} [{lo:.4f}, {hi:.4f}]" if s["n_dangerous_specific"] >= 2
+               else "n/a (fewer than 2 such features)")
         parts.append(f"{s['n_dangerous_specific']} dangerous-specific features (label-permutation null "
                      f"{null['mean']:.1f} [{null['ci95'][0]:.0f}, {null['ci95'][1]:.0f}], p {s['n_dangerous_specific_p_value']:.3f}), "
-                     f"decoder |cos| {s['decoder_cos_dangerous']:.4f} [{lo:.4f}, {hi:.4f}] vs random "
-                     f"{s['decoder_cos_random']:.4f} [{rlo:.4f}, {rhi:.4f}]")
+                     f"decoder |cos| {cos} vs random {s['decoder_cos_random']:.4f} [{rlo:.4f}, {rhi:.4f}]")
     parts.append(f"{results['meta']['seconds']:.0f} s")
     return "; ".join(parts)
