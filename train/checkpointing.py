@@ -11,6 +11,7 @@ from training, so a checkpoint named in a message is on disk, and an error of th
 disk) is raised on the training thread.
 """
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,9 @@ class CheckpointJob:
 
 
 class CheckpointWriter:
-    def __init__(self):
+    def __init__(self, write: Callable = save_checkpoint):
+        """`write`: what writes one checkpoint on the writer thread (train/runs.py `save_checkpoint`)."""
+        self._write_one = write
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future | None = None
         self._buffers: dict[Path, dict[str, torch.Tensor]] = {}
@@ -49,7 +52,7 @@ class CheckpointWriter:
             copies.append(CheckpointJob(job.run_dir, job.step, buffers, job.state, job.keep_previous))
         for device in {t.device for job in jobs for t in job.tensors.values() if t.is_cuda}:
             events.append(torch.cuda.current_stream(device).record_event())  # on the stream the copies ran on
-        self._pending = self._pool.submit(_write, copies, events)
+        self._pending = self._pool.submit(self._write, copies, events)
 
     def wait(self) -> None:
         """Until the write in flight, if any, is on disk; its error, if it failed, is raised here."""
@@ -73,8 +76,8 @@ class CheckpointWriter:
         return held
 
 
-def _write(copies: list[CheckpointJob], events: list) -> None:
-    for event in events:
-        event.synchronize()  # the device-to-host copies have landed
-    for job in copies:
-        save_checkpoint(job.run_dir, job.step, job.tensors, job.state, keep_previous=job.keep_previous)
+    def _write(self, copies: list[CheckpointJob], events: list) -> None:
+        for event in events:
+            event.synchronize()  # the device-to-host copies have landed
+        for job in copies:
+            self._write_one(job.run_dir, job.step, job.tensors, job.state, keep_previous=job.keep_previous)

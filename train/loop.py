@@ -217,7 +217,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
     latest: list[dict] = [{} for _ in trainers]
     step = start
 
-    writer = CheckpointWriter()
+    writer = CheckpointWriter(save_checkpoint)
 
     def stop_if_nonfinite(i: int) -> None:
         """Stop run i if a loss of it has been non-finite: its trainer has skipped every step since (the
