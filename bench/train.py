@@ -139,7 +139,7 @@ def run_trainers(report: Report, store: ShardStore, *, device: torch.device, bat
                              at_least=0.5 if d_sae >= 16384 and resident else None)
             if not resident and d_sae == sizes[0]:
                 report.ratio(f"time the trainer waited for the loader, d_sae {d_sae}, streamed", max(waits),
-                             at_most=0.05, note="worst of the repeats; the first window's read is excluded")
+                             at_most=0.05, note="worst of the repeats; the 2 warm-up steps' waits excluded")
 
 
 

@@ -1,5 +1,10 @@
 """The harvest loop: plan, run the truncated model batch by batch, write and commit whole chunks.
 
+The forward thread only queues work: each batch's forward, the selection of its stored tokens by
+index and their non-blocking copy back to pinned host memory (nothing here waits for the device);
+compressing, writing and committing run behind a bounded queue in harvest/writer.py's threads, so
+the forward waits only when the writers fall behind.
+
 Resuming: the plan is rebuilt from the same config, the batch holding the first uncommitted row is
 run again (the same windows in the same batch, so the same numbers), and writing goes on from that
 row. The result equals an uninterrupted harvest.
@@ -40,6 +45,7 @@ from .packing import Plan, build_plan
 from .sources import describe_origin
 from .store import ShardStore
 from .team import Team
+from .writer import ChunkWriter, ForwardedBatch
 
 
 @dataclass
@@ -106,6 +112,9 @@ def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) ->
             return HarvestResult(ShardStore.open(path), 0, 0.0, already_complete=True, main_process=team.is_main)
         builtin = [s.name for s in (*cfg.dangerous, *cfg.safe) if s.kind == "builtin"]
         parsing = builtin_corpora.prefetch(builtin) if team.is_main else None
+        if not team.alone and team.is_main and cfg.device.startswith("cuda:"):
+            print(f"warning: --device {cfg.device} puts all {team.size} processes on that one GPU; "
+                  "--device cuda (or auto) gives each process its own", file=sys.stderr)
         loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                             device=team.device(cfg.device), dtype=cfg.dtype)
         if parsing is not None:
@@ -183,6 +192,14 @@ def _open_or_create(path: Path, cfg: HarvestConfig, d_model: int, rows_total: in
                       codec=cfg.codec, clevel=cfg.clevel, attrs=attrs)
 
 
+WRITER_THREADS = 4
+"""Threads compressing and writing chunks at once."""
+QUEUE_BATCHES = 4
+"""Forwarded batches waiting for the writers before the forward waits for them (pinned host memory)."""
+COMMIT_EVERY = 8
+"""Chunks written between commits (each commit rewrites zarr.json and the manifest)."""
+
+
 def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: int, progress: bool,
          team: Team) -> HarvestResult:
     ledger = ChunkLedger(store, main=team.is_main, alone=team.alone)
@@ -196,11 +213,16 @@ def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: i
     bar = tqdm(total=done_before + rows_mine, initial=done_before, unit="tok", unit_scale=True, dynamic_ncols=True,
                desc="harvest" if team.alone else f"harvest (main of {team.size} processes)",
                disable=not (progress and team.is_main), mininterval=1.0)
-    for first, stop in _runs(mine):
-        for row, chunk in _chunks(plan, block_output, batch_size, *ledger.rows(first, stop), store.chunk_rows):
-            store.write_rows(row, chunk)
-            ledger.record(row // store.chunk_rows)
-            bar.update(len(chunk["acts"]))
+    writer = ChunkWriter(store, ledger, threads=WRITER_THREADS, queue_batches=QUEUE_BATCHES,
+                         commit_every=COMMIT_EVERY, progress=bar.update)
+    try:
+        for first, stop in _runs(mine):
+            for batch in _forwarded(plan, block_output, batch_size, *ledger.rows(first, stop)):
+                writer.put(batch)
+    except BaseException:
+        writer.abandon()  # what is written in full is committed; the error goes on
+        raise
+    writer.finish()
     bar.close()
     team.wait()  # every chunk is written (and marked) before the main process commits the rest
     seconds = time.perf_counter() - start
@@ -225,8 +247,8 @@ def _runs(chunks: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _chunks(plan: Plan, block_output: BlockOutput, batch_size: int, start: int, stop: int, chunk_rows: int):
-    """Yield (first row, columns) of each chunk of rows [start, stop), `start` on a chunk boundary.
+def _forwarded(plan: Plan, block_output: BlockOutput, batch_size: int, start: int, stop: int):
+    """The forwarded batches holding rows [start, stop), `start` on a chunk boundary.
 
     The windows run in the batches of a whole single-process harvest (batch k holds windows
     [k * batch_size, (k + 1) * batch_size)), whatever the range: the same windows in the same forward
@@ -240,54 +262,60 @@ def _chunks(plan: Plan, block_output: BlockOutput, batch_size: int, start: int, 
     batch_ends = first_row[np.minimum(np.asarray(batch_starts) + batch_size, n_windows)]
     first_batch = int(np.argmax(batch_ends > start))
     skip = start - int(first_row[batch_starts[first_batch]])
-    pending: list[dict[str, np.ndarray]] = []
-    pending_rows = 0
     row = start
     for w in batch_starts[first_batch:]:
-        columns = _batch_rows(plan, slice(w, w + batch_size), block_output)
-        if skip:
-            columns = {k: v[skip:] for k, v in columns.items()}
-            skip = 0
-        pending.append(columns)
-        pending_rows += len(columns["acts"])
-        while pending_rows >= chunk_rows or (pending_rows and row + pending_rows >= stop):
-            n = min(chunk_rows, pending_rows, stop - row)
-            chunk, pending, pending_rows = _take(pending, n)
-            yield row, chunk
-            row += n
-            if row == stop:
-                return
+        windows = slice(w, w + batch_size)
+        stored = np.flatnonzero(plan.doc[windows] >= 0)  # window then position order
+        stored = stored[skip:skip + stop - row]
+        skip = 0
+        yield _forward(plan, windows, stored, block_output, row, stop)
+        row += len(stored)
+        if row == stop:
+            return
 
 
-def _batch_rows(plan: Plan, windows: slice, block_output: BlockOutput) -> dict[str, np.ndarray]:
-    """Rows of one batch of windows, in window then position order: the stored tokens only."""
-    keep = plan.doc[windows] >= 0
-    hidden = block_output(torch.from_numpy(plan.input_ids[windows]))
-    acts = hidden[torch.from_numpy(keep).to(hidden.device)].to(torch.bfloat16)
-    if not bool(torch.isfinite(acts).all()):
-        # Stored, they would surface only as a non-finite loss somewhere in training, far from the cause.
+@torch.inference_mode()
+def _forward(plan: Plan, windows: slice, stored: np.ndarray, block_output: BlockOutput, row: int,
+             stop: int) -> ForwardedBatch:
+    """Queue one batch's forward, the selection of its stored tokens and their copy back to the host.
+
+    Nothing here waits for the device: the token ids and the positions to keep go up from pinned
+    memory without blocking, the rows are selected by index (a boolean mask would sync to learn its
+    count), and the activations and their finiteness come back by non-blocking copies into pinned
+    memory, followed by an event the writer waits for.
+    """
+    device = block_output.device
+    input_ids, positions = torch.from_numpy(plan.input_ids[windows]), torch.from_numpy(stored)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        input_ids = input_ids.pin_memory().to(device, non_blocking=True)
+        positions = positions.pin_memory().to(device, non_blocking=True)
+    hidden = block_output(input_ids)
+    acts = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions).to(torch.bfloat16)
+    finite = copied = None
+    if on_cuda:
+        host = torch.empty(acts.shape, dtype=torch.bfloat16, pin_memory=True)
+        host.copy_(acts, non_blocking=True)
+        finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+        finite.copy_(torch.isfinite(acts).all(), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(acts.device))
+        acts = host
+    window_index, pos = np.divmod(stored, plan.input_ids.shape[1])
+
+    def nonfinite() -> str:
         names = sorted({plan.sources[i].spec.name for i in np.unique(plan.source[windows])}) if plan.sources else []
-        raise HarvestError(f"the model's activations are NaN or Inf in windows {windows.start}-"
-                           f"{min(windows.stop, len(plan.doc)) - 1} (sources: {', '.join(names) or 'unknown'}); "
-                           "nothing of them is stored and committed rows are kept: try --dtype float32, or check "
-                           "the model")
-    window_index, pos = np.nonzero(keep)
-    return {
-        "acts": acts.view(torch.int16).cpu().numpy().view(np.uint16),
+        return (f"the model's activations are NaN or Inf in windows {windows.start}-"
+                f"{min(windows.stop, len(plan.doc)) - 1} (sources: {', '.join(names) or 'unknown'}); "
+                "nothing of them is stored and committed rows are kept: try --dtype float32, or check the model")
+
+    columns = {
         "label": plan.source[windows][window_index],
-        "token": plan.input_ids[windows][keep].astype(np.int32),
-        "doc": plan.doc[windows][keep],
+        "token": plan.input_ids[windows].reshape(-1)[stored].astype(np.int32),
+        "doc": plan.doc[windows].reshape(-1)[stored],
         "pos": pos.astype(np.int32),
     }
-
-
-def _take(pending: list[dict[str, np.ndarray]], n: int):
-    """Split the first n rows off the pending batches."""
-    merged = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-    head = {k: v[:n] for k, v in merged.items()}
-    tail = {k: v[n:] for k, v in merged.items()}
-    rest = len(tail["acts"])
-    return head, ([tail] if rest else []), rest
+    return ForwardedBatch(row, stop, acts, columns, finite, copied, nonfinite)
 
 
 def _store_attrs(cfg: HarvestConfig, loaded, plan: Plan) -> dict:

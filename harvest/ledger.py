@@ -5,11 +5,14 @@ the group's attributes: two processes rewriting the same zarr.json would lose ea
 So a process that writes a chunk out of order (any process of a multi-process harvest) leaves an
 empty marker file for it under `.harvest.chunks/`, after the chunk's data; the main process moves
 `rows_committed` over every marked chunk that continues the prefix, and removes the markers once
-the store is complete. A lone process writing in order commits each chunk directly, as it always
-has, and leaves no markers. Markers of a killed run tell the next run which chunks to skip.
+the store is complete. A lone process keeps the chunks it has written in memory and leaves no
+markers: what it has not committed when killed is written again. Markers of a killed run tell the
+next run which chunks to skip. Chunks are recorded by the writer threads, in any order; commits
+come every few chunks (harvest/writer.py).
 """
 
 import shutil
+import threading
 
 from .store import ShardStore
 
@@ -27,6 +30,9 @@ class ChunkLedger:
         self.chunks = -(-self.rows_total // self.chunk_rows)
         self.prefix = -(-store.rows_committed // self.chunk_rows)
         """Chunks committed: [0, prefix)."""
+        self._written: set[int] = set()
+        """Chunks written by this lone process and not yet committed."""
+        self._lock = threading.Lock()
 
     def rows(self, first: int, stop: int) -> tuple[int, int]:
         """Rows of chunks [first, stop)."""
@@ -38,26 +44,27 @@ class ChunkLedger:
         return [c for c in range(self.prefix, self.chunks) if c not in marked]
 
     def record(self, chunk: int) -> None:
-        """Chunk `chunk` is written in full."""
-        if self.alone and chunk == self.prefix and not self.markers.exists():
-            self.prefix += 1
-            self.store.commit(self.rows(0, self.prefix)[1])
-            return
+        """Chunk `chunk` is written in full (from any thread); the next `advance` may commit it."""
+        with self._lock:
+            if self.alone and not self.markers.exists():
+                self._written.add(chunk)
+                return
         self.markers.mkdir(exist_ok=True)
         (self.markers / str(chunk)).touch()
-        if self.main:
-            self.advance()
 
     def advance(self, **attrs) -> None:
         """Commit the longest prefix of written chunks (main process only); `attrs` go with it."""
-        marked = self._marked()
-        before = self.prefix
-        while self.prefix in marked:
-            self.prefix += 1
-        if self.prefix != before or attrs:
-            self.store.commit(self.rows(0, self.prefix)[1], **attrs)
-        if self.prefix == self.chunks:
-            shutil.rmtree(self.markers, ignore_errors=True)
+        with self._lock:
+            written = self._marked() | self._written
+            prefix = self.prefix
+            while prefix in written:
+                prefix += 1
+            if prefix != self.prefix or attrs:
+                self.store.commit(self.rows(0, prefix)[1], **attrs)
+            self._written -= set(range(self.prefix, prefix))
+            self.prefix = prefix
+            if self.prefix == self.chunks:
+                shutil.rmtree(self.markers, ignore_errors=True)
 
     def _marked(self) -> set[int]:
         if not self.markers.is_dir():

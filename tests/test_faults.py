@@ -193,23 +193,29 @@ def disk_full(*_args, **_kwargs):
 @pytest.mark.parametrize("failing", ["write_rows", "commit"])
 def test_harvest_on_a_full_disk_stops_in_one_line_and_resumes_to_the_same_store(
         tiny_model, corpora, tiny_store, tmp_path, monkeypatch, capsys, failing):
+    """The disk fills at the fifth chunk's write (the four before it are kept), or at the second commit
+    (commits come every few chunks: the first one's rows are kept)."""
     out = tmp_path / "store"
     original = getattr(ShardStore, failing)
-    calls = []
+    calls, committed = [], []
 
-    def fills_the_disk_at_the_fifth_chunk(self, *args, **kwargs):
+    def fills_the_disk(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:
+        if len(calls) == (5 if failing == "write_rows" else 2):
             disk_full()
-        return original(self, *args, **kwargs)
+        result = original(self, *args, **kwargs)
+        if failing == "commit":
+            committed.append(args[0])
+        return result
 
-    monkeypatch.setattr(ShardStore, failing, fills_the_disk_at_the_fifth_chunk)
+    monkeypatch.setattr(ShardStore, failing, fills_the_disk)
     assert run_cli(monkeypatch, harvest_args(tiny_model, corpora, out)) == 2
     monkeypatch.setattr(ShardStore, failing, original)
     kept = ShardStore.open(out)
-    assert kept.rows_committed == 4 * kept.chunk_rows
+    rows = 4 * kept.chunk_rows if failing == "write_rows" else committed[-1]
+    assert kept.rows_committed == rows > 0
     assert one_line_error(capsys.readouterr().err) == (
-        f"error: disk full while writing {out} ({4 * kept.chunk_rows:,} of {kept.rows_total:,} rows committed are "
+        f"error: disk full while writing {out} ({rows:,} of {kept.rows_total:,} rows committed are "
         "kept): free space and run the same command again to resume")
     assert run_cli(monkeypatch, harvest_args(tiny_model, corpora, out)) == 0
     assert_same_store(tiny_store, ShardStore.open(out))

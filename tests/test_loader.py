@@ -114,3 +114,61 @@ def test_wait_time_counts_the_trainer_blocked_on_a_slow_reader(store, monkeypatc
     for _ in fast.iterate(0, steps=fast.batches_per_epoch()):
         time.sleep(0.01)  # a consumer slower than the reader never waits for long
     assert fast.wait_seconds < loader.wait_seconds
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "cuda:0"])
+def test_pinned_buffers_are_reused_only_after_their_copy_to_the_loaders_device(store, monkeypatch, device):
+    """With --device cuda:1 while cuda:0 is current, the copy out of a pinned buffer must be waited for
+    on cuda:1's streams: an event on cuda:0's stream has nothing to wait for, and the buffer is
+    overwritten while its copy is in flight (a fake CUDA that defers every copy until waited on)."""
+    from .fake_cuda import FakeCuda
+
+    fake = FakeCuda(current_device=0).install(monkeypatch)
+    ld = loader(store, device=device, dtype=torch.bfloat16, resident=False)
+    batches = list(ld.iterate(0, steps=12))
+    fake.finish()  # the GPU catches up: every queued copy runs, reading its buffer as it is now
+    monkeypatch.undo()
+    acts = store.acts()
+    for batch in batches:
+        assert torch.equal(batch.x.view(torch.int16), acts[batch.rows].view(torch.int16)), f"batch {batch.step}"
+    on = {d for d, _ in fake.copies_on}
+    assert on == {torch.device(device).index}
+
+
+def _single_threaded_batches(ld: ShardLoader, start: int, steps: int):
+    """The batches in the order the loader always gave them: each window's chunks read one after
+    another and concatenated, then each batch's rows taken from that."""
+    out = []
+    for window, first in ld._schedule(start):
+        acts = torch.cat([ld.store.acts(c * ld.chunk_rows, (c + 1) * ld.chunk_rows) for c in window.chunks])
+        rows = ld._window_rows(window.chunks)
+        for local in window.batches[first:]:
+            out.append((window.epoch, rows[local], acts.index_select(0, torch.from_numpy(local)).float()))
+            if len(out) == steps:
+                return out
+
+
+@pytest.mark.parametrize("decode_threads", [1, 4])
+def test_threaded_decoding_gives_the_single_threaded_batches_bit_for_bit(store, decode_threads):
+    ld = loader(store, decode_threads=decode_threads)
+    steps = ld.batches_per_epoch() + 5  # across an epoch's end, where the chunk order changes
+    for start in (0, 7):
+        expected = _single_threaded_batches(ld, start, steps)
+        got = list(ld.iterate(start, steps=steps))
+        assert [b.step for b in got] == list(range(start, start + steps))
+        for batch, (epoch, rows, x) in zip(got, expected, strict=True):
+            assert batch.epoch == epoch and np.array_equal(batch.rows, rows)
+            assert torch.equal(batch.x.view(torch.int32), x.view(torch.int32))
+
+
+def test_wait_time_includes_the_wait_for_the_first_window(store, monkeypatch):
+    real_acts = store.acts
+
+    def slow_acts(*args):
+        time.sleep(0.1)
+        return real_acts(*args)
+
+    monkeypatch.setattr(store, "acts", slow_acts)
+    ld = ShardLoader(store, batch_size=64, window_chunks=1, decode_threads=1)
+    next(iter(ld.iterate(0, steps=1)))
+    assert ld.wait_seconds >= 0.08

@@ -68,3 +68,17 @@ def test_embedded_gemma3_harvest(tmp_path, monkeypatch, capsys):
     assert torch.isfinite(acts).all()
     norms = acts.norm(dim=1)
     assert norms.min() > 0 and norms.median() > 10  # a real residual stream, not zeros or noise
+
+
+def test_plain_cuda_puts_each_launched_process_on_its_own_gpu(monkeypatch):
+    import accelerate
+
+    from harvest.team import Team
+
+    class FourthProcess:
+        device = torch.device("cuda", 3)  # Accelerate's device of local process 3
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda *a, **k: FourthProcess())
+    assert Team(3, 4).device("cuda") == Team(3, 4).device("auto") == "cuda:3"
+    assert Team(3, 4).device("cuda:0") == "cuda:0"  # asked for by index: every process computes there
+    assert Team(0, 1).device("cuda") == "cuda"

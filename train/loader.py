@@ -9,16 +9,26 @@ batch) sits out that epoch; the chunk grouping differs in the next one.
 
 The schedule (which rows form batch k) depends only on the labels, the seed and the sizes, so it is
 the same whatever the device, and a resumed run recomputes it and starts at batch k without reading
-the windows before it. Windows are read by a background thread (Zarr decodes chunks in its own
-threads) one ahead of the trainer; on CUDA, batches pass through pinned host buffers with
-non-blocking copies, or, when the whole store fits in device memory, the store is loaded there once
-and batches are gathered on the device.
+the windows before it.
+
+A background thread keeps the trainer fed: it decodes the next window while the trainer uses the
+current one, several chunks at once (a pool of decode threads, each writing its chunk straight to
+its place in one of two reused window buffers, so no window is concatenated), and on the CPU it also
+gathers the batches, which the trainer only takes off a queue. On CUDA the buffers are pinned; each
+whole window is copied to the device on a side stream of the loader's own device (events and streams
+of that device, not of the current one: with `--device cuda:1` an event on cuda:0's stream would
+complete at once and its buffer be refilled mid-copy), the trainer's stream waits for the copy's
+event, and batches are gathered on the device, their row ids uploaded once per window. When the whole
+store fits in device memory it is loaded there once and batches are gathered from it. `wait_seconds`
+is every second the trainer's thread spent waiting for the reader.
 """
 
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +60,7 @@ class _Window:
 class ShardLoader:
     def __init__(self, store: ShardStore, *, batch_size: int, dangerous_fraction: float = 0.5, seed: int = 0,
                  window_chunks: int = 32, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 resident: bool | None = None):
+                 resident: bool | None = None, decode_threads: int | None = None):
         self.store = store
         self.batch_size = batch_size
         self.n_dangerous = round(batch_size * dangerous_fraction)
@@ -69,8 +79,11 @@ class ShardLoader:
             raise ValueError(f"the store at {store.path} must hold both dangerous and safe rows")
         self.resident = self._fits_on_device() if resident is None else resident
         self._resident_acts: torch.Tensor | None = None
+        self.decode_threads = decode_threads or min(8, os.cpu_count() or 1)
+        """Threads decoding a window's chunks at once."""
         self.wait_seconds = 0.0
-        """Seconds the consumer waited for the reader after its first window: the loader starving the trainer."""
+        """Seconds the trainer's thread waited for the reader, every wait counted (the first window's
+        too): the loader starving the trainer."""
 
     # --- the schedule --------------------------------------------------------------------------
 
@@ -122,70 +135,85 @@ class ShardLoader:
         labels = torch.zeros(self.batch_size, dtype=torch.bool)
         labels[:self.n_dangerous] = True
         labels = labels.to(self.device)
-        pin = self.device.type == "cuda"
-        staging = [torch.empty(self.batch_size, self.store.d_model, dtype=torch.bfloat16).pin_memory()
-                   for _ in range(2)] if pin and not self.resident else []
-        copied = [None, None]  # CUDA events: a pinned buffer is reused only once its copy has run
-        step = start_step
-        for window, first, acts in self._prefetched(self._schedule(start_step)):
-            window_rows = self._window_rows(window.chunks)
-            rows = torch.from_numpy(window_rows).to(self.device) if self.resident else None
-            for local in window.batches[first:]:
-                if steps is not None and step >= start_step + steps:
-                    return
-                if self.resident:
-                    x = self._resident_acts.index_select(0, rows[torch.from_numpy(local).to(self.device)])
-                elif pin:
-                    slot = step % 2
-                    if copied[slot] is not None:
-                        copied[slot].synchronize()
-                    torch.index_select(acts, 0, torch.from_numpy(local), out=staging[slot])
-                    x = staging[slot].to(self.device, non_blocking=True)
-                    copied[slot] = torch.cuda.Event()
-                    copied[slot].record()
-                else:
-                    x = acts.index_select(0, torch.from_numpy(local))
-                yield Batch(step, x.to(self.dtype), labels, window.epoch, window_rows[local])
-                step += 1
-
-    def _prefetched(self, schedule: Iterator[tuple[_Window, int]]):
-        """Read each window's rows in a background thread, one window ahead."""
         if self.resident:
-            for window, first in schedule:
-                yield window, first, None
-            return
-        ready: queue.Queue = queue.Queue(maxsize=1)
+            batches = self._resident_batches(self._schedule(start_step))
+        else:
+            batches = self._pipelined(self._schedule(start_step))
+        try:
+            step = start_step
+            while steps is None or step < start_step + steps:
+                epoch, x, rows = next(batches)
+                yield Batch(step, x, labels, epoch, rows)
+                step += 1
+        finally:
+            batches.close()
+
+    def _resident_batches(self, schedule: Iterator[tuple[_Window, int]]):
+        """Gathered on the device from the resident store; each window's row ids go up once, from
+        pinned memory, not one small pageable upload (a sync on CUDA) per batch."""
+        for window, first in schedule:
+            window_rows = self._window_rows(window.chunks)
+            local = np.concatenate(window.batches[first:])
+            ids = self._upload(torch.from_numpy(window_rows[local]))
+            for b in range(len(window.batches) - first):
+                picked = ids[b * self.batch_size:(b + 1) * self.batch_size]
+                yield (window.epoch, self._resident_acts.index_select(0, picked).to(self.dtype),
+                       window_rows[local[b * self.batch_size:(b + 1) * self.batch_size]])
+
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _pipelined(self, schedule: Iterator[tuple[_Window, int]]):
+        """Batches of streamed windows, read by a background thread.
+
+        The thread decodes the next window while the current one is used, each of its chunks in a
+        thread of its own pool, straight into one of two reused window buffers (pinned on CUDA). On
+        the CPU it also gathers the batches, so the trainer only takes them off a queue. On CUDA it
+        copies each whole window to the device on a side stream of the loader's device and the batches
+        are gathered there on the trainer's stream, which waits for the copy's event; a pinned buffer is
+        decoded into again only once the host has seen the event of the copy out of it.
+        """
+        on_cuda = self.device.type == "cuda"
+        ready: queue.Queue = queue.Queue(maxsize=1 if on_cuda else 2)
         stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def read_ahead():
             try:
-                for window, first in schedule:
-                    acts = torch.cat([self.store.acts(c * self.chunk_rows, (c + 1) * self.chunk_rows)
-                                      for c in window.chunks])
-                    while not stop.is_set():
-                        try:
-                            ready.put((window, first, acts), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
+                self._read_ahead(schedule, put, on_cuda)
             except BaseException as exc:  # hand the error to the consumer
-                ready.put(exc)
+                put(exc)
 
         thread = threading.Thread(target=read_ahead, daemon=True, name="shard-reader")
         thread.start()
+        compute = torch.cuda.current_stream(self.device) if on_cuda else None
         try:
-            first = True
             while True:
                 waited = time.perf_counter()
                 item = ready.get()
-                if not first:
-                    self.wait_seconds += time.perf_counter() - waited
-                first = False
+                self.wait_seconds += time.perf_counter() - waited
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                if not on_cuda:
+                    yield item
+                    continue
+                window, first, window_rows, acts, local, copied = item
+                compute.wait_event(copied)
+                acts.record_stream(compute)  # allocated on the copy stream, read on this one
+                local.record_stream(compute)
+                for b, rows in enumerate(window.batches[first:]):
+                    picked = local[b * self.batch_size:(b + 1) * self.batch_size]
+                    yield window.epoch, acts.index_select(0, picked).to(self.dtype), window_rows[rows]
         finally:
             # Join the reader before returning: a daemon thread still decoding a chunk (C code) when
             # the interpreter exits aborts the process ("terminate called without an active exception").
@@ -196,6 +224,57 @@ class ShardLoader:
                 except queue.Empty:
                     pass
                 thread.join(timeout=0.05)
+
+    def _read_ahead(self, schedule: Iterator[tuple[_Window, int]], put, on_cuda: bool) -> None:
+        capacity = min(self.window_chunks, self.n_chunks) * self.chunk_rows
+        buffers = [torch.empty(capacity, self.store.d_model, dtype=torch.bfloat16) for _ in range(2)]
+        if on_cuda:
+            buffers = [b.pin_memory() for b in buffers]
+            copy_stream = torch.cuda.Stream(device=self.device)
+        copied: list = [None, None]  # per buffer, the event of the last copy out of it
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="shard-reader")
+        try:
+            window, first = next(schedule)
+            decoding = self._decode(pool, window, buffers[0])
+            slot = 0
+            while True:
+                window_rows = self._window_rows(window.chunks)
+                for chunk in decoding:
+                    chunk.result()
+                acts = buffers[slot][:len(window_rows)]
+                following, following_first = next(schedule)
+                if copied[1 - slot] is not None:
+                    copied[1 - slot].synchronize()  # the copy out of that buffer has run: it may be refilled
+                decoding = self._decode(pool, following, buffers[1 - slot])
+                if on_cuda:
+                    local = torch.from_numpy(np.concatenate(window.batches[first:]))
+                    with torch.cuda.stream(copy_stream):
+                        on_device = acts.to(self.device, non_blocking=True)
+                        local = local.pin_memory().to(self.device, non_blocking=True)
+                        copied[slot] = torch.cuda.Event()
+                        copied[slot].record(copy_stream)
+                    if not put((window, first, window_rows, on_device, local, copied[slot])):
+                        return
+                else:
+                    for rows in window.batches[first:]:
+                        x = acts.index_select(0, torch.from_numpy(rows)).to(self.dtype)
+                        if not put((window.epoch, x, window_rows[rows])):
+                            return
+                window, first, slot = following, following_first, 1 - slot
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _decode(self, pool: ThreadPoolExecutor, window: _Window, buffer: torch.Tensor) -> list[Future]:
+        """Start decoding a window's chunks into `buffer`, each at its place in window order."""
+        def decode(chunk: int, offset: int) -> None:
+            rows = self.store.acts(chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows)
+            buffer[offset:offset + len(rows)].copy_(rows)
+
+        futures, offset = [], 0
+        for c in window.chunks:
+            futures.append(pool.submit(decode, int(c), offset))
+            offset += min((c + 1) * self.chunk_rows, self.rows) - c * self.chunk_rows
+        return futures
 
     def _fits_on_device(self) -> bool:
         """Load the store onto the GPU when it takes under half of the free memory."""
