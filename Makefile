@@ -1,8 +1,9 @@
 # The README's two commands. Each creates .venv/ on first use and installs what it needs, with the
-# CPU build of torch pinned by constraints.txt (drop `-c constraints.txt` on a GPU machine).
+# CPU build of torch pinned by constraints.txt (drop `-c constraints.txt` on a GPU machine). --no-compile:
+# Python writes the byte-code of the modules it imports on first use, rather than pip for every file.
 PYTHON ?= python3
 VENV := .venv
-PIP := $(VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt
+PIP := $(VENV)/bin/pip install --disable-pip-version-check --no-compile -q -c constraints.txt
 
 SAEBENCH_VENV := .venv-saebench
 
@@ -26,13 +27,13 @@ study: $(VENV)/.installed
 	$(VENV)/bin/pipeline report --runs-dir runs/study --out reports/study
 
 # Both environments: the project's, and SAEBench's (for `pipeline eval --saebench`, the peer benchmarks and their tests).
-test: $(VENV)/.installed $(SAEBENCH_VENV)/.installed $(SAEBENCH_VENV)/.peers-installed
+test: $(VENV)/.installed-dev $(SAEBENCH_VENV)/.installed $(SAEBENCH_VENV)/.peers-installed
 	$(VENV)/bin/python -m pytest -q --ignore tests/test_peers.py
 	$(SAEBENCH_VENV)/bin/python -m pytest -q tests/test_saebench.py tests/test_peers.py
 
 # The documentation site into site/ (open site/index.html). --strict: a broken link or a missing page
 # fails the build. Material's end-of-life banner is not a build warning; NO_MKDOCS_2_WARNING hides it.
-docs: $(VENV)/.installed
+docs: $(VENV)/.installed-dev
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # SAEBench pins numpy < 2 and datasets < 4, so it gets an environment of its own. The torchvision
@@ -58,10 +59,17 @@ $(SAEBENCH_VENV)/.peers-installed: $(SAEBENCH_VENV)/.installed
 	$(SAEBENCH_VENV)/bin/pip install --disable-pip-version-check -q -c constraints.txt --no-deps $(PEERS_PKGS)
 	touch $@
 
+# What `make demo` and `make study` need (the project and the demo extra), then, for `make test` and
+# `make docs`, the test and docs extras on top: SAELens, wandb, selenium and MkDocs take a minute to
+# install that the demo would otherwise spend before its first token.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) -U pip
 	$(PIP) torch==2.13.0
+	$(PIP) -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[demo,test,docs]'
 	touch $@
 

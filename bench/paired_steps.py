@@ -43,8 +43,7 @@ def main() -> None:
     acts = torch.from_numpy(np.load(args.acts).astype(np.float32))
     d, b = acts.shape[1], args.batch_size
     batches = [acts[(i * b) % (len(acts) - b + 1):][:b] for i in range(args.rounds + 2)]
-    dangerous = torch.zeros(b, dtype=torch.bool)
-    dangerous[::2] = True
+    dangerous = b // 2  # the first half of each batch, as the loader's stratified batches put them first
 
     def ours(arch: str, trainer: str = "baseline", **options):
         t = TRAINERS[trainer](TrainConfig(trainer=trainer, arch=arch, k=K, dict_size=args.d_sae, warmup_steps=0,

@@ -16,13 +16,15 @@ from harvest.model import locate_model, resolve_device
 from harvest.store import ShardStore
 from train.config import TrainConfig
 
-from . import ceilings, harvest, train
+from . import ceilings, harvest, syncs, train
 from .machine import describe
 from .models import bench_model
 from .results import Measurement, Report
 
 PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
-SECTIONS = ("harvest", "train", "lockstep", "loader", "archs")
+SECTIONS = ("harvest", "train", "lockstep", "loader", "archs", "syncs")
+STORE_SECTIONS = {"train", "lockstep", "loader", "archs"}
+"""The sections that train from a shard store (`syncs` makes its own tiny batches)."""
 
 
 @dataclass
@@ -85,7 +87,7 @@ class BenchConfig:
         unknown = set(self.only) - set(SECTIONS)
         if unknown or not self.only:
             raise ValueError(f"--only takes some of {', '.join(SECTIONS)}, got {', '.join(self.only) or 'nothing'}")
-        if "harvest" not in self.only and self.shards is None:
+        if "harvest" not in self.only and self.shards is None and STORE_SECTIONS & set(self.only):
             raise ValueError("without the harvest benchmark, --shards must name the store to train from")
 
 
@@ -103,6 +105,10 @@ def run_bench(cfg: BenchConfig) -> Report:
     with tempfile.TemporaryDirectory(prefix="ratio-sae-bench-") as tmp:
         work = Path(tmp)
         harvested = _harvest(report, cfg, harvest_cfg, device, peaks, work) if "harvest" in cfg.only else None
+        if "syncs" in cfg.only:
+            syncs.record(report, quick=cfg.quick)
+        if not STORE_SECTIONS & set(cfg.only):
+            return _finish(report, cfg)
         store = ShardStore.open(cfg.shards or harvested)
         d = store.d_model
         sizes = sorted({round(m * d) for m in cfg.sizes} | ({16384} if device.type == "cuda" else set()))
@@ -119,6 +125,10 @@ def run_bench(cfg: BenchConfig) -> Report:
         if "loader" in cfg.only:
             train.run_loader(report, store, **common, work_dir=work,
                              pinned_gbps=peaks["pinned_h2d"].median if "pinned_h2d" in peaks else None)
+    return _finish(report, cfg)
+
+
+def _finish(report: Report, cfg: BenchConfig) -> Report:
     if cfg.results is not None:
         report.append_to(cfg.results)
     return report

@@ -41,9 +41,9 @@ def sae_flop_per_token(d_in: int, d_sae: int) -> float:
 
 
 def make_trainers(name: str, d_in: int, d_sae: int, k: int, device: torch.device) -> list:
-    # TrainConfig's own autocast default, as `pipeline train` runs: the benchmark measures the default
-    return [TRAINERS[name](TrainConfig(trainer=name, dict_size=d_sae, seed=i, ortho=1e-3),
-                           d_in, device) for i in range(k)]
+    # the default arithmetic, as `pipeline train` runs: bf16 autocast where it is native, else float32
+    return [TRAINERS[name](TrainConfig(trainer=name, dict_size=d_sae, seed=i, ortho=1e-3), d_in, device)
+            for i in range(k)]
 
 
 def _sync(device: torch.device) -> None:
@@ -54,9 +54,9 @@ def _sync(device: torch.device) -> None:
 def time_steps(trainers, batches, device) -> float:
     _sync(device)
     start = time.perf_counter()
-    for x, dangerous in batches:
+    for x, n_dangerous in batches:
         for t in trainers:
-            t.step(x, dangerous)
+            t.step(x, n_dangerous, log=False)  # as the training loop runs the steps between its logging steps
     _sync(device)
     return time.perf_counter() - start
 
@@ -68,13 +68,13 @@ def time_end_to_end(trainers, loader: ShardLoader, steps: int, device) -> tuple[
     for _ in range(warm):
         b = next(batches)
         for t in trainers:
-            t.step(b.x, b.dangerous)
+            t.step(b.x, loader.n_dangerous, log=False)
     _sync(device)
     waited = loader.wait_seconds
     start = time.perf_counter()
     for b in batches:
         for t in trainers:
-            t.step(b.x, b.dangerous)
+            t.step(b.x, loader.n_dangerous, log=False)
     _sync(device)
     seconds = time.perf_counter() - start
     return seconds, (loader.wait_seconds - waited) / seconds
@@ -87,7 +87,7 @@ class _Rates:
         self.d, self.device, self.repeats = store.d_model, device, repeats
         self.tokens = steps * batch_size
         loader = ShardLoader(store, batch_size=batch_size, window_chunks=WINDOW_CHUNKS, device=device, resident=False)
-        batches = [(b.x, b.dangerous) for b in loader.iterate(0, steps=steps + 2)]
+        batches = [(b.x, loader.n_dangerous) for b in loader.iterate(0, steps=steps + 2)]
         self.warm, self.batches = batches[:2], batches[2:]
 
     def __call__(self, name: str, d_sae: int, k: int = 1) -> list[float]:
@@ -110,7 +110,8 @@ def run_trainers(report: Report, store: ShardStore, *, device: torch.device, bat
         ratio = Measurement("train", f"ratio step, d_sae {d_sae} ({d_sae / d:g} x d_in)", rate("ratio", d_sae))
         report.measurements += [base, ratio]
         report.ratio(f"ratio overhead over baseline, d_sae {d_sae / d:g} x d_in", base.median / ratio.median - 1,
-                     at_most=0.15 if d_sae == d else None)
+                     at_most=0.15 if d_sae == d else None,
+                     note=f"the pairwise term's FLOP predict n/(4B) = {d_sae / (4 * batch_size):.2f} (bench/ratio_term.py)")
         if peak_flops:
             report.ratio(f"baseline utilisation of bf16 peak, d_sae {d_sae}, batches in memory",
                          base.median * sae_flop_per_token(d, d_sae) / peak_flops,
@@ -242,7 +243,7 @@ def arch_settings(k: int) -> list[tuple[str, dict]]:
 @dataclass
 class ArchData:
     """The rows every architecture and every peer trains on: batches in a fixed order, then held-out rows."""
-    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    batches: list[tuple[torch.Tensor, int]]
     heldout: torch.Tensor
     acts_file: Path
     """The same rows (training batches in order, then the held-out ones) as float32 .npy, for bench/peers.py."""
@@ -253,7 +254,7 @@ def arch_data(store: ShardStore, batch_size: int, steps: int, heldout_batches: i
     warm-up + `steps` to train on, the next `heldout_batches` held out."""
     train_batches = ARCH_WARMUP_STEPS + steps
     loader = ShardLoader(store, batch_size=batch_size, window_chunks=FEED_WINDOW_CHUNKS, device="cpu", resident=False)
-    drawn = [(b.x.float(), b.dangerous) for b in loader.iterate(0, steps=train_batches + heldout_batches)]
+    drawn = [(b.x.float(), loader.n_dangerous) for b in loader.iterate(0, steps=train_batches + heldout_batches)]
     heldout = torch.cat([x for x, _ in drawn[train_batches:]])
     path = work / "arch-acts.npy"
     # bench/peers.py trains on the first rows in batch order and holds out the last `heldout` rows, as here
@@ -280,12 +281,12 @@ def train_arch(options: dict, d_in: int, d_sae: int, data: ArchData, seed: int) 
     trainer = TRAINERS[options["trainer"]](TrainConfig(dict_size=d_sae, seed=seed, **options), d_in, torch.device("cpu"))
     first = data.batches[0][0]
     trainer.init_from_sample(first.mean(0), float(first.norm(dim=1).mean()))  # b_dec: the mean, as `pipeline train`
-    for x, dangerous in data.batches[:ARCH_WARMUP_STEPS]:
-        trainer.step(x, dangerous, log=False)
+    for x, n_dangerous in data.batches[:ARCH_WARMUP_STEPS]:
+        trainer.step(x, n_dangerous, log=False)
     timed = data.batches[ARCH_WARMUP_STEPS:]
     start = time.perf_counter()
-    for x, dangerous in timed:
-        trainer.step(x, dangerous, log=False)  # as the training loop runs the steps between its logging steps
+    for x, n_dangerous in timed:
+        trainer.step(x, n_dangerous, log=False)  # as the training loop runs the steps between its logging steps
     rate = len(timed) * len(timed[0][0]) / (time.perf_counter() - start)
     return (rate, *reconstruction_quality(trainer.sae, data.heldout, len(first)))
 

@@ -28,13 +28,16 @@ from train.runs import RUN_NAME, resolve_run  # noqa: E402
 SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
           ("at_2%", "score_at_retain", "0.02"), ("pauc", "pauc", None), ("saebench_style", "saebench_style_score", None))
 COLUMNS = [
-    ("run", None), ("trainer", "train.trainer"), ("l1", "train.l1"), ("ortho", "train.ortho"),
+    ("run", None), ("trainer", "train.trainer"), ("arch", "train.arch"), ("k", "train.k"), ("l1", "train.l1"),
+    ("target_l0", "train.target_l0"), ("ortho", "train.ortho"), ("ortho_weighting", "train.ortho_weighting"),
+    ("ortho_normalize", "train.ortho_normalize"),
     ("d_sae", "train.d_sae"), ("seed", "train.seed"), ("steps", "final.training_steps"),
     ("total_loss", "final.final_loss"),
     ("mse", "core.mse"), ("explained_variance", "core.explained_variance"),
     ("ev_dangerous", "core.per_label.dangerous.explained_variance"),
     ("ev_safe", "core.per_label.safe.explained_variance"),
-    *((f"unlearning_{name}", f"unlearning.{key}") for name, key, _ in SCORES),
+    *((f"unlearning_{name}", ("unlearning", key, fraction) if fraction else f"unlearning.{key}")
+      for name, key, fraction in SCORES),
     ("random_control_at_1%", "unlearning.control_scores.random.score_at_retain"),
     ("top_r_control_at_1%", "unlearning.control_scores.top_r.score_at_retain"),
     ("unlearning_score", "unlearning.score"), ("control_score", "unlearning.control_score"),
@@ -47,7 +50,9 @@ COLUMNS = [
     ("decoder_cos_dangerous", "specialization.decoder_cos_dangerous"),
     ("decoder_cos_random", "specialization.decoder_cos_random"),
 ]
-SETTING_KEYS = ("trainer", "l1", "ortho", "d_sae")  # runs that differ only in seed form one group
+SETTING_KEYS = ("trainer", "arch", "k", "l1", "target_l0", "ortho", "ortho_weighting", "ortho_normalize", "d_sae")
+"""Runs that differ only in seed form one group."""
+FIXED_K = ("topk", "batchtopk")
 EVALS = ("unlearning", "core", "specialization", "saebench_unlearning")
 
 
@@ -59,9 +64,10 @@ def _load(run_dir: Path) -> dict:
     return data
 
 
-def _get(data: dict, key: str):
-    """A value by dotted path; a score becomes (value, lo, hi), the permutation null its mean."""
-    section, *path = key.split(".")
+def _get(data: dict, key: str | tuple):
+    """A value by dotted path (or a tuple of keys, where a key holds a dot); a score becomes
+    (value, lo, hi), the permutation null its mean."""
+    section, *path = key.split(".") if isinstance(key, str) else key
     value = data.get(section, {})
     for part in path:
         value = value.get(part) if isinstance(value, dict) else None
@@ -93,7 +99,15 @@ def _csv_row(row: dict) -> dict:
 
 
 def _label(row: dict) -> str:
-    return f"{row['trainer']} ortho {row['ortho']}" + (f" d{row['d_sae']}" if row.get("d_sae") else "")
+    arch = row.get("arch")
+    label = row["trainer"] + (f" {arch}" if arch and arch != "relu" else "")
+    label += f" k{row['k']}" if arch in FIXED_K else ""
+    label += f" L0 {row['target_l0']:g}" if row.get("target_l0") else ""
+    label += f" ortho {row['ortho']}"
+    if row["ortho"]:
+        label += "".join(f" {row[k]}" for k, default in (("ortho_weighting", "rank"), ("ortho_normalize", "sum"))
+                         if row.get(k) not in (None, default))
+    return label + (f" d{row['d_sae']}" if row.get("d_sae") else "")
 
 
 def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
@@ -114,6 +128,9 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
     loaded = [_load(d) for d in dirs]
     rows = [{name: (d.name if key is None else _get(data, key)) for name, key in COLUMNS}
             for d, data in zip(dirs, loaded)]
+    for row in rows:
+        if row["arch"] not in FIXED_K:
+            row["k"] = None  # recorded in every config, meaningful only where it fixes L0
     out.mkdir(parents=True, exist_ok=True)
     csv_rows = [_csv_row(r) for r in rows]
     with (out / "report.csv").open("w", newline="") as f:

@@ -112,6 +112,33 @@ def load(name: str) -> list[str]:
     return texts
 
 
+def _load_all(names: list[str]) -> None:
+    for name in names:
+        load(name)
+
+
+def prefetch(names: list[str]):
+    """Parse the builtin corpora among `names` that are not cached yet, in a process of their own, so
+    that the parse (PubMed's takes ~25 s of single-threaded Python) runs beside the model's loading;
+    returns something to wait on (`.result()`), or None when every one is cached already."""
+    missing = []
+    for name in dict.fromkeys(names):
+        dist, module, _ = _entry(name)
+        if importlib.util.find_spec(module) is None:
+            return None  # load() gives the clear error, in the main process
+        if not (cache_dir("corpora") / f"{name}-{importlib.metadata.version(dist)}.json").exists():
+            missing.append(name)
+    if not missing:
+        return None
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    future = pool.submit(_load_all, missing)
+    pool.shutdown(wait=False)
+    return future
+
+
 def _entry(name: str) -> tuple[str, str, Callable[[], list[str]]]:
     if name not in _CORPORA:
         raise HarvestError(f"unknown builtin corpus {name!r}; known: {', '.join(_CORPORA)}")

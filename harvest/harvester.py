@@ -40,6 +40,7 @@ from .disk import is_disk_full
 from .errors import HarvestError, Interrupted, signals_interrupt
 from .ledger import MARKER_DIR, ChunkLedger
 from .model import BlockOutput, load_model
+from . import builtin_corpora
 from .packing import Plan, build_plan
 from .sources import describe_origin
 from .store import ShardStore
@@ -109,11 +110,18 @@ def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) ->
         complete = _on_main(team, lambda: _claim(path, cfg, overwrite, held_by_main))
         if complete:
             return HarvestResult(ShardStore.open(path), 0, 0.0, already_complete=True, main_process=team.is_main)
+        builtin = [s.name for s in (*cfg.dangerous, *cfg.safe) if s.kind == "builtin"]
+        parsing = builtin_corpora.prefetch(builtin) if team.is_main else None
         if not team.alone and team.is_main and cfg.device.startswith("cuda:"):
             print(f"warning: --device {cfg.device} puts all {team.size} processes on that one GPU; "
                   "--device cuda (or auto) gives each process its own", file=sys.stderr)
         loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                             device=team.device(cfg.device), dtype=cfg.dtype)
+        if parsing is not None:
+            try:
+                parsing.result()
+            except Exception:
+                pass  # build_plan below parses again, and load() reports the failure in one line
         plan = build_plan(cfg, loaded.tokenizer)  # in every process: the same plan, no need to send it
         for use in plan.sources if team.is_main else ():
             if use.tokens < use.budget:

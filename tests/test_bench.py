@@ -15,17 +15,18 @@ def test_quick_bench_runs_every_benchmark_and_appends_a_dated_table(monkeypatch,
     assert run_cli(monkeypatch, args) == 0
     text = results.read_text()
     assert text.startswith("# Benchmark results")
-    for section in ("ceilings", "harvest", "train", "lockstep", "loader", "archs"):
+    for section in ("ceilings", "harvest", "train", "lockstep", "loader", "archs", "syncs"):
         assert f"| {section} |" in text, section
     for ratio in ("harvest / bare forward", "harvest / naive full forward", "ratio overhead over baseline",
                   "per-SAE cost K=2 / K=1", "loader / straight Zarr reading, uncompressed",
                   "time the trainer waited for the loader", "ratio term (top weighting) overhead on topk",
-                  "topk decode: gathered / dense route"):
+                  "topk decode: gathered / dense route", "host-device syncs on a non-logging step, worst case"):
         assert f"| {ratio}" in text, ratio
     # every measured figure is a positive number
     rows = [line.split("|") for line in text.splitlines()
             if re.match(r"\| (harvest|train|lockstep|loader|archs) \|", line)]
     assert rows and all(float(r[3].replace(",", "")) > 0 for r in rows)
+    assert re.search(r"\| host-device syncs on a non-logging step, worst case \| 0 \| <= 0 \| yes \|", text)
     # every architecture row carries its quality on held-out rows; TopK's L0 is k (4 in the quick mode)
     archs = [r for r in rows if r[1].strip() == "archs"]
     assert len(archs) == 5 and all(re.search(r"EV -?[0-9.]+ \[", r[7]) for r in archs)

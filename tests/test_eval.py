@@ -310,6 +310,27 @@ def test_report_groups_seeds_with_their_spread():
     assert "explained_variance" not in baseline["stats"]  # no values, no statistic
 
 
+def test_report_reads_each_retain_fraction_and_tells_architectures_and_weightings_apart():
+    from evaluate.report import COLUMNS, _get, _label, seed_groups
+
+    scores = {f: {"value": v, "ci95": [v - 0.1, v + 0.1]} for f, v in (("0.005", 0.2), ("0.01", 0.4), ("0.02", 0.7))}
+    data = {"unlearning": {"score_at_retain": scores}}
+    keys = dict(COLUMNS)
+    assert [_get(data, keys[f"unlearning_at_{p}"])[0] for p in ("0.5%", "1%", "2%")] == [0.2, 0.4, 0.7]
+
+    def row(run, weighting, arch="topk"):
+        r = {c: None for c, _ in COLUMNS}
+        r.update(run=run, trainer="ratio", arch=arch, k=32, l1=0.04, ortho=0.1, ortho_weighting=weighting,
+                 ortho_normalize="mean", d_sae=64, seed=0, unlearning_score=0.5)
+        return r
+
+    groups = seed_groups([row("run_1", "rank"), row("run_2", "uniform"), row("run_3", "rank", arch="batchtopk")])
+    assert sorted(g["label"] for g in groups) == ["ratio batchtopk k32 ortho 0.1 mean d64", "ratio topk k32 ortho 0.1 mean d64",
+                                                  "ratio topk k32 ortho 0.1 uniform mean d64"]
+    assert _label({**row("run_4", "rank", arch="relu"), "k": None, "target_l0": 30.0, "ortho": 0.0}) == \
+        "ratio L0 30 ortho 0.0 d64"
+
+
 def test_unknown_run_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert run_cli(monkeypatch, ["eval", "run_7", "--runs-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err

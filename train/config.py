@@ -133,12 +133,17 @@ class TrainConfig(BaseModel):
     every earlier run keep their meaning), `mse` for the other architectures."""
     window_chunks: int = Field(32, gt=0)
     """Chunks per shuffle window of the loader."""
-    ortho_block: int = Field(2048, gt=0)
-    """Rows per square block of the pairwise term (memory: two ortho_block x ortho_block matrices)."""
+    ortho_block: int | None = Field(None, gt=0)
+    """Rows per square block of the pairwise term (memory: two ortho_block x ortho_block float32
+    matrices). Default: 4096 on CUDA (fewer, larger matmuls keep the GPU busy: 128 MiB), 2048 elsewhere."""
     device: str = "auto"
     """`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`."""
-    autocast: bool = False
-    """bf16 autocast of the SAE's matmuls (only where bf16 is native: CUDA, AMX / AVX-512-BF16 CPUs)."""
+    autocast: bool | None = None
+    """bf16 autocast of the SAE's matmuls (parameters, optimiser state, losses and the ratio term stay
+    float32). Default: by hardware, on where bf16 is native (a CUDA GPU with bf16 tensor cores, a CPU
+    with AMX or AVX-512-BF16), off elsewhere (an AVX2 CPU runs bf16 ~100x slower than float32); on
+    CUDA the matmuls left in float32 run as TF32 either way. `true` on a CPU without native bf16 is
+    refused; `false` keeps float32 (TF32 on CUDA)."""
     resident: bool | None = None
     """Load the whole store onto the device once. Default: when it fits in half the free GPU memory."""
     log_every: int = Field(50, gt=0)

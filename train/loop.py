@@ -26,10 +26,12 @@ from harvest.model import cpu_has_native_bf16
 from harvest.stats import stats_for_training
 from harvest.store import ShardStore, store_fingerprint
 
+from .checkpointing import CheckpointJob, CheckpointWriter
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .loader import ShardLoader
 from .memory import check_fits
+from .precision import resolve_autocast
 from .runs import (MetricsLog, checkpoint_step, group_record, holds_nothing, interrupted, load_checkpoint, new_run_dir,
                    run_lock, save_checkpoint, write_json)
 from .tracking import open_wandb_runs, require_wandb
@@ -97,6 +99,8 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
     if any(c.autocast for c in cfgs) and device.type == "cpu" and not cpu_has_native_bf16():
         raise TrainError("--autocast asks for bf16 on a CPU without AMX or AVX-512-BF16, where it runs ~100x "
                          "slower than float32; leave it off")
+    # train_config.json records the arithmetic the run used, and a resumed run keeps it
+    cfgs = [c.model_copy(update={"autocast": resolve_autocast(c.autocast, device)}) for c in cfgs]
     d_model = store.d_model
     if cfg0.batch_size > store.rows_committed:
         raise TrainError(f"--batch-size {cfg0.batch_size} is larger than the store at {store.path} "
@@ -212,69 +216,92 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
     last_step = start
     latest: list[dict] = [{} for _ in trainers]
     step = start
-    stop.deferring = True  # from here a signal stops training at the end of its step, with a checkpoint
-    for batch in loader.iterate(start, steps - start):
-        logging = (batch.step + 1) % cfg0.log_every == 0 or batch.step + 1 == steps  # metrics only where logged
-        for i, trainer in enumerate(trainers):
+
+    writer = CheckpointWriter(save_checkpoint)
+
+    def stop_if_nonfinite(i: int) -> None:
+        """Stop run i if a loss of it has been non-finite: its trainer has skipped every step since (the
+        device found it; the host asks on logging steps and before checkpoints), so nothing is lost
+        but the steps in between, and its last checkpoint stays the last good state."""
+        at = trainers[i].nonfinite_step()
+        if at is not None:
+            writer.wait()  # the checkpoint the message names is the one on disk
+            failed[i] = (f"non-finite loss at step {at}; stopped, last good checkpoint kept "
+                         f"({_checkpoint_step(run_dirs[i])})")
+            write_json(run_dirs[i] / "failed.json", {"step": at, "error": failed[i]})
+
+    def save_all(step: int) -> None:
+        """Checkpoint every run still training, in the background (train/checkpointing.py)."""
+        for i in range(len(trainers)):
+            if not failed[i]:
+                stop_if_nonfinite(i)
+        writer.save([CheckpointJob(run_dirs[i], step, trainer.checkpoint_tensors(), {"trainer": trainer.name},
+                                   keep_previous=len(trainers) > 1)
+                     for i, trainer in enumerate(trainers) if not failed[i]])
+
+    try:
+        stop.deferring = True  # from here a signal stops training at the end of its step, with a checkpoint
+        for batch in loader.iterate(start, steps - start):
+            logging = (batch.step + 1) % cfg0.log_every == 0 or batch.step + 1 == steps  # metrics only where logged
+            for i, trainer in enumerate(trainers):
+                if failed[i]:
+                    continue
+                # the loader's stratified batches hold their dangerous rows first (train/loader.py, Batch)
+                metrics = trainer.step(batch.x, loader.n_dangerous, log=logging)
+                if metrics is None:
+                    stop_if_nonfinite(i)
+                    continue
+                latest[i] = metrics
+            step = batch.step + 1
+            bar.update(cfg0.batch_size)
+            if step % cfg0.log_every == 0 or step == steps:
+                now = time.perf_counter()
+                rate = (step - last_step) * cfg0.batch_size / (now - last_time)
+                last_step, last_time = step, now
+                for i, log in enumerate(logs):
+                    if not failed[i]:
+                        row = {"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
+                               "epoch": batch.epoch}
+                        log.append(row)
+                        if wandb_runs[i] is not None:
+                            wandb_runs[i].log(row)
+            if stop.received is not None and step < steps:
+                save_all(step)
+                writer.wait()  # on disk before the message says it is kept
+                raise Interrupted(stop.received)
+            if step % cfg0.checkpoint_every == 0 and step < steps:
+                save_all(step)
+            if all(failed):
+                break
+        writer.wait()
+        bar.close()
+        seconds = time.perf_counter() - began
+        results = []
+        for i, (trainer, run_dir, c) in enumerate(zip(trainers, run_dirs, cfgs)):
+            if not failed[i]:
+                stop_if_nonfinite(i)
             if failed[i]:
+                results.append(RunResult(run_dir, c, trainer.step_count, failed[i]))
                 continue
-            metrics = trainer.step(batch.x, batch.dangerous, log=logging)
-            if metrics is None:
-                failed[i] = (f"non-finite loss at step {batch.step}; stopped, last good checkpoint kept "
-                             f"({_checkpoint_step(run_dirs[i])})")
-                write_json(run_dirs[i] / "failed.json", {"step": batch.step, "error": failed[i]})
-                continue
-            latest[i] = metrics
-        step = batch.step + 1
-        bar.update(cfg0.batch_size)
-        if step % cfg0.log_every == 0 or step == steps:
-            now = time.perf_counter()
-            rate = (step - last_step) * cfg0.batch_size / (now - last_time)
-            last_step, last_time = step, now
-            for i, log in enumerate(logs):
-                if not failed[i]:
-                    row = {"step": step, "tokens": step * cfg0.batch_size, **latest[i], "tokens_per_s": rate,
-                           "epoch": batch.epoch}
-                    log.append(row)
-                    if wandb_runs[i] is not None:
-                        wandb_runs[i].log(row)
-        if stop.received is not None and step < steps:
-            for i, trainer in enumerate(trainers):
-                if not failed[i]:
-                    save_checkpoint(run_dirs[i], step, trainer.state_tensors(), {"trainer": trainer.name},
-                                    keep_previous=len(trainers) > 1)
-            raise Interrupted(stop.received)
-        if step % cfg0.checkpoint_every == 0 and step < steps:
-            for i, trainer in enumerate(trainers):
-                if not failed[i]:
-                    save_checkpoint(run_dirs[i], step, trainer.state_tensors(), {"trainer": trainer.name},
-                                    keep_previous=len(trainers) > 1)
-        if all(failed):
-            break
-    bar.close()
-    seconds = time.perf_counter() - began
-    results = []
-    for i, (trainer, run_dir, c) in enumerate(zip(trainers, run_dirs, cfgs)):
-        if failed[i]:
-            results.append(RunResult(run_dir, c, trainer.step_count, failed[i]))
-            continue
-        save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
-                        keep_previous=len(trainers) > 1)
-        trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
-        final = {
-            "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
-            "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "arch": c.arch, "sparsity_penalty": c.l1,
-            "sparsity_coeff": float(trainer.sparsity_coeff),
-            "ortho_penalty": c.ortho, "trainer": c.trainer, "d_in": d_model, "tokens": trainer.step_count * c.batch_size,
-            "final_metrics": latest[i], "seconds_this_session": round(seconds, 2),
-            "tokens_per_s_this_session": round((step - start) * c.batch_size / seconds, 1) if seconds else None,
-            "lockstep_size": len(trainers), "shards": str(store.path), "input_scale": trainer.input_scale,
-        }
-        write_json(run_dir / "final_info.json", final)
-        results.append(RunResult(run_dir, c, trainer.step_count, None, final))
-    for run in filter(None, wandb_runs):
-        run.finish()
-    return results
+            save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
+                            keep_previous=len(trainers) > 1)
+            trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
+            final = {
+                "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
+                "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "arch": c.arch, "sparsity_penalty": c.l1,
+                "sparsity_coeff": float(trainer.sparsity_coeff),
+                "ortho_penalty": c.ortho, "trainer": c.trainer, "d_in": d_model, "tokens": trainer.step_count * c.batch_size,
+                "final_metrics": latest[i], "seconds_this_session": round(seconds, 2),
+                "tokens_per_s_this_session": round((step - start) * c.batch_size / seconds, 1) if seconds else None,
+                "lockstep_size": len(trainers), "shards": str(store.path), "input_scale": trainer.input_scale,
+            }
+            write_json(run_dir / "final_info.json", final)
+            results.append(RunResult(run_dir, c, trainer.step_count, None, final))
+        for run in filter(None, wandb_runs):
+            run.finish()
+        return results
+    finally:
+        writer.close()  # whatever stops training, the checkpoint being written is finished first
 
 
 def _sample_statistics(loader: ShardLoader, rows: int = 16384) -> tuple[torch.Tensor, float]:

@@ -16,12 +16,18 @@ Weights carry no gradient.
     L_ortho = sum over i != j of s_i s_j |w_i . w_j|     (w: unit decoder rows)
 
 (`sum`, the seed's), or that divided by the sum over i != j of s_i s_j (`mean`: a weighted mean
-|cos|, so that lambda_2 means the same at every width). Computed in float32, in square blocks over
-the rows with s > 0 only, so that no d_sae x d_sae matrix is ever held, forward or backward.
+|cos|, so that lambda_2 means the same at every width). Computed in float32, in square blocks, so
+that no d_sae x d_sae matrix is ever held, forward or backward.
+
+Every shape in a training step here is fixed by the batch and the SAE, never by the data (how many
+features fired, how many are dead, how many are weighted): on CUDA a data-dependent shape makes the
+host wait for the device (bench/syncs.py counts these waits).
 """
 
+import numpy as np
 import torch
 
+from .host import to_device
 from .sparse_decode import decode_topk
 
 WEIGHTINGS = ("rank", "top", "uniform", "shuffled")
@@ -42,69 +48,113 @@ def l1(f: torch.Tensor) -> torch.Tensor:
     return f.float().abs().sum(dim=-1).mean()
 
 
-def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor, w_dec: torch.Tensor,
+def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor | None, w_dec: torch.Tensor,
          aux_k: int) -> torch.Tensor:
     """AuxK (Gao et al. 2024, appendix A.2): the top `aux_k` dead features' activations (relu of
     their pre-activations) reconstruct the residual x - x_hat, without the decoder bias; the squared
     error is divided by the residual's variance, and scaled by min(dead / aux_k, 1) when few are dead
-    (as dictionary_learning and sparsify do). Zero when no feature is dead."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
+    (as dictionary_learning and sparsify do). Zero when no feature is dead.
+
+    Of fixed shape whatever the number of dead features, so that the step never waits for it on the
+    host: the top `aux_k` of the pre-activations with the live ones at -inf, whose relu is 0, so a
+    live feature chosen when fewer than `aux_k` are dead adds nothing and gets no gradient; with none
+    dead the term is computed and multiplied by 0. `dead` None (the trainer knows on the host that
+    no feature can be dead yet) skips it."""
+    if dead is None:
         return pre.new_zeros((), dtype=torch.float32)
     residual = residual.detach().float()
-    k = min(aux_k, n_dead)
+    k = min(aux_k, dead.shape[0])
     values, indices = torch.where(dead[None], pre, -torch.inf).topk(k, dim=-1, sorted=False)
     # from the chosen decoder rows, without the decoder bias (train/sparse_decode.py)
     error = decode_topk(values.relu(), indices, w_dec, w_dec.new_zeros(w_dec.shape[1])).float() - residual
     variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
     loss = error.pow(2).sum(dim=-1).mean() / variance
-    return min(n_dead / aux_k, 1.0) * loss.nan_to_num(0.0)
+    return (dead.sum() / aux_k).clamp(max=1.0) * loss.nan_to_num(0.0)
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
     """1-based ranks of a 1-D tensor, ties at their average rank (scipy.stats.rankdata's
-    `average`), computed on the tensor's device."""
+    `average`), computed on the tensor's device with shapes that do not depend on the values.
+
+    In sorted order a run of equal values spans positions [first, last]; each of them ranks
+    (first + last) / 2 + 1. `first` is the running maximum of the positions where a run starts,
+    `last` the running minimum, from the right, of those where one ends. NaNs sort last, each its
+    own run, so the other values rank as if the NaNs were not there."""
     ordered, order = torch.sort(values, stable=True)
-    _, group, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-    last = counts.cumsum(0)
+    n = values.shape[0]
+    positions = torch.arange(n, device=values.device)
+    change = ordered[1:] != ordered[:-1]
+    starts = torch.cat([change.new_ones(1), change])
+    ends = torch.cat([change, change.new_ones(1)])
+    first = torch.where(starts, positions, 0).cummax(0).values
+    last = torch.where(ends, positions, n - 1).flip(0).cummin(0).values.flip(0)
     ranks = torch.empty(values.shape, dtype=torch.float32, device=values.device)
-    ranks[order] = (last - (counts - 1) / 2).float()[group]
+    ranks[order] = ((first + last).float() / 2 + 1)  # exact: half-integers below 2^23
     return ranks
 
 
-def feature_ratios(f: torch.Tensor, dangerous: torch.Tensor) -> torch.Tensor:
+Labels = int | torch.Tensor
+"""Which rows of a batch are dangerous: their number, the rows being the first ones (the loader's
+stratified batches put them first: a slice, read without a sync), or a bool mask (boolean indexing,
+which waits on the host for the mask's count)."""
+
+
+def feature_ratios(f: torch.Tensor, dangerous: Labels) -> torch.Tensor:
     """r_i = a_d / (a_d + a_s) for a batch of features f (batch, d_sae); NaN for silent features."""
-    if not dangerous.any() or dangerous.all():
-        raise ValueError("a batch needs both dangerous and safe rows to rank features")
     f = f.float()
-    a_d = f[dangerous].mean(dim=0)
-    a_s = f[~dangerous].mean(dim=0)
+    if isinstance(dangerous, int):
+        if not 0 < dangerous < len(f):
+            raise ValueError("a batch needs both dangerous and safe rows to rank features")
+        a_d, a_s = f[:dangerous].mean(dim=0), f[dangerous:].mean(dim=0)
+    else:
+        if not dangerous.any() or dangerous.all():
+            raise ValueError("a batch needs both dangerous and safe rows to rank features")
+        a_d, a_s = f[dangerous].mean(dim=0), f[~dangerous].mean(dim=0)
+    return _ratios(a_d, a_s)
+
+
+def _ratios(a_d: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
     total = a_d + a_s
     return torch.where(total > 0, a_d / total.clamp_min(torch.finfo(total.dtype).tiny), torch.nan)
 
 
+def _shuffled_ratios(f: torch.Tensor, dangerous: Labels, generator: torch.Generator | None) -> torch.Tensor:
+    """feature_ratios with the labels permuted by a permutation drawn on the host: the rows of each
+    group are found there, in order, and gathered on the device (the same rows, in the same order,
+    as boolean indexing with the permuted mask takes)."""
+    labels = np.arange(len(f)) < dangerous if isinstance(dangerous, int) else dangerous.cpu().numpy()
+    if not labels.any() or labels.all():
+        raise ValueError("a batch needs both dangerous and safe rows to rank features")
+    shuffled = labels[torch.randperm(len(labels), generator=generator).numpy()]
+    rows_d, rows_s = (to_device(torch.from_numpy(np.flatnonzero(m)), f.device) for m in (shuffled, ~shuffled))
+    f = f.float()
+    return _ratios(f.index_select(0, rows_d).mean(dim=0), f.index_select(0, rows_s).mean(dim=0))
+
+
+def _rank_weights(r: torch.Tensor) -> torch.Tensor:
+    """s of the `rank` weighting from r (NaN: no ratio, weight 0), with fixed shapes."""
+    alive = ~torch.isnan(r)
+    n = alive.sum()
+    return torch.where(alive, average_ranks(r) / n.clamp_min(1), 0.0)
+
+
 @torch.no_grad()
-def ratio_ranks(f: torch.Tensor, dangerous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ratio_ranks(f: torch.Tensor, dangerous: Labels) -> tuple[torch.Tensor, torch.Tensor]:
     """(r, s) of the `rank` weighting; r is NaN for features silent on both groups, whose s is 0."""
     r = feature_ratios(f, dangerous)
-    alive = ~torch.isnan(r)
-    s = torch.zeros_like(r)
-    n = int(alive.sum())
-    if n:
-        s[alive] = average_ranks(r[alive]) / n
-    return r, s
+    return r, _rank_weights(r)
 
 
 @torch.no_grad()
-def ratio_weights(f: torch.Tensor, dangerous: torch.Tensor, weighting: str = "rank", *, top_r: float = 0.9,
+def ratio_weights(f: torch.Tensor, dangerous: Labels, weighting: str = "rank", *, top_r: float = 0.9,
                   min_count: int = 1, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(r, s) of a weighting (see the module docstring). `shuffled` permutes the labels with
     `generator` (a CPU generator: the trainer seeds it per step, so that a resumed run draws the same)."""
     if weighting == "rank":
         return ratio_ranks(f, dangerous)
     if weighting == "shuffled":
-        permutation = torch.randperm(len(dangerous), generator=generator).to(dangerous.device)
-        return ratio_ranks(f, dangerous[permutation])
+        r = _shuffled_ratios(f, dangerous, generator)
+        return r, _rank_weights(r)
     r = feature_ratios(f, dangerous)
     if weighting == "uniform":
         return r, (~torch.isnan(r)).float()
@@ -121,13 +171,13 @@ class _PairwiseAbsCosine(torch.autograd.Function):
     once: the forward pass also forms the gradient (n x d, the size of w), which the backward pass
     only scales. With s folded into matrix-vector and matrix-matrix products, nothing of size
     block x block is built but the Gram block and its signs; the term costs about 3 n^2 d FLOP
-    instead of the 4 n^2 d of a full Gram matrix and its gradient.
+    instead of the 4 n^2 d of a full Gram matrix and its gradient. `w` and `s` come in the
+    accumulation dtype (float32, or float64 for float64 inputs), cast once by the caller.
     """
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
-        acc = torch.promote_types(w.dtype, torch.float32)
-        total = torch.zeros((), dtype=acc, device=w.device)
+        total = torch.zeros((), dtype=w.dtype, device=w.device)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(w) if need_grad else None
         weighted = s[:, None] * w
@@ -141,7 +191,7 @@ class _PairwiseAbsCosine(torch.autograd.Function):
                     gram.fill_diagonal_(0)  # a row with itself is not a pair
                 sign = torch.sign(gram) if need_grad else None
                 gram.abs_()
-                pairs = s[rows_a].to(acc) @ (gram @ s[rows_b]).to(acc)
+                pairs = s[rows_a] @ (gram @ s[rows_b])
                 total += pairs if a == b else 2 * pairs  # an off-diagonal block stands for its transpose too
                 if need_grad:
                     grad[rows_a] += sign @ weighted[rows_b]
@@ -161,18 +211,20 @@ class _PairwiseAbsCosine(torch.autograd.Function):
 
 def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048,
                         normalize: str = "sum") -> torch.Tensor:
-    """L_ortho over the unit decoder rows of the weighted features (s > 0), in float32 whatever the
-    autocast: only those rows are gathered, so `top` costs only its selected features' pairs."""
+    """L_ortho over the unit decoder rows, in float32 whatever the autocast (TF32 matmuls on CUDA).
+
+    Over every row, with fixed shapes: a row of weight 0 is in pairs whose terms are 0 and gets no
+    gradient, so the result is that of the weighted rows alone (up to the order of the float sums),
+    and the step never waits on the host for how many rows are weighted. The price: `top`, which
+    weights few rows, costs as much as `rank`."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
     with torch.autocast(w_dec.device.type, enabled=False):
-        weighted = s > 0
-        w = w_dec[weighted]
-        w = w.to(torch.promote_types(w.dtype, torch.float32))
+        w = w_dec.to(torch.promote_types(w_dec.dtype, torch.float32))
         w = w / w.norm(dim=1, keepdim=True)
-        s = s[weighted].to(w.dtype)
+        s = s.to(w.dtype)
         total = _PairwiseAbsCosine.apply(w, s, block)
         if normalize == "mean":
             pairs = s.sum() ** 2 - (s * s).sum()  # sum over i != j of s_i s_j
-            total = total / pairs if pairs > 0 else total  # no pair: the sum is 0 already
+            total = total / torch.where(pairs > 0, pairs, 1.0)  # no pair: the sum is 0 already
     return total

@@ -98,8 +98,9 @@ class MetricsLog:
 
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict, state: dict, *, keep_previous: bool = False) -> None:
-    """Write checkpoint/step_<step>/ whole under a temporary name, rename it into place, then point
-    latest.json at it: a kill or a full disk at any moment leaves the previous checkpoint usable.
+    """Write checkpoint/step_<step>/ whole under a temporary name, sync it to disk, rename it into
+    place, then point latest.json at it: a kill, a crash or a full disk at any moment leaves the
+    previous checkpoint usable.
 
     `keep_previous`: keep the checkpoint before this one too. The runs of a lockstep group save one
     after another, so a group stopped between two saves resumes every run from the step all of them
@@ -119,9 +120,12 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict, state: dict, *, kee
         partial.mkdir(parents=True)
         save_file(tensors, partial / "state.safetensors")
         write_json(partial / "state.json", {**state, "step": step})
+        for path in (partial / "state.safetensors", partial / "state.json", partial):
+            _fsync(path)  # on disk, not only in the page cache, before anything points at it
         shutil.rmtree(target, ignore_errors=True)  # renamed into place, then killed before latest.json
         partial.rename(target)
         write_json(root / "latest.json", {"step": step, "dir": target.name})
+        _fsync(root)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # on a full disk, give back what it took
         raise
@@ -129,6 +133,15 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict, state: dict, *, kee
     for stale in root.glob("step_*"):
         if stale not in kept:
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a directory's entries (renames), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -93,15 +93,18 @@ class SAE(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
-        """The forward pass of a training step. `dead`: the features counted dead (for AuxK)."""
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
+        """The forward pass of a training step. `dead`: the features counted dead (for AuxK), or None
+        where the trainer knows on the host that none can be."""
         x_hat, f = self(x)
         return TrainingOutput(x_hat, f, sparsity=l1(f))
 
     @torch.no_grad()
-    def after_step(self, f: torch.Tensor) -> None:
-        """After each optimiser step (`f`: that step's features): parameters back in bounds."""
-        self.normalize_decoder()
+    def after_step(self, f: torch.Tensor, applied: torch.Tensor | None = None) -> None:
+        """After each optimiser step (`f`: that step's features): parameters back in bounds.
+        `applied`: a 0-d bool tensor, False where the trainer skipped the step on the device (a
+        non-finite loss); then nothing changes, bit for bit, and nothing is read on the host."""
+        self.normalize_decoder(applied)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self) -> None:
@@ -111,8 +114,9 @@ class SAE(nn.Module):
             self.W_dec.grad -= (self.W_dec.grad * w).sum(dim=1, keepdim=True) * w
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+    def normalize_decoder(self, applied: torch.Tensor | None = None) -> None:
+        norm = self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec /= norm if applied is None else torch.where(applied, norm, 1.0)  # x / 1 is x
 
     def for_inference(self) -> "SAE":
         """A copy of the SAE as it is saved and used after training (BatchTopK: a JumpReLU SAE)."""

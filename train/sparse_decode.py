@@ -75,9 +75,9 @@ def _value_grad(grad_out: torch.Tensor, latents: torch.Tensor, offsets: torch.Te
 def _row_grad(grad_out: torch.Tensor, values: torch.Tensor, latents: torch.Tensor, offsets: torch.Tensor,
               n_rows: int) -> torch.Tensor:
     """For each row i: the sum over pairs p with latents[p] = i of values[p] * grad_out[token of p] (0 if unused)."""
-    order = torch.argsort(latents)
-    counts = torch.bincount(latents, minlength=n_rows)
-    starts = torch.cumsum(counts, 0) - counts
+    ordered, order = torch.sort(latents)
+    # where each row's pairs begin in latent order (a bincount's output size would wait for the largest latent)
+    starts = torch.searchsorted(ordered, torch.arange(n_rows, device=latents.device))
     tokens = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=latents.device), offsets.diff(),
                                      output_size=latents.shape[0])
     # Each latent's bag: the tokens that chose it, weighted by their values.
@@ -117,6 +117,5 @@ def decode_sparse_rows(values: torch.Tensor, flat_indices: torch.Tensor, tokens:
         return torch.addmm(b_dec, code, W_dec)
     flat_indices, order = torch.sort(flat_indices)  # token-major, as compressed rows need
     rows = flat_indices // d_sae
-    counts = torch.bincount(rows, minlength=tokens)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    offsets = torch.searchsorted(flat_indices, torch.arange(tokens + 1, device=flat_indices.device) * d_sae)
     return GatheredRowsSum.apply(values[order], flat_indices - rows * d_sae, offsets, W_dec) + b_dec

@@ -46,7 +46,7 @@ class BatchTopKSAE(SAE):
         values, indices = flat.topk(min(self.k * acts.shape[:-1].numel(), flat.numel()), sorted=False)
         return torch.zeros_like(flat).scatter_(-1, indices, values).reshape(acts.shape)
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
         pre = self.pre_acts(x)
         acts = torch.relu(pre).flatten()
         values, indices = acts.topk(min(self.k * len(pre), acts.numel()), sorted=False)
@@ -59,15 +59,16 @@ class BatchTopKSAE(SAE):
         return out
 
     @torch.no_grad()
-    def after_step(self, f: torch.Tensor) -> None:
-        super().after_step(f)
-        kept = f[f > 0]
-        if kept.numel():
-            smallest = kept.min().to(torch.float64)
-            if self.topk_threshold < 0:
-                self.topk_threshold.copy_(smallest)
-            else:
-                self.topk_threshold.mul_(1 - self.threshold_lr).add_(self.threshold_lr * smallest)
+    def after_step(self, f: torch.Tensor, applied: torch.Tensor | None = None) -> None:
+        super().after_step(f, applied)
+        # on the device: the smallest kept activation (inf if none was kept), then the average moved
+        # only if one was kept (and the step was not skipped)
+        kept = f > 0
+        smallest = torch.where(kept, f, torch.inf).min().to(torch.float64)
+        moved = torch.where(self.topk_threshold < 0, smallest,
+                            self.topk_threshold * (1 - self.threshold_lr) + self.threshold_lr * smallest)
+        update = kept.any() if applied is None else kept.any() & applied
+        self.topk_threshold.copy_(torch.where(update, moved, self.topk_threshold))
 
     def for_inference(self) -> JumpReLUSAE:
         sae = JumpReLUSAE(self.d_in, self.d_sae, device=self.W_dec.device, dtype=self.W_dec.dtype)

@@ -76,16 +76,16 @@ class JumpReLUSAE(SAE):
         # SAELens: relu(pre) * (pre > threshold), the same for a threshold >= 0
         return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
         pre = self.pre_acts(x)
         threshold = self.threshold.to(pre.dtype)
         f = _JumpReLU.apply(pre, threshold, self.bandwidth)
         return TrainingOutput(self.decode(f), f, sparsity=step_l0(pre, threshold, self.bandwidth))
 
     @torch.no_grad()
-    def after_step(self, f: torch.Tensor) -> None:
-        super().after_step(f)
-        self.threshold.clamp_(min=0.0)
+    def after_step(self, f: torch.Tensor, applied: torch.Tensor | None = None) -> None:
+        super().after_step(f, applied)
+        self.threshold.clamp_(min=0.0)  # a skipped step left it >= 0 already
 
     @torch.no_grad()
     def divide_input_scale(self, scale: float) -> None:

@@ -44,7 +44,7 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor) -> TrainingOutput:
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
         pre = self.pre_acts(x)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         values = values.relu()

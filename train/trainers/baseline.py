@@ -6,5 +6,5 @@ from .base import Trainer
 class BaselineTrainer(Trainer):
     name = "baseline"
 
-    def loss(self, x, dangerous):
+    def loss(self, x, n_dangerous):
         return self.base_loss(x)

@@ -21,7 +21,7 @@ class SeedCoactivationTrainer(Trainer):
             raise TrainError("the seed's ortho terms multiply a d_sae x d_sae matrix by a d_in x d_in one: "
                              f"seed_coactivation needs dict_size == d_model ({d_in}), as in the seed")
 
-    def loss(self, x, dangerous):
+    def loss(self, x, n_dangerous):
         loss, terms, f = self.base_loss(x)
         w = self.sae.W_dec / self.sae.W_dec.norm(dim=0, keepdim=True)
         dot = torch.abs(w.T @ w)

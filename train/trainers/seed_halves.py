@@ -13,6 +13,7 @@ The decoder itself is kept with unit-norm feature rows, as everywhere in this pr
 import torch
 
 from ..errors import TrainError
+from ..host import to_device
 from .base import Trainer
 
 
@@ -25,11 +26,11 @@ class SeedHalvesTrainer(Trainer):
             raise TrainError("the seed's ortho terms multiply a d_sae x d_sae matrix by a d_in x d_in one: "
                              f"seed_halves needs dict_size == d_model ({d_in}), as in the seed")
 
-    def loss(self, x, dangerous):
+    def loss(self, x, n_dangerous):
         # The seed's batches were unlabelled i.i.d. rows; ours come dangerous-first, so shuffle them
         # (reproducibly per step) or the "halves" would silently become the true labels.
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step_count)
-        x = x[torch.randperm(len(x), generator=generator).to(x.device)]
+        x = x[to_device(torch.randperm(len(x), generator=generator), x.device)]
         loss, terms, f = self.base_loss(x)
         split = self.cfg.halves_split or len(x) // 2
         m1, m2 = f[:split].mean(dim=0), f[split:].mean(dim=0)
