@@ -34,14 +34,20 @@ def snapshot(trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.state_tensors().items()}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_a_logging_step_returns_the_metrics_of_its_forward_pass(arch):
+def after_two_quiet_steps(arch: str, n_batches: int):
+    """A ratio trainer of `arch` after two non-logging steps: its case, the trainer, `n_batches`
+    batches (the first two used) and a snapshot of its state."""
     case = Case("ratio", arch, {})
     trainer = make_trainer(case)
-    xs = batches(3)
+    xs = batches(n_batches)
     for x in xs[:2]:
         trainer.step(x, 16, log=False)
-    before = snapshot(trainer)
+    return case, trainer, xs, snapshot(trainer)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_logging_step_returns_the_metrics_of_its_forward_pass(arch):
+    case, trainer, xs, before = after_two_quiet_steps(arch, n_batches=3)
     dead_after, seen = trainer.cfg.dead_after_tokens, (trainer.step_count + 1) * 32
     with torch.no_grad():
         loss, terms, f = trainer.loss(xs[2], 16)
@@ -63,12 +69,7 @@ def test_a_logging_step_returns_the_metrics_of_its_forward_pass(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_non_finite_loss_is_skipped_on_the_device_and_nothing_changes(arch, monkeypatch):
-    case = Case("ratio", arch, {})
-    trainer = make_trainer(case)
-    xs = batches(5)
-    for x in xs[:2]:
-        trainer.step(x, 16, log=False)
-    before = snapshot(trainer)
+    case, trainer, xs, before = after_two_quiet_steps(arch, n_batches=5)
     original = type(trainer).loss
 
     def diverge_at_step_2(self, x, n_dangerous):
