@@ -97,7 +97,7 @@ def test_training_killed_ten_times_at_random_moments_resumes_to_the_same_weights
 
         more, more_after_progress, more_log = kill_at_random_moments(
             args_now, seconds_left, lambda: checkpoint_step(run), lambda: (run / "final_info.json").exists(),
-            kills=10 - landed, seed=attempt)
+            kills=10 - landed, seed=attempt, startup=startup)
         landed, after_progress, log = landed + more, after_progress + more_after_progress, log + more_log
         if not (run / "final_info.json").exists():
             assert run_cli(monkeypatch, args_now()) == 0

@@ -80,11 +80,15 @@ def timed_run(args: list[str], started) -> tuple[float, float]:
 
 
 def kill_at_random_moments(args_now, seconds_left, progress, finished, kills: int,
-                           seed: int) -> tuple[int, int, list[str]]:
+                           seed: int, startup: float | None = None) -> tuple[int, int, list[str]]:
     """Start `pipeline args_now()` `kills` times, each SIGKILLed after a delay drawn uniformly over
     the first 70% of `seconds_left()`, the time the run would still take (start-up included): a run's
     pace varies by a third on a busy machine, and a kill drawn past its end would find it gone. Stops
     early once the work is `finished()` (a run ended before its kill, or was killed on its way out).
+
+    With `startup` (the seconds before the first progress), every second kill instead waits until
+    the process has made progress and then comes within the first 70% of the work still left: when
+    start-up is most of a run, draws over the whole run would seldom land after a checkpoint.
 
     Returns how many kills landed while the process ran, how many of those came after it had made
     progress (`progress()` grew: committed rows, a checkpoint), and what happened each time.
@@ -92,20 +96,24 @@ def kill_at_random_moments(args_now, seconds_left, progress, finished, kills: in
     rng = np.random.default_rng(seed)
     landed = after_progress = 0
     log = []
-    for _ in range(kills):
+    for i in range(kills):
         if finished():
             break
         before = progress()
         left = seconds_left()
-        delay = rng.uniform(0.0, 0.7 * left)
+        wait_for_progress = startup is not None and i % 2 == 1
+        delay = rng.uniform(0.0, 0.7 * (max(left - startup, 0.0) if wait_for_progress else left))
         proc = start(args_now())
         try:
+            while wait_for_progress and progress() == before and proc.poll() is None:
+                time.sleep(0.01)
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
         _, err = proc.communicate()
-        log.append(f"{delay:.2f} of {left:.2f} s: exit {proc.returncode}, progress {before} -> {progress()}")
+        when = "after progress" if wait_for_progress else "after start"
+        log.append(f"{delay:.2f} of {left:.2f} s {when}: exit {proc.returncode}, progress {before} -> {progress()}")
         if proc.returncode != -signal.SIGKILL:
             assert proc.returncode == 0, (err, log)
             continue
@@ -148,7 +156,7 @@ def test_killed_ten_times_at_random_moments_including_startup_resumes(tiny_model
 
         more, more_after_progress, more_log = kill_at_random_moments(
             lambda: args, seconds_left, lambda: committed(resumed), lambda: committed(resumed) == store.rows_total,
-            kills=10 - landed, seed=attempt)
+            kills=10 - landed, seed=attempt, startup=startup)
         landed, after_progress, log = landed + more, after_progress + more_after_progress, log + more_log
         finish = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), *args], cwd=ROOT, capture_output=True,
                                 text=True)
