@@ -139,7 +139,9 @@ def collect(store: ShardStore, sae: SAE, *, top_k: int, reservoir: int, seed: in
         tokens += torch.bincount(groups, minlength=2)
         fired += torch.bincount(cols, minlength=2 * d_sae)
         summed.index_add_(0, cols, values.double())
-        bins = ((values.log10() - HIST_LOG10_MIN) * bin_scale).long().clamp_(0, HIST_BINS - 1)
+        # in float64: a float32 log10 lands within an ulp of a bin edge often enough that its bin
+        # would depend on the SIMD path of the machine's log10
+        bins = ((values.double().log10() - HIST_LOG10_MIN) * bin_scale).long().clamp_(0, HIST_BINS - 1)
         hist += torch.bincount(cols * HIST_BINS + bins, minlength=2 * d_sae * HIST_BINS)
         top.add(cols, values, values, rows)
         # the reservoir: a uniform random key per positive activation, the largest keys kept

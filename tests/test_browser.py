@@ -91,7 +91,7 @@ def test_top_contexts_equal_a_brute_force_search(tiny_store, trained, monkeypatc
             assert len(kept) == min(reservoir, len(positive)) == len(set(kept))
             assert set(kept) <= set(rows_g.tolist()) and (f[kept, feature] > 0).all()
             # the histogram of positive activations in fixed log bins
-            bins = ((np.log10(positive) - HIST_LOG10_MIN) * HIST_BINS / (HIST_LOG10_MAX - HIST_LOG10_MIN))
+            bins = (np.log10(positive.astype(np.float64)) - HIST_LOG10_MIN) * (HIST_BINS / (HIST_LOG10_MAX - HIST_LOG10_MIN))
             expected = np.bincount(np.clip(bins.astype(int), 0, HIST_BINS - 1), minlength=HIST_BINS)
             np.testing.assert_array_equal(stats.hist[g, feature], expected)
     assert fired_somewhere > sae.d_sae  # the comparison covered live features in both groups
