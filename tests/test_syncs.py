@@ -49,7 +49,8 @@ def after_two_quiet_steps(arch: str, n_batches: int):
 def test_a_logging_step_returns_the_metrics_of_its_forward_pass(arch):
     case, trainer, xs, before = after_two_quiet_steps(arch, n_batches=3)
     dead_after, seen = trainer.cfg.dead_after_tokens, (trainer.step_count + 1) * 32
-    with torch.no_grad():
+    # under the step's own precision: bf16 autocast by default where bf16 is native
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.autocast):
         loss, terms, f = trainer.loss(xs[2], 16)
     got = trainer.step(xs[2], 16, log=True)
     expected = {"loss": float(loss), **{k: float(v) for k, v in terms.items()},
