@@ -185,7 +185,8 @@ def test_decoded_window_equals_the_text_the_harvest_packed(tiny_store, trained, 
         # the decoded pieces join into the text of those tokens
         assert "".join(text_pieces) == tokenizer.decode(plan.input_ids[w, lo:hi + 1].tolist())
         # and each token carries the feature's activation at its row
-        np.testing.assert_allclose(context.activations, f[context.rows, context.feature], rtol=1e-6, atol=1e-7)
+        # (float32 tolerance: the contexts encode a gathered subset of rows, a different matmul shape)
+        np.testing.assert_allclose(context.activations, f[context.rows, context.feature], rtol=1e-5, atol=1e-6)
 
 
 def test_browse_writes_a_site_whose_pages_match_the_store(tiny_store, trained, tiny_model, corpora, tmp_path,
