@@ -23,10 +23,14 @@ SAE per repeat, 3 untimed warm-up steps, then `--steps` timed ones: tokens/s = s
 `--arch standard` (ReLU + L1), `topk` or `batchtopk`, with `--k` active latents per token:
 - dictionary_learning: `StandardTrainer.update` (ConstrainedAdam: gradient projection and decoder
   renormalisation every step), `TopKTrainer.update` and `BatchTopKTrainer.update` (Adam, AuxK, gradient
-  projection, clipping, renormalisation; geometric-median b_dec at step 0, in the warm-up);
+  projection, clipping, renormalisation; geometric-median b_dec at step 0, in the warm-up, their own);
 - SAELens: `SAETrainer.step` on a `StandardTrainingSAE` or a `TopKTrainingSAE` (Adam, gradient clipping,
   dead-feature statistics), the per-step work of its `fit()` without the LM and without wandb;
   `--sparse-activations` turns on its COO activations and sparse decoder product.
+b_dec starts at the first training batch's mean for dictionary_learning's StandardTrainer and both SAELens SAEs,
+where ratio-sae's trainer starts it: they would start it at zero, and a few dozen steps at lr 3e-4 do not move it
+to a residual stream's mean, so explained variance after the same tokens would measure that start rather than the
+training (dictionary_learning's TopK and BatchTopK keep their own geometric median of the first batch).
 The schedules' warm-ups are switched off: they change scalars, not cost. With `--heldout N` the last N rows are
 never trained on, and after each repeat's training (warm-up + timed steps) the record carries explained variance
 (1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2) and L0 on them, in batches of `--batch-size` (BatchTopK: its
@@ -147,13 +151,16 @@ def harvest(args) -> None:
           "notes": f"the LM forward of the runner alone, no buffering or writing; LM in {args.dtype}"})
 
 
-def dictionary_learning_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, lr: float | None, k: int):
+def dictionary_learning_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, lr: float | None, k: int,
+                                b_dec: torch.Tensor):
     from dictionary_learning.trainers import BatchTopKTrainer, StandardTrainer, TopKTrainer
 
     common = dict(steps=steps, activation_dim=d_in, dict_size=d_sae, layer=0, lm_name="peers-bench", warmup_steps=0,
                   seed=seed, device="cpu", **({"lr": lr} if lr is not None else {}))
     if arch == "standard":
         trainer = StandardTrainer(sparsity_warmup_steps=None, **common)
+        with torch.no_grad():
+            trainer.ae.bias.copy_(b_dec)
         return trainer.update, lambda x: trainer.ae(x, output_features=True)
     trainer = (TopKTrainer if arch == "topk" else BatchTopKTrainer)(k=k, **common)
     # Its forward applies the inference threshold, which BatchTopK learns only from step 1000 on: before that,
@@ -163,7 +170,7 @@ def dictionary_learning_trainer(arch: str, d_in: int, d_sae: int, steps: int, se
 
 
 def sae_lens_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, batch_size: int, lr: float | None,
-                     k: int, sparse: bool):
+                     k: int, sparse: bool, b_dec: torch.Tensor):
     from sae_lens import SAETrainer, StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
 
@@ -173,6 +180,8 @@ def sae_lens_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, ba
     else:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, use_sparse_activations=sparse,
                                                     device="cpu"))
+    with torch.no_grad():
+        sae.b_dec.copy_(b_dec)
     lr = SAETrainerConfig.lr if lr is None else lr
     # lr_end: LanguageModelSAERunnerConfig fills it in (lr / 10) before handing a trainer config over.
     cfg = SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size, device="cpu",
@@ -225,15 +234,17 @@ def train(args) -> None:
         sys.exit(f"{args.peer} has no {args.arch} trainer here" + (" with sparse activations" * args.sparse_activations))
     total = WARMUP_STEPS + args.steps
     batches = [acts[(i % n_full) * args.batch_size:][: args.batch_size] for i in range(total)]
+    b_dec = batches[0].mean(0)  # where ratio-sae's trainer starts b_dec: the first batch's mean
     dist = "dictionary-learning" if args.peer == "dictionary_learning" else "sae-lens"
     peer = f"{args.peer} {version(dist)} {PEER_NAMES[args.peer, args.arch]}"
     if args.arch != "standard":
         peer += f" (k {args.k}" + (", use_sparse_activations" if args.sparse_activations else "") + ")"
     if args.peer == "dictionary_learning":
-        make = lambda seed: dictionary_learning_trainer(args.arch, d_in, args.d_sae, total, seed, args.lr, args.k)  # noqa: E731
+        make = lambda seed: dictionary_learning_trainer(args.arch, d_in, args.d_sae, total, seed, args.lr, args.k,  # noqa: E731
+                                                        b_dec)
     else:
         make = lambda seed: sae_lens_trainer(args.arch, d_in, args.d_sae, total, seed, args.batch_size,  # noqa: E731
-                                             args.lr, args.k, args.sparse_activations)
+                                             args.lr, args.k, args.sparse_activations, b_dec)
 
     rates, qualities = [], []
     record = {"bench": "train", "peer": peer, "arch": args.arch, "d_in": d_in, "d_sae": args.d_sae}

@@ -298,6 +298,11 @@ def _compare(report: Report, d: int, d_sae: int, k: int, ours: dict, peers: dict
         mine, mine_ev = ours[f"topk k {k}"] if arch == "topk" else ours[f"batchtopk k {k}"]
         report.ratio(f"{arch} / {m.name}", mine.median / m.median, at_least=1.5 if d_sae >= 16 * d else None)
         report.ratio(f"{arch} EV - {m.name} EV", mine_ev - ev, at_least=-0.02)
+    for name in ("relu (baseline)", f"topk k {k}"):
+        if f"{name}, float32" in ours:
+            (fast, fast_ev), (full, full_ev) = ours[name], ours[f"{name}, float32"]
+            report.ratio(f"{name}: bf16 autocast / float32, {width}", fast.median / full.median)
+            report.ratio(f"{name}: EV bf16 autocast - EV float32, {width}", fast_ev - full_ev, at_least=-0.01)
     fastest = max((m.median for (_, arch, _), (m, _) in peers.items() if arch == "topk"), default=None)
     if fastest:
         report.ratio(f"topk / fastest peer topk, {width}", topk.median / fastest, at_least=1.5 if d_sae >= 16 * d else None)

@@ -20,6 +20,7 @@ import torch
 from harvest.store import COLUMNS, ShardStore
 from train.config import TrainConfig
 from train.loader import ShardLoader
+from train.precision import resolve_autocast
 from train.trainers import TRAINERS
 
 from .results import Measurement, Report
@@ -237,7 +238,10 @@ def arch_settings(k: int) -> list[tuple[str, dict]]:
                                                          ortho_weighting="top")),
         (f"batchtopk k {k}", dict(trainer="baseline", arch="batchtopk", k=k, **base)),
         ("jumprelu", dict(trainer="baseline", arch="jumprelu", **base)),
-    ]
+    ] + ([  # the default is bf16 autocast here: the same steps in float32 show what it buys and costs
+        ("relu (baseline), float32", dict(trainer="baseline", arch="relu", autocast=False, **base)),
+        (f"topk k {k}, float32", dict(trainer="baseline", arch="topk", k=k, autocast=False, **base)),
+    ] if resolve_autocast(None, torch.device("cpu")) else [])
 
 
 @dataclass
