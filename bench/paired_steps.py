@@ -43,28 +43,30 @@ def main() -> None:
     acts = torch.from_numpy(np.load(args.acts).astype(np.float32))
     d, b = acts.shape[1], args.batch_size
     batches = [acts[(i * b) % (len(acts) - b + 1):][:b] for i in range(args.rounds + 2)]
+    mean = batches[0].mean(0)  # every SAE's b_dec starts there (dictionary_learning's TopK: its own median)
     dangerous = b // 2  # the first half of each batch, as the loader's stratified batches put them first
 
     def ours(arch: str, trainer: str = "baseline", **options):
         t = TRAINERS[trainer](TrainConfig(trainer=trainer, arch=arch, k=K, dict_size=args.d_sae, warmup_steps=0,
                                           lr=LR, **options), d, torch.device("cpu"))
-        t.init_from_sample(batches[0].mean(0), 1.0)
-        return lambda step, x: t.step(x, dangerous, log=False)
+        t.init_from_sample(mean, 1.0)
+        # the last warm-up step logs, as the training loop's logging steps do: `top` sizes its capacity there
+        return lambda step, x: t.step(x, dangerous, log=step == 1)
 
     steps = args.rounds + 2
     makers = {
         "ours relu": lambda: ours("relu", ortho=0.0),
         "dictionary_learning StandardTrainer": lambda: peers.dictionary_learning_trainer(
-            "standard", d, args.d_sae, steps, 0, LR, K)[0],
+            "standard", d, args.d_sae, steps, 0, LR, K, mean)[0],
         "sae_lens StandardTrainingSAE": lambda: peers.sae_lens_trainer(
-            "standard", d, args.d_sae, steps, 0, b, LR, K, False)[0],
+            "standard", d, args.d_sae, steps, 0, b, LR, K, False, mean)[0],
         f"ours topk k {K}": lambda: ours("topk", ortho=0.0),
         f"ours topk k {K} + ratio term (top)": lambda: ours("topk", trainer="ratio", ortho=1e-3,
                                                             ortho_weighting="top"),
         f"dictionary_learning TopKTrainer k {K}": lambda: peers.dictionary_learning_trainer(
-            "topk", d, args.d_sae, steps, 0, LR, K)[0],
+            "topk", d, args.d_sae, steps, 0, LR, K, mean)[0],
         f"sae_lens TopKTrainingSAE k {K}": lambda: peers.sae_lens_trainer(
-            "topk", d, args.d_sae, steps, 0, b, LR, K, False)[0],
+            "topk", d, args.d_sae, steps, 0, b, LR, K, False, mean)[0],
     }
     with contextlib.redirect_stdout(sys.stderr):  # library banners
         updates = {name: make() for name, make in makers.items()}

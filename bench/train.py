@@ -285,8 +285,9 @@ def train_arch(options: dict, d_in: int, d_sae: int, data: ArchData, seed: int) 
     trainer = TRAINERS[options["trainer"]](TrainConfig(dict_size=d_sae, seed=seed, **options), d_in, torch.device("cpu"))
     first = data.batches[0][0]
     trainer.init_from_sample(first.mean(0), float(first.norm(dim=1).mean()))  # b_dec: the mean, as `pipeline train`
-    for x, n_dangerous in data.batches[:ARCH_WARMUP_STEPS]:
-        trainer.step(x, n_dangerous, log=False)
+    for i, (x, n_dangerous) in enumerate(data.batches[:ARCH_WARMUP_STEPS]):
+        # the last warm-up step logs, as the training loop's logging steps do: `top` sizes its capacity there
+        trainer.step(x, n_dangerous, log=i == ARCH_WARMUP_STEPS - 1)
     timed = data.batches[ARCH_WARMUP_STEPS:]
     start = time.perf_counter()
     for x, n_dangerous in timed:

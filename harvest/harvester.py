@@ -26,6 +26,7 @@ import importlib.metadata
 import shutil
 import signal
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -115,14 +116,14 @@ def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) ->
         if not team.alone and team.is_main and cfg.device.startswith("cuda:"):
             print(f"warning: --device {cfg.device} puts all {team.size} processes on that one GPU; "
                   "--device cuda (or auto) gives each process its own", file=sys.stderr)
+        planning = []  # the plan is built (in every process: the same plan) while the weights load
+
+        def start_planning(tokenizer) -> None:
+            planning.append(_Background(lambda: _build_plan(cfg, tokenizer, parsing)))
+
         loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                            device=team.device(cfg.device), dtype=cfg.dtype)
-        if parsing is not None:
-            try:
-                parsing.result()
-            except Exception:
-                pass  # build_plan below parses again, and load() reports the failure in one line
-        plan = build_plan(cfg, loaded.tokenizer)  # in every process: the same plan, no need to send it
+                            device=team.device(cfg.device), dtype=cfg.dtype, on_tokenizer=start_planning)
+        plan = planning[0].result()
         for use in plan.sources if team.is_main else ():
             if use.tokens < use.budget:
                 print(f"warning: source {use.spec.source} ran out after {use.tokens:,} of its {use.budget:,} tokens",
@@ -134,6 +135,38 @@ def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) ->
         store = ShardStore.open(path, mode="r+")
         block_output = BlockOutput(loaded.model, loaded.blocks[-1], loaded.device)
         return _run(store, plan, block_output, cfg.batch_size, progress, team)
+
+
+def _build_plan(cfg: HarvestConfig, tokenizer, parsing) -> Plan:
+    if parsing is not None:
+        try:
+            parsing.result()
+        except Exception:
+            pass  # build_plan parses again, and load() reports the failure in one line
+    return build_plan(cfg, tokenizer)
+
+
+class _Background:
+    """`work()` on a daemon thread; `result()` waits for it and returns its value or raises its exception.
+    Daemon: when the model fails to load, the process exits with that error without waiting for the plan.
+    The fast tokenizer and the weights' reads release the GIL, so the two overlap."""
+
+    def __init__(self, work):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(work,), name="harvest-plan", daemon=True)
+        self._thread.start()
+
+    def _run(self, work) -> None:
+        try:
+            self._value = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in result()
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _on_main(team: Team, work):

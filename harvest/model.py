@@ -8,6 +8,7 @@ the forward pass there, and the blocks after L are dropped, so they never run.
 import hashlib
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,10 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code: bool,
-               device: str, dtype: str, truncate: bool = True) -> LoadedModel:
+               device: str, dtype: str, truncate: bool = True,
+               on_tokenizer: Callable[[object], None] | None = None) -> LoadedModel:
+    """The model truncated after block `layer`, its tokenizer and identity. `on_tokenizer(tokenizer)` is
+    called as soon as the tokenizer is loaded, before the weights: the harvest starts tokenising there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -80,6 +84,8 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, local_files_only=local is not None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if on_tokenizer is not None:
+            on_tokenizer(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=compute_dtype, device_map={"": torch_device}, **kwargs
         )

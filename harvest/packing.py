@@ -1,10 +1,16 @@
-"""Tokenise the sources and pack them into context windows: the harvest plan, computed up front.
+"""Tokenise the sources and pack them into context windows: the harvest plan, computed up front, on a
+thread of its own while the model's weights load (harvest/harvester.py).
 
 Each source's documents are tokenised in harvest order and concatenated, separated by BOS; the
 stream is cut into windows of `context_length - 1` tokens, each prefixed with BOS (as SAELens packs).
 Windows never mix sources. The windows of all sources are then interleaved by a seeded permutation,
 so that every chunk of the store holds both labels. The plan is a pure function of the config and
 the tokenizer: a resumed harvest rebuilds it and skips to the first uncommitted row.
+
+Why up front rather than streamed beside the forward: the windows are interleaved by a permutation of
+all of them, and their number is known only once every source is tokenised (separators and documents
+that run out decide it), so the first window to run is known only at the end. Streaming would need a
+different, blockwise interleaving, and so a different store from the same config.
 """
 
 from dataclasses import dataclass, field

@@ -1,6 +1,7 @@
 """End-to-end harvests of the tiny Gemma-2, checked against a direct forward pass and the source text."""
 
 import json
+import threading
 from collections import Counter
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harvest.store import ShardStore
+from harvest.store import COLUMNS, ShardStore
 
 from .conftest import harvest_args, run_cli
 
@@ -148,3 +149,35 @@ def test_info_describes_the_store(harvested, monkeypatch, capsys):
     assert facts["rows_committed"] == harvested.rows_committed
     assert sum(facts["rows_per_label"].values()) == harvested.rows_committed
     assert facts["rows_per_label"]["dangerous"] == int((harvested.read("label") == 0).sum())
+
+
+def test_the_plan_is_built_while_the_weights_load(harvested, tiny_model, corpora, tmp_path, monkeypatch):
+    """The model's weights do not start loading until tokenising has begun on another thread (or 30 s
+    have passed, which fails the test): tokenisation runs beside the load, not after it."""
+    from harvest import harvester
+
+    planning = threading.Event()
+    plan_threads = []
+    real_build_plan = harvester.build_plan
+
+    def build_plan(cfg, tokenizer):
+        plan_threads.append(threading.current_thread().name)
+        planning.set()
+        return real_build_plan(cfg, tokenizer)
+
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained.__func__
+    started_before_weights = []
+
+    def from_pretrained(cls, *args, **kwargs):
+        started_before_weights.append(planning.wait(timeout=30))
+        return real_from_pretrained(cls, *args, **kwargs)
+
+    monkeypatch.setattr(harvester, "build_plan", build_plan)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained))
+    out = tmp_path / "store"
+    assert cli(monkeypatch, harvest_args(tiny_model, corpora, out)) == 0
+    assert started_before_weights == [True]
+    assert plan_threads and plan_threads[0] != threading.main_thread().name
+    store = ShardStore.open(out)
+    for name in COLUMNS:
+        assert np.array_equal(store.read(name), harvested.read(name)), name
