@@ -2,7 +2,8 @@
 
 The harvest records each stored token's document; the eval takes other documents of the same
 sources, each one whole (up to a per-document token cap) in a window of its own that starts with
-BOS. The documents are split between a selection set and a measurement set, alternately in the
+BOS. A label's sources give one document each in turn (one that runs out leaves the rest to the
+others), and each source's documents go to a selection set and a measurement set alternately in the
 source's own (seeded) order, so no document is in both and both draw from the same sample. The
 document, not the token, is the unit of the bootstrap: a window is a document.
 """
@@ -64,26 +65,34 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
     sets: list[list[int]] = [[], []]  # rows of `bodies` in select, measure
     for label in ("dangerous", "safe"):
         members = [i for i, s in enumerate(sources) if s["label"] == label]
-        want_docs = -(-2 * docs_per_label // len(members))
-        want_tokens = -(-2 * tokens_per_label // len(members))
+        streams = {i: _tokenized(_unused(sources[i], docs_stored[labels == i], attrs["seed"]), tokenizer, cap)
+                   for i in members}
+        taken = dict.fromkeys(members, 0)
         counts = [[0, 0], [0, 0]]  # per set: documents, tokens
-        for i in members:
-            used = set(np.unique(docs_stored[labels == i]).tolist())
-            spec = SourceSpec(**sources[i]["spec"])
-            unused = (d for d in iter_documents(spec, attrs["seed"]) if d.index not in used)
-            taken = tokens = 0
-            for document, ids in _tokenized(unused, tokenizer, cap):
-                if taken >= want_docs or tokens >= want_tokens:
-                    break
-                part = taken % 2  # alternate: select, measure, select, ...
+
+        def enough() -> bool:
+            return (counts[0][0] + counts[1][0] >= 2 * docs_per_label
+                    or counts[0][1] + counts[1][1] >= 2 * tokens_per_label)
+
+        # one document from each source in turn, so the label's sources share it evenly and a source that
+        # runs out leaves the rest to the others
+        while streams and not enough():
+            for i in list(streams):
+                item = next(streams[i], None)
+                if item is None:
+                    del streams[i]
+                    continue
+                document, ids = item
+                part = taken[i] % 2  # each source alternates: select, measure, select, ...
                 sets[part].append(len(bodies))
                 bodies.append(ids)
                 doc_ids.append(document.index)
                 src.append(i)
                 counts[part][0] += 1
                 counts[part][1] += len(ids)
-                taken += 1
-                tokens += len(ids)
+                taken[i] += 1
+                if enough():
+                    break
         for part, name in enumerate(("select", "measure")):
             n_docs, n_tokens = counts[part]
             if n_docs < min_docs:
@@ -105,6 +114,12 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
     dangerous = np.array([sources[i]["label"] == "dangerous" for i in src])
     everything = HeldOut(input_ids, keep, dangerous, np.asarray(doc_ids, dtype=np.int64), source, notes)
     return everything.take(np.asarray(sets[0])), everything.take(np.asarray(sets[1]))
+
+
+def _unused(source: dict, stored_docs: np.ndarray, seed: int):
+    """The source's documents, in its (seeded) order, that the store holds no token of."""
+    used = set(np.unique(stored_docs).tolist())
+    return (d for d in iter_documents(SourceSpec(**source["spec"]), seed) if d.index not in used)
 
 
 def _tokenized(documents, tokenizer, cap: int):

@@ -88,6 +88,27 @@ def test_held_out_documents_are_whole_disjoint_and_never_in_the_store(tiny_store
     assert select.notes and "documents" in select.notes[0]
 
 
+def test_a_source_that_runs_out_leaves_its_share_to_the_others(tiny_store, tiny_model, monkeypatch):
+    import itertools
+
+    from evaluate import heldout
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    sources = tiny_store.attrs["sources"]
+    small = next(i for i, s in enumerate(sources) if s["label"] == "safe")
+    real_unused = heldout._unused
+
+    def unused(source, stored_docs, seed):  # the first safe source holds only 10 documents beyond the store
+        documents = real_unused(source, stored_docs, seed)
+        return itertools.islice(documents, 10) if source is sources[small] else documents
+
+    monkeypatch.setattr(heldout, "_unused", unused)
+    select, measure = held_out(tiny_store, tokenizer, docs_per_label=30, doc_tokens=40, tokens_per_label=10**6)
+    for part in (select, measure):
+        assert (~part.dangerous).sum() == 30 and (part.source[~part.dangerous] == small).sum() == 5
+        assert not part.notes
+
+
 def test_too_few_held_out_documents_is_refused(tiny_store, tiny_model):
     from train.errors import TrainError
 
