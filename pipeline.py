@@ -159,6 +159,7 @@ def train(
     target_l0_ramp: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_ramp"))] = None,
     lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"))] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"))] = None,
+    lr_decay_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("lr_decay_fraction"))] = None,
     dict_size: Annotated[Optional[int], typer.Option(help=_tdoc("dict_size"))] = None,
     tokens: Annotated[Optional[int], typer.Option(help=_tdoc("tokens"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_tdoc("batch_size"))] = None,
@@ -187,7 +188,7 @@ def train(
     from train.cli import run_train
 
     overrides = dict(shards=shards, trainer=trainer, ortho=ortho, l1=l1, lr=lr, warmup_steps=warmup_steps,
-                     dict_size=dict_size, tokens=tokens, batch_size=batch_size, dangerous_fraction=dangerous_fraction,
+                     lr_decay_fraction=lr_decay_fraction, dict_size=dict_size, tokens=tokens, batch_size=batch_size, dangerous_fraction=dangerous_fraction,
                      seed=seed, data_seed=data_seed, recon=recon, b_dec_init=b_dec_init, normalize=normalize, window_chunks=window_chunks, ortho_block=ortho_block,
                      device=device, autocast=autocast, resident=resident, log_every=log_every,
                      checkpoint_every=checkpoint_every, dead_after_tokens=dead_after_tokens, runs_dir=runs_dir,

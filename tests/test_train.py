@@ -207,3 +207,30 @@ def test_non_finite_loss_stops_that_run_and_keeps_its_checkpoint(store, tmp_path
     assert json.loads((failed / "checkpoint" / "latest.json").read_text())["step"] == 20
     assert not (failed / "final_info.json").exists()
     assert json.loads((healthy / "final_info.json").read_text())["training_steps"] == 50
+
+
+def test_the_learning_rate_warms_up_holds_and_decays_to_the_last_step(store, tmp_path, monkeypatch):
+    """50 steps, warm-up 10, decay over the last 0.2: lr x (step + 1) / 10, then lr, then lr x (50 - step) / 10;
+    and a run interrupted inside the decay resumes to the same weights and learning rates."""
+    from train.trainers.base import Trainer
+
+    lr, extra = 1e-3, ("--lr-decay-fraction", "0.2")
+    expected = [lr * min((s + 1) / 10, 1.0) * min(1.0, (50 - s) / 10) for s in range(51)]  # step 50: after the run
+    seen = []
+    real_step = Trainer.step
+
+    def recording_step(self, x, n_dangerous, log=True):
+        seen.append(self.optimizer.param_groups[0]["lr"])
+        return real_step(self, x, n_dangerous, log)
+
+    monkeypatch.setattr(Trainer, "step", recording_step)
+    assert cli(monkeypatch, train_args(store, tmp_path / "a", *extra)) == 0
+    assert seen == pytest.approx(expected[:50], rel=1e-12) and seen[-1] == pytest.approx(lr / 10)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    original = interrupt_training_at(monkeypatch, 45)
+    assert cli(monkeypatch, train_args(store, tmp_path / "b", *extra)) == 130
+    monkeypatch.setattr(Trainer, "step", original)
+    assert cli(monkeypatch, ["train", "--resume", str(tmp_path / "b" / "run_1"), "--no-progress"]) == 0
+    assert_same_weights(tmp_path / "a" / "run_1", tmp_path / "b" / "run_1")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "b" / "run_1" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([expected[s] for s in range(5, 51, 5)], rel=1e-12)  # the next step's, after 5, 10, ...

@@ -101,6 +101,10 @@ class TrainConfig(BaseModel):
     """Adam learning rate."""
     warmup_steps: int = Field(1000, ge=0)
     """Linear learning-rate warm-up, in steps."""
+    lr_decay_fraction: float = Field(0.0, ge=0, lt=1)
+    """Linear learning-rate decay to zero over this last fraction of the run's steps (dictionary_learning's
+    TopK trainer decays over the last 0.2; SAELens has `lr_decay_steps`); 0: constant after the warm-up.
+    The end of a run then settles instead of stopping mid-stride, so its reconstruction flattens sooner."""
     dict_size: int | None = Field(None, gt=0)
     """Number of SAE features (d_sae). Default: the store's d_model (the seed's 1x expansion)."""
     tokens: int | None = Field(None, gt=0)

@@ -42,9 +42,9 @@ class Trainer:
                            if cfg.target_l0 is not None else None)
         # fused: one kernel per step on CUDA, and the `found_inf` skip without a host read
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=True)
-        warmup = cfg.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min((step + 1) / warmup, 1.0) if warmup else 1.0)
+        self.total_steps: int | None = None
+        """The run's length, from `plan`: the decay's end."""
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.step_count = 0
         self.input_scale = 1.0
         """Inputs are multiplied by this before the SAE sees them (see TrainConfig.normalize)."""
@@ -56,10 +56,30 @@ class Trainer:
         self._nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)
         """On the device: the step whose loss was first non-finite, -1 while none was."""
 
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of step `step` over `lr`: the linear warm-up, then 1, then the linear decay."""
+        warmup, fraction = self.cfg.warmup_steps, self.cfg.lr_decay_fraction
+        factor = min((step + 1) / warmup, 1.0) if warmup else 1.0
+        if fraction and self.total_steps:
+            decay_steps = max(1, round(fraction * self.total_steps))
+            factor *= min(1.0, (self.total_steps - step) / decay_steps)
+        return factor
+
     def plan(self, steps: int) -> None:
-        """Told the run's length before its first step (`target_l0`'s reference schedule needs it)."""
+        """Told the run's length before its first step (`target_l0`'s reference schedule and the learning
+        rate's decay need it)."""
+        self.total_steps = steps
+        self._set_lr_for_step()
         if self.controller is not None:
             self.controller.plan(steps, self.cfg.warmup_steps)
+
+    def _set_lr_for_step(self) -> None:
+        """The scheduler's state is its step: set the learning rate for `step_count` from the schedule."""
+        self.scheduler.last_epoch = self.step_count
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.step_count)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def dead_features(self) -> torch.Tensor | None:
         """The features counted dead (for AuxK), or None where none can be (`quiet_tokens_bound`)."""
@@ -202,12 +222,7 @@ class Trainer:
                 self.sparsity_coeff = tensors["sparsity_coeff"].to(self.device, torch.float64)
         elif "sparsity_coeff" in tensors:  # float64 holds the Python float exactly
             self.sparsity_coeff = float(tensors["sparsity_coeff"])
-        # The scheduler's state is its step: rebuild it, rather than load pickled state.
-        self.scheduler.last_epoch = self.step_count
-        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                          self.scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(self.step_count)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self._set_lr_for_step()  # rebuilt from the step, rather than loaded as pickled state
 
 
 def _like_param(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
