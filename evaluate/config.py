@@ -63,6 +63,10 @@ class EvalConfig(BaseModel):
     forget increase over retain increases [0, tolerance]) and SAEBench's gate for
     `saebench_style_score` (best setting whose retain increase is at most it; SAEBench keeps MMLU
     accuracy >= 0.99)."""
+    controls: list[Literal["random", "top_r"]] = Field(default_factory=lambda: ["random", "top_r"])
+    """The controls measured beside the method, each over the same multipliers: `random` (N features drawn
+    among those passing the same retain filter) and `top_r` (the N with the highest ratio r). Each one
+    costs as many forward passes as the method; [] measures the method alone."""
     control_repeats: int = Field(1, ge=0)
     """Random-feature control draws per (threshold, N): each is N features drawn among those passing
     the same retain filter, over the same multipliers as the method; with several, the control's

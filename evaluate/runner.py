@@ -32,6 +32,7 @@ from .config import EvalConfig
 from .curve import _monotone
 from .heldout import HeldOut, held_out
 from .measure import measure
+from .resume import eval_key, finished, save_grid, saved_grid
 from .scoring import score_unlearning
 from .specialization import specialization
 from .unlearning import random_features, score, select_features, top_r_features
@@ -55,13 +56,28 @@ def evaluate_targets(targets: list[Target], cfg: EvalConfig, progress=print):
         a = t.store.attrs
         groups.setdefault((a["model"]["id"], a["model"].get("revision"), a["layer"], str(t.store.path.resolve())),
                           []).append(t)
-    for key, members in groups.items():
+    for members in groups.values():
+        key = eval_key(members, cfg, store_fingerprint(members[0].store.attrs))
+        saved = saved_grid(members, key)
+        done = {t.name: finished(t, key, cfg.suite) for t in members} if saved else {}
+        remaining = [t for t in members if done.get(t.name) is None]
+        for t in members:
+            if done.get(t.name) is not None:
+                progress(f"{t.name}: already evaluated with this config, store and set of SAEs; read back")
+                yield t, done[t.name]
+        if not remaining:
+            continue
         context = _context(members[0].store, cfg, progress)
-        for t in members:
+        if saved:
+            grid, probe = saved
+            progress(f"resuming: {len(members) - len(remaining)} of {len(members)} SAEs done, the grid kept")
+        for t in (remaining if saved else members):
             _prepare(t, context, cfg)
-        grid, probe = (list(cfg.multipliers), None) if cfg.multipliers else _probe_grid(members, context, cfg)
-        for t in members:
-            yield t, _finish(t, context, cfg, grid, probe)
+        if not saved:
+            grid, probe = (list(cfg.multipliers), None) if cfg.multipliers else _probe_grid(members, context, cfg)
+            save_grid(members, key, grid, probe)
+        for t in remaining:
+            yield t, _finish(t, context, cfg, grid, probe, key)
         del context
 
 
@@ -95,10 +111,12 @@ def _prepare(t: Target, context: dict, cfg: EvalConfig) -> None:
         for n in cfg.n_features:
             family = (threshold, n)
             families.append(family)
-            chosen = {"method": [select_features(rates["forget_rate"], rates["retain_rate"], threshold, n)],
-                      "random": [random_features(rates["forget_rate"], rates["retain_rate"], threshold, n, rng)
-                                 for _ in range(cfg.control_repeats)],
-                      "top_r": [top_r_features(rates, threshold, n, cfg.min_fires)]}
+            chosen = {"method": [select_features(rates["forget_rate"], rates["retain_rate"], threshold, n)]}
+            if "random" in cfg.controls:
+                chosen["random"] = [random_features(rates["forget_rate"], rates["retain_rate"], threshold, n, rng)
+                                    for _ in range(cfg.control_repeats)]
+            if "top_r" in cfg.controls:
+                chosen["top_r"] = [top_r_features(rates, threshold, n, cfg.min_fires)]
             for group, draws in chosen.items():
                 for repeat, feats in enumerate(draws):
                     interventions.append({"group": group, "repeat": repeat, "retain_threshold": threshold,
@@ -166,7 +184,7 @@ def _probe_grid(targets: list[Target], context: dict, cfg: EvalConfig) -> tuple[
                           f"clean retain loss to the first above {high_target:g}"}
 
 
-def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe: dict | None) -> dict:
+def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe: dict | None, key: str) -> dict:
     started = time.perf_counter()
     loaded, store = context["loaded"], context["store"]
     attrs = store.attrs
@@ -190,7 +208,7 @@ def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe:
             results["unlearning"]["warnings"] += context["notes"]
     seconds = p["seconds"] + time.perf_counter() - started
     meta = {"run": str(t.sae_dir), "store": str(store.path), "external": t.external,
-            "eval_config": cfg.model_dump(mode="json"), "seconds": round(seconds, 1),
+            "eval_config": cfg.model_dump(mode="json"), "eval_key": key, "seconds": round(seconds, 1),
             "heldout_tokens": {"select": int(select.keep.sum()) if cfg.select_from == "heldout" else 0,
                                "measure": int(measure_set.keep.sum())},
             "select_tokens": p["select_tokens"], "select_from": cfg.select_from}
@@ -198,10 +216,10 @@ def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe:
     bootstrap = results.get("unlearning", {}).pop("_bootstrap", None)
     if bootstrap is not None:
         np.savez(t.out_dir / "unlearning_bootstrap.npz", **bootstrap)
-    for suite, data in results.items():
-        write_json(t.out_dir / f"{suite}.json", {**data, "meta": meta})
     from .plots import plot_run
     plot_run(t.out_dir, results)
+    for suite, data in results.items():  # last: a resumed eval takes an SAE whose files all carry the key as done
+        write_json(t.out_dir / f"{suite}.json", {**data, "meta": meta})
     results["meta"] = meta
     return results
 

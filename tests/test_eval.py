@@ -395,3 +395,52 @@ def test_eval_config_file_is_validated_and_flags_win(tmp_path):
     path.write_text("- 5\n")
     with pytest.raises(TrainError, match="must hold a mapping"):
         load_config(path, {})
+
+
+def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny_store, tmp_path, monkeypatch, capsys):
+    import evaluate.runner as runner
+
+    runs = tmp_path / "runs"
+    for ortho in ("0.0", "0.001"):
+        assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", ortho)) == 0
+    args = ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--retain-threshold", "0.3", "--n-features", "4",
+            "--multiplier-range", "1", "300", "--probe-step", "10", "--control", "random", *SMALL_EVAL]
+    assert run_cli(monkeypatch, args) == 0
+    reference = {r: json.loads((runs / r / "eval" / "unlearning.json").read_text()) for r in ("run_1", "run_2")}
+    assert set(reference["run_1"]["control_scores"]) == {"random"}  # `--control random`: no top-r curves measured
+    assert {c["control"] for c in reference["run_1"]["controls"]} == {"random"}
+
+    for r in ("run_1", "run_2"):
+        for f in (runs / r / "eval").iterdir():
+            f.unlink()
+    finish = runner._finish
+
+    def killed_at_run_2(t, *a, **k):
+        if t.name == "run_2":
+            raise KeyboardInterrupt
+        return finish(t, *a, **k)
+
+    monkeypatch.setattr(runner, "_finish", killed_at_run_2)
+    capsys.readouterr()
+    assert run_cli(monkeypatch, args) != 0
+    assert "interrupted" in capsys.readouterr().err
+    assert not (runs / "run_2" / "eval" / "unlearning.json").exists()
+    run_1_file = (runs / "run_1" / "eval" / "unlearning.json").read_text()
+
+    calls = []
+    monkeypatch.setattr(runner, "_finish", lambda t, *a, **k: calls.append(("finish", t.name)) or finish(t, *a, **k))
+    probe = runner._probe_grid
+    monkeypatch.setattr(runner, "_probe_grid", lambda *a, **k: calls.append(("probe",)) or probe(*a, **k))
+    capsys.readouterr()
+    assert run_cli(monkeypatch, args) == 0
+    assert calls == [("finish", "run_2")]  # no second probe, run_1 read back
+    assert "run_1: already evaluated" in capsys.readouterr().err
+    assert (runs / "run_1" / "eval" / "unlearning.json").read_text() == run_1_file
+    for r in ("run_1", "run_2"):
+        resumed = json.loads((runs / r / "eval" / "unlearning.json").read_text())
+        for key in ("multipliers", "score_at_retain", "pauc", "control_scores", "settings", "selected_features"):
+            assert resumed[key] == reference[r][key], (r, key)
+
+    calls.clear()
+    assert run_cli(monkeypatch, [*args, "--seed", "1"]) == 0  # another config: everything again
+    assert calls == [("probe",), ("finish", "run_1"), ("finish", "run_2")]

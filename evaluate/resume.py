@@ -1,0 +1,71 @@
+"""Resuming an interrupted `pipeline eval`: the SAEs of one store share a multiplier grid that the
+probe finds from all of them, so an eval stopped half way must reuse that grid, not probe again
+with fewer SAEs (a different grid would make the finished and the remaining scores incomparable).
+
+The key of an eval names everything its numbers depend on: the configuration, the store, and each
+SAE's weights (by content), in order. The grid is written beside each SAE's results as soon as it is
+known (`grid.json`); an SAE whose result files carry the same key is finished and is read back, not
+measured again. Anything else (another config, a retrained SAE, another set of SAEs) starts afresh.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from train.sae import WEIGHTS_FILE
+
+GRID_FILE = "grid.json"
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def eval_key(members, cfg, store_fingerprint: str) -> str:
+    """One digest of the config, the store and every SAE's weights, in the order given."""
+    parts = {"config": cfg.model_dump(mode="json"), "store": store_fingerprint,
+             "saes": [file_digest(t.sae_dir / WEIGHTS_FILE) for t in members]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def saved_grid(members, key: str) -> tuple[list[float], dict | None] | None:
+    """The grid of an earlier try with this key, if every SAE holds it."""
+    found = []
+    for t in members:
+        path = t.out_dir / GRID_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if data.get("key") != key:
+            return None
+        found.append(data)
+    return found[0]["grid"], found[0]["probe"]
+
+
+def save_grid(members, key: str, grid: list[float], probe: dict | None) -> None:
+    from train.runs import write_json
+
+    for t in members:
+        t.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(t.out_dir / GRID_FILE, {"key": key, "grid": grid, "probe": probe})
+
+
+def finished(t, key: str, suites: list[str]) -> dict | None:
+    """The results an earlier try with this key wrote for `t`, or None if any suite is missing or stale."""
+    results = {}
+    for suite in suites:
+        try:
+            data = json.loads((t.out_dir / f"{suite}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        meta = data.pop("meta", {})
+        if meta.get("eval_key") != key:
+            return None
+        results[suite] = data
+    results["meta"] = meta
+    return results
