@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from train.errors import TrainError  # noqa: E402
 from train.runs import RUN_NAME, resolve_run  # noqa: E402
 
+from .power import arm_differences  # noqa: E402
+
 SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
           ("at_2%", "score_at_retain", "0.02"), ("pauc", "pauc", None), ("saebench_style", "saebench_style_score", None))
 COLUMNS = [
@@ -271,6 +273,28 @@ def _seed_section(groups: list[dict], loaded: list[dict], rows: list[dict]) -> l
                 if a is None or b is None:
                     continue
                 lines.append(f"- {name}: {g['label']} - {base['label']}: {_signed(_interval(a - b))} (95%)")
+        lines += _pooled_section(groups, rows, base)
+    return lines
+
+
+def _pooled_section(groups: list[dict], rows: list[dict], base: dict) -> list[str]:
+    by_run = {r["run"]: r for r in rows}
+    column = "unlearning_at_1%"
+    values = {g["label"]: [float(by_run[r][column][0] if isinstance(by_run[r][column], tuple) else by_run[r][column])
+                           for r in g["runs"] if by_run[r][column] is not None] for g in groups}
+    result = arm_differences(values, base["label"])
+    if result is None:
+        return []
+    lines = ["", "## Each arm minus the baseline, the seed spread pooled over arms (t intervals)", "",
+             f"The primary score's seed standard deviation, pooled over the {len(groups)} arms: {result['sd']:.4f} "
+             f"({result['df']} degrees of freedom). Per arm: the difference of means, its 95% t interval, and the "
+             "smallest difference this design detects with 80% power at the 5% level. "
+             f"Seeds per arm for a half-width of {result['half_width']:g} nats: about {result['seeds_for_half_width']}.",
+             ""]
+    for label, arm in result["arms"].items():
+        lo, hi = arm["ci95"]
+        lines.append(f"- unlearning at 1%: {label} - {base['label']}: {_signed((arm['difference'], lo, hi))} (95%, t), "
+                     f"detectable: {arm['detectable_80']:.4f}")
     return lines
 
 

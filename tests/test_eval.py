@@ -1,6 +1,7 @@
 """The eval stage on the tiny model: clamp, scoring, held-out separation, splicing, files."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -444,3 +445,23 @@ def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny
     calls.clear()
     assert run_cli(monkeypatch, [*args, "--seed", "1"]) == 0  # another config: everything again
     assert calls == [("probe",), ("finish", "run_1"), ("finish", "run_2")]
+
+
+def test_pooled_seed_differences_equal_a_hand_computed_t_interval():
+    from scipy import stats
+
+    from evaluate.power import arm_differences
+
+    values = {"base": [0.30, 0.34], "a": [0.20, 0.26], "b": [0.41, 0.35, 0.38]}
+    result = arm_differences(values, "base", half_width=0.01)
+    ss = (0.02**2 * 2) + (0.03**2 * 2) + sum((x - 0.38) ** 2 for x in (0.41, 0.35, 0.38))
+    sd, df = math.sqrt(ss / 4), 4
+    assert result["df"] == df and result["sd"] == pytest.approx(sd)
+    se = sd * math.sqrt(1 / 2 + 1 / 2)
+    t = stats.t.ppf(0.975, df)
+    assert result["arms"]["a"]["difference"] == pytest.approx(-0.09)
+    assert result["arms"]["a"]["ci95"] == pytest.approx((-0.09 - t * se, -0.09 + t * se))
+    assert result["arms"]["a"]["detectable_80"] == pytest.approx((t + stats.t.ppf(0.8, df)) * se)
+    assert result["arms"]["b"]["difference"] == pytest.approx(0.38 - 0.32)
+    assert result["seeds_for_half_width"] == math.ceil(2 * (1.959964 * sd / 0.01) ** 2)
+    assert arm_differences({"base": [0.3], "a": [0.2]}, "base") is None  # one seed per arm: no spread to pool
