@@ -295,6 +295,18 @@ def _pooled_section(groups: list[dict], rows: list[dict], base: dict) -> list[st
         lo, hi = arm["ci95"]
         lines.append(f"- unlearning at 1%: {label} - {base['label']}: {_signed((arm['difference'], lo, hi))} (95%, t), "
                      f"detectable: {arm['detectable_80']:.4f}")
+    weighting = SETTING_KEYS.index("ortho_weighting")
+    controls = [g for g in groups if g is not base and g["setting"][weighting] in ("uniform", "shuffled")]
+    methods = [g for g in groups if g is not base and g not in controls]
+    if controls and methods:  # the method against orthogonality without labels, and with permuted labels
+        lines += ["", "Each arm of the method minus each training control, the same way:", ""]
+        for control in controls:
+            versus = arm_differences(values, control["label"])
+            for g in methods:
+                arm = versus["arms"][g["label"]]
+                lo, hi = arm["ci95"]
+                lines.append(f"- unlearning at 1%: {g['label']} - {control['label']}: "
+                             f"{_signed((arm['difference'], lo, hi))} (95%, t), detectable: {arm['detectable_80']:.4f}")
     return lines
 
 

@@ -465,3 +465,34 @@ def test_pooled_seed_differences_equal_a_hand_computed_t_interval():
     assert result["arms"]["b"]["difference"] == pytest.approx(0.38 - 0.32)
     assert result["seeds_for_half_width"] == math.ceil(2 * (1.959964 * sd / 0.01) ** 2)
     assert arm_differences({"base": [0.3], "a": [0.2]}, "base") is None  # one seed per arm: no spread to pool
+
+
+def test_report_compares_the_method_with_the_baseline_and_each_training_control(tmp_path):
+    from evaluate.power import arm_differences
+    from evaluate.report import report
+
+    arms = {"rank": [0.40, 0.46], "uniform": [0.31, 0.29], "base": [0.30, 0.34]}
+    scores = {}
+    for i, (weighting, seed) in enumerate(((w, s) for w in arms for s in (0, 1)), start=1):
+        run = tmp_path / f"run_{i}"
+        (run / "eval").mkdir(parents=True)
+        ortho = 0.0 if weighting == "base" else 100.0
+        cfg = {"trainer": "ratio", "arch": "topk", "k": 8, "ortho": ortho, "ortho_normalize": "mean",
+               "ortho_weighting": "rank" if weighting == "base" else weighting, "d_sae": 64, "seed": seed}
+        (run / "train_config.json").write_text(json.dumps(cfg))
+        value = arms[weighting][seed]
+        scores.setdefault(weighting, []).append(value)
+        (run / "eval" / "unlearning.json").write_text(json.dumps({
+            "score_at_retain": {"0.01": {"value": value, "ci95": [value - 0.1, value + 0.1]}},
+            "settings": [], "retain_tolerance_nats": 0.03}))
+    text = report([], tmp_path, tmp_path / "report").read_text()
+    base, rank, uniform = "ratio topk k8 ortho 0.0 d64", "ratio topk k8 ortho 100.0 mean d64", \
+        "ratio topk k8 ortho 100.0 uniform mean d64"
+    values = {base: arms["base"], rank: arms["rank"], uniform: arms["uniform"]}
+    for reference, arm in ((base, rank), (base, uniform), (uniform, rank)):
+        expected = arm_differences(values, reference)["arms"][arm]
+        lo, hi = expected["ci95"]
+        line = (f"- unlearning at 1%: {arm} - {reference}: {expected['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                f"(95%, t), detectable: {expected['detectable_80']:.4f}")
+        assert line in text, line
+    assert f"- unlearning at 1%: {uniform} - {uniform}" not in text
