@@ -19,11 +19,15 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline eval $$(ls -d runs/run_* | sort -t_ -k2 -n | tail -2) --config configs/eval-demo.yaml
 	$(VENV)/bin/pipeline report --out reports/demo
 
-# The study of docs/results-demo.md: 1M tokens, 4 lambda_2 x 3 seeds, about an hour on 2 CPU cores.
+# The study of docs/results.md: TopK SAEs at matched L0 on a 1M-token store, the ratio term's arms against
+# lambda_2 = 0 and two training controls, two seeds each; about 86 minutes on 2 CPU cores with native bf16.
+# Every step resumes when run again: the harvest from its committed rows, the training from the sweep's last
+# checkpoint (one lockstep group), the eval from the SAEs it has finished, on the grid it probed.
 study: $(VENV)/.installed
-	$(VENV)/bin/pipeline harvest --config configs/demo-1m.yaml
-	$(VENV)/bin/pipeline train --sweep configs/study.yaml
-	$(VENV)/bin/pipeline eval $$(ls -d runs/study/run_* | sort -t_ -k2 -n) --config configs/eval-study.yaml
+	$(VENV)/bin/pipeline harvest --config configs/study/harvest.yaml
+	if [ ! -e runs/study/run_1/train_config.json ]; then $(VENV)/bin/pipeline train --sweep configs/study/sweep.yaml; \
+	elif [ ! -e runs/study/run_12/final_info.json ]; then $(VENV)/bin/pipeline train --resume run_12 --runs-dir runs/study; fi
+	$(VENV)/bin/pipeline eval $$(ls -d runs/study/run_* | sort -t_ -k2 -n) --config configs/study/eval.yaml
 	$(VENV)/bin/pipeline report --runs-dir runs/study --out reports/study
 
 # Both environments: the project's, and SAEBench's (for `pipeline eval --saebench`, the peer benchmarks and their tests).

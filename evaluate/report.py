@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from train.errors import TrainError  # noqa: E402
 from train.runs import RUN_NAME, resolve_run  # noqa: E402
 
-from .power import arm_differences  # noqa: E402
+from .power import arm_differences, seed_paired_differences  # noqa: E402
 
 SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
           ("at_2%", "score_at_retain", "0.02"), ("pauc", "pauc", None), ("saebench_style", "saebench_style_score", None))
@@ -123,7 +123,8 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
             raise TrainError(f"{', '.join(not_evaluated)} has no eval results: run `pipeline eval` on it first, "
                              "or leave it out of the report")
     else:
-        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and (p / "eval").is_dir()),
+        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name)
+                       and any((p / "eval" / f"{s}.json").exists() for s in EVALS)),  # an eval/ may hold only grid.json
                       key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []
     if not dirs:
         raise TrainError(f"no evaluated runs in {runs_dir} (run `pipeline eval` first)")
@@ -253,8 +254,8 @@ def _seed_section(groups: list[dict], loaded: list[dict], rows: list[dict]) -> l
     arm = {}
     for g in groups:
         members = [draws_of[r] for r in g["runs"]]
-        arm[g["label"]] = {key: arm_draws(members, key, rng) for _, key in BOOTSTRAP_SCORES}
-        cells = [(_fmt(_interval(d)) if d is not None else "") for d in arm[g["label"]].values()]
+        arm[id(g)] = {key: arm_draws(members, key, rng) for _, key in BOOTSTRAP_SCORES}
+        cells = [(_fmt(_interval(d)) if d is not None else "") for d in arm[id(g)].values()]
         quality = [_fmt_spread(g["stats"].get(c)) for c in ("explained_variance", "mse", "l0")]
         lines.append("| " + " | ".join([g["label"], str(len(g["runs"])), *cells, *quality]) + " |")
     lines.append("")
@@ -269,7 +270,7 @@ def _seed_section(groups: list[dict], loaded: list[dict], rows: list[dict]) -> l
             if g is base:
                 continue
             for name, key in BOOTSTRAP_SCORES[:2]:
-                a, b = arm[g["label"]][key], arm[base["label"]][key]
+                a, b = arm[id(g)][key], arm[id(base)][key]
                 if a is None or b is None:
                     continue
                 lines.append(f"- {name}: {g['label']} - {base['label']}: {_signed(_interval(a - b))} (95%)")
@@ -280,33 +281,55 @@ def _seed_section(groups: list[dict], loaded: list[dict], rows: list[dict]) -> l
 def _pooled_section(groups: list[dict], rows: list[dict], base: dict) -> list[str]:
     by_run = {r["run"]: r for r in rows}
     column = "unlearning_at_1%"
-    values = {g["label"]: [float(by_run[r][column][0] if isinstance(by_run[r][column], tuple) else by_run[r][column])
-                           for r in g["runs"] if by_run[r][column] is not None] for g in groups}
-    result = arm_differences(values, base["label"])
+    # keyed by position: two settings can share a label (the label leaves out what does not vary here)
+    values = {str(i): [float(by_run[r][column][0] if isinstance(by_run[r][column], tuple) else by_run[r][column])
+                       for r in g["runs"] if by_run[r][column] is not None] for i, g in enumerate(groups)}
+    key = {id(g): str(i) for i, g in enumerate(groups)}
+    result = arm_differences(values, key[id(base)])
     if result is None:
         return []
     lines = ["", "## Each arm minus the baseline, the seed spread pooled over arms (t intervals)", "",
-             f"The primary score's seed standard deviation, pooled over the {len(groups)} arms: {result['sd']:.4f} "
-             f"({result['df']} degrees of freedom). Per arm: the difference of means, its 95% t interval, and the "
-             "smallest difference this design detects with 80% power at the 5% level. "
-             f"Seeds per arm for a half-width of {result['half_width']:g} nats: about {result['seeds_for_half_width']}.",
-             ""]
-    for label, arm in result["arms"].items():
+             f"The seed standard deviation of the unlearning score at 1%, pooled over the {result['pooled_arms']} arms "
+             f"with two or more seeds: {result['sd']:.4f} ({result['df']} degrees of freedom). Per arm: the difference "
+             "of means, its 95% t interval, and the smallest difference this design detects with 80% power at the "
+             f"5% level. Seeds per arm for a difference of two arms to have a 95% half-width of "
+             f"{result['half_width']:g} nats: about {result['seeds_for_half_width']}.", ""]
+
+    def line(g: dict, reference: dict, arm: dict) -> str:
         lo, hi = arm["ci95"]
-        lines.append(f"- unlearning at 1%: {label} - {base['label']}: {_signed((arm['difference'], lo, hi))} (95%, t), "
-                     f"detectable: {arm['detectable_80']:.4f}")
-    weighting = SETTING_KEYS.index("ortho_weighting")
-    controls = [g for g in groups if g is not base and g["setting"][weighting] in ("uniform", "shuffled")]
-    methods = [g for g in groups if g is not base and g not in controls]
+        return (f"- unlearning at 1%: {g['label']} - {reference['label']}: {_signed((arm['difference'], lo, hi))} "
+                f"(95%, t), detectable: {arm['detectable_80']:.4f}")
+
+    lines += [line(g, base, result["arms"][key[id(g)]]) for g in groups if key[id(g)] in result["arms"]]
+    weighting, ortho = SETTING_KEYS.index("ortho_weighting"), SETTING_KEYS.index("ortho")
+    controls = [g for g in groups if g is not base and g["setting"][ortho] and g["setting"][weighting] in
+                ("uniform", "shuffled")]
+    methods = [g for g in groups if g is not base and g not in controls and g["setting"][ortho]]
     if controls and methods:  # the method against orthogonality without labels, and with permuted labels
         lines += ["", "Each arm of the method minus each training control, the same way:", ""]
         for control in controls:
-            versus = arm_differences(values, control["label"])
-            for g in methods:
-                arm = versus["arms"][g["label"]]
-                lo, hi = arm["ci95"]
-                lines.append(f"- unlearning at 1%: {g['label']} - {control['label']}: "
-                             f"{_signed((arm['difference'], lo, hi))} (95%, t), detectable: {arm['detectable_80']:.4f}")
+            versus = arm_differences(values, key[id(control)])
+            if versus is None:
+                continue
+            lines += [line(g, control, versus["arms"][key[id(g)]]) for g in methods if key[id(g)] in versus["arms"]]
+    by_seed = {key[id(g)]: {int(by_run[r]["seed"]): float(by_run[r][column][0] if isinstance(by_run[r][column], tuple)
+                                                          else by_run[r][column])
+                            for r in g["runs"] if by_run[r][column] is not None and by_run[r]["seed"] is not None}
+               for g in groups}
+    paired = seed_paired_differences(by_seed, key[id(base)])
+    if paired is None:
+        return lines
+    lines += ["", "## Each arm minus the baseline, paired by seed (t intervals)", "",
+              "Seed s of every arm starts from the same initialisation and reads the same batches, so the "
+              "differences are taken seed by seed and their spread around each arm's mean difference is pooled "
+              f"over arms: standard deviation {paired['sd']:.4f} ({paired['df']} degrees of freedom).", ""]
+    lines += [line(g, base, paired["arms"][key[id(g)]]) for g in groups if key[id(g)] in paired["arms"]]
+    if controls and methods:
+        lines += ["", "Each arm of the method minus each training control, paired by seed:", ""]
+        for control in controls:
+            versus = seed_paired_differences(by_seed, key[id(control)])
+            if versus is not None:
+                lines += [line(g, control, versus["arms"][key[id(g)]]) for g in methods if key[id(g)] in versus["arms"]]
     return lines
 
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from train.sae import WEIGHTS_FILE
+from train.sae import CONFIG_FILE, WEIGHTS_FILE
 
 GRID_FILE = "grid.json"
 
@@ -26,9 +26,9 @@ def file_digest(path: Path) -> str:
 
 
 def eval_key(members, cfg, store_fingerprint: str) -> str:
-    """One digest of the config, the store and every SAE's weights, in the order given."""
+    """One digest of the config, the store and every SAE's weights and config file, in the order given."""
     parts = {"config": cfg.model_dump(mode="json"), "store": store_fingerprint,
-             "saes": [file_digest(t.sae_dir / WEIGHTS_FILE) for t in members]}
+             "saes": [[file_digest(t.sae_dir / WEIGHTS_FILE), file_digest(t.sae_dir / CONFIG_FILE)] for t in members]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -57,7 +57,9 @@ def save_grid(members, key: str, grid: list[float], probe: dict | None) -> None:
 
 def finished(t, key: str, suites: list[str]) -> dict | None:
     """The results an earlier try with this key wrote for `t`, or None if any suite is missing or stale."""
-    results = {}
+    results, meta = {}, {}
+    if not suites:
+        return None
     for suite in suites:
         try:
             data = json.loads((t.out_dir / f"{suite}.json").read_text())

@@ -59,12 +59,12 @@ def evaluate_targets(targets: list[Target], cfg: EvalConfig, progress=print):
     for members in groups.values():
         key = eval_key(members, cfg, store_fingerprint(members[0].store.attrs))
         saved = saved_grid(members, key)
-        done = {t.name: finished(t, key, cfg.suite) for t in members} if saved else {}
-        remaining = [t for t in members if done.get(t.name) is None]
-        for t in members:
-            if done.get(t.name) is not None:
+        done = [finished(t, key, cfg.suite) if saved else None for t in members]  # by position: names can repeat
+        remaining = [t for t, d in zip(members, done) if d is None]
+        for t, d in zip(members, done):
+            if d is not None:
                 progress(f"{t.name}: already evaluated with this config, store and set of SAEs; read back")
-                yield t, done[t.name]
+                yield t, d
         if not remaining:
             continue
         context = _context(members[0].store, cfg, progress)

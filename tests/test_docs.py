@@ -93,7 +93,7 @@ def plain(text: str) -> str:
 def test_site_builds_strictly_and_offline(site):
     pages = {p.relative_to(site).as_posix() for p in site.rglob("*.html")}
     for page in ("index.html", "tutorial.html", "harvest.html", "shard-store.html", "train.html", "sweeps.html",
-                 "eval.html", "report.html", "bench.html", "saebench.html", "scaling.html", "results-demo.html",
+                 "eval.html", "report.html", "bench.html", "saebench.html", "scaling.html", "results.html",
                  "errors.html", "reference/cli.html", "reference/harvest.html", "reference/train.html",
                  "reference/eval.html"):
         assert page in pages, f"{page} missing from the built site"

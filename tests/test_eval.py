@@ -465,10 +465,28 @@ def test_pooled_seed_differences_equal_a_hand_computed_t_interval():
     assert result["arms"]["b"]["difference"] == pytest.approx(0.38 - 0.32)
     assert result["seeds_for_half_width"] == math.ceil(2 * (1.959964 * sd / 0.01) ** 2)
     assert arm_differences({"base": [0.3], "a": [0.2]}, "base") is None  # one seed per arm: no spread to pool
+    assert arm_differences({"base": [], "a": [0.2, 0.3]}, "base") is None  # a baseline not yet measured
+    assert set(arm_differences({"base": [0.3, 0.4], "a": [], "b": [0.2, 0.3]}, "base")["arms"]) == {"b"}
+
+
+def test_seed_paired_differences_equal_a_hand_computed_t_interval():
+    from scipy import stats
+
+    from evaluate.power import seed_paired_differences
+
+    values = {"base": {0: 0.30, 1: 0.34}, "a": {0: 0.20, 1: 0.26}, "b": {0: 0.41, 1: 0.35, 2: 0.38}}
+    result = seed_paired_differences(values, "base")  # b's seed 2 has no baseline to pair with
+    sd, df = math.sqrt((2 * 0.01**2 + 2 * 0.05**2) / 2), 2
+    assert result["df"] == df and result["sd"] == pytest.approx(sd)
+    t = stats.t.ppf(0.975, df)
+    assert result["arms"]["a"]["difference"] == pytest.approx(-0.09)
+    assert result["arms"]["a"]["ci95"] == pytest.approx((-0.09 - t * sd / math.sqrt(2), -0.09 + t * sd / math.sqrt(2)))
+    assert result["arms"]["b"]["difference"] == pytest.approx(0.06) and result["arms"]["b"]["seeds"] == 2
+    assert seed_paired_differences({"base": {0: 0.3}, "a": {1: 0.2}}, "base") is None  # no seed in common
 
 
 def test_report_compares_the_method_with_the_baseline_and_each_training_control(tmp_path):
-    from evaluate.power import arm_differences
+    from evaluate.power import arm_differences, seed_paired_differences
     from evaluate.report import report
 
     arms = {"rank": [0.40, 0.46], "uniform": [0.31, 0.29], "base": [0.30, 0.34]}
@@ -496,3 +514,11 @@ def test_report_compares_the_method_with_the_baseline_and_each_training_control(
                 f"(95%, t), detectable: {expected['detectable_80']:.4f}")
         assert line in text, line
     assert f"- unlearning at 1%: {uniform} - {uniform}" not in text
+    paired = text[text.index("paired by seed (t intervals)"):]
+    by_seed = {base: dict(enumerate(arms["base"])), rank: dict(enumerate(arms["rank"])),
+               uniform: dict(enumerate(arms["uniform"]))}
+    for reference, arm in ((base, rank), (uniform, rank)):
+        expected = seed_paired_differences(by_seed, reference)["arms"][arm]
+        lo, hi = expected["ci95"]
+        assert (f"- unlearning at 1%: {arm} - {reference}: {expected['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                f"(95%, t), detectable: {expected['detectable_80']:.4f}") in paired
