@@ -3,7 +3,7 @@ probe finds from all of them, so an eval stopped half way must reuse that grid, 
 with fewer SAEs (a different grid would make the finished and the remaining scores incomparable).
 
 The key of an eval names everything its numbers depend on: the configuration, the store, and each
-SAE's weights (by content), in order. The grid is written beside each SAE's results as soon as it is
+SAE's weights and cfg.json (by content), in order. The grid is written beside each SAE's results as soon as it is
 known (`grid.json`); an SAE whose result files carry the same key is finished and is read back, not
 measured again. Anything else (another config, a retrained SAE, another set of SAEs) starts afresh.
 """
