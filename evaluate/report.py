@@ -279,13 +279,31 @@ def _seed_section(groups: list[dict], loaded: list[dict], rows: list[dict]) -> l
 
 
 def _pooled_section(groups: list[dict], rows: list[dict], base: dict) -> list[str]:
-    by_run = {r["run"]: r for r in rows}
     column = "unlearning_at_1%"
+    by_run = {r["run"]: r for r in rows}
+    score = {r["run"]: r[column][0] if isinstance(r[column], tuple) else r[column] for r in rows}
     # keyed by position: two settings can share a label (the label leaves out what does not vary here)
-    values = {str(i): [float(by_run[r][column][0] if isinstance(by_run[r][column], tuple) else by_run[r][column])
-                       for r in g["runs"] if by_run[r][column] is not None] for i, g in enumerate(groups)}
-    key = {id(g): str(i) for i, g in enumerate(groups)}
-    result = arm_differences(values, key[id(base)])
+    at = {id(g): i for i, g in enumerate(groups)}
+    values = {i: [score[r] for r in g["runs"] if score[r] is not None] for i, g in enumerate(groups)}
+    by_seed = {i: {int(by_run[r]["seed"]): score[r] for r in g["runs"]
+                   if score[r] is not None and by_run[r]["seed"] is not None} for i, g in enumerate(groups)}
+    weighting, ortho = SETTING_KEYS.index("ortho_weighting"), SETTING_KEYS.index("ortho")
+    controls = [g for g in groups if g is not base and g["setting"][ortho] and g["setting"][weighting] in
+                ("uniform", "shuffled")]
+    methods = [g for g in groups if g is not base and g not in controls and g["setting"][ortho]]
+    # the baseline against every arm; each arm of the method against orthogonality without labels and
+    # with permuted labels
+    pairs = [(base, groups), *((control, methods) for control in controls if methods)]
+
+    def comparisons(analyse, data: dict, reference: dict, arms: list[dict]) -> list[str]:
+        result = analyse(data, at[id(reference)])
+        if result is None:
+            return []
+        return [f"- unlearning at 1%: {g['label']} - {reference['label']}: "
+                f"{_signed((a['difference'], *a['ci95']))} (95%, t), detectable: {a['detectable_80']:.4f}"
+                for g in arms for a in [result["arms"].get(at[id(g)])] if a is not None]
+
+    result = arm_differences(values, at[id(base)])
     if result is None:
         return []
     lines = ["", "## Each arm minus the baseline, the seed spread pooled over arms (t intervals)", "",
@@ -294,42 +312,21 @@ def _pooled_section(groups: list[dict], rows: list[dict], base: dict) -> list[st
              "of means, its 95% t interval, and the smallest difference this design detects with 80% power at the "
              f"5% level. Seeds per arm for a difference of two arms to have a 95% half-width of "
              f"{result['half_width']:g} nats: about {result['seeds_for_half_width']}.", ""]
-
-    def line(g: dict, reference: dict, arm: dict) -> str:
-        lo, hi = arm["ci95"]
-        return (f"- unlearning at 1%: {g['label']} - {reference['label']}: {_signed((arm['difference'], lo, hi))} "
-                f"(95%, t), detectable: {arm['detectable_80']:.4f}")
-
-    lines += [line(g, base, result["arms"][key[id(g)]]) for g in groups if key[id(g)] in result["arms"]]
-    weighting, ortho = SETTING_KEYS.index("ortho_weighting"), SETTING_KEYS.index("ortho")
-    controls = [g for g in groups if g is not base and g["setting"][ortho] and g["setting"][weighting] in
-                ("uniform", "shuffled")]
-    methods = [g for g in groups if g is not base and g not in controls and g["setting"][ortho]]
-    if controls and methods:  # the method against orthogonality without labels, and with permuted labels
-        lines += ["", "Each arm of the method minus each training control, the same way:", ""]
-        for control in controls:
-            versus = arm_differences(values, key[id(control)])
-            if versus is None:
-                continue
-            lines += [line(g, control, versus["arms"][key[id(g)]]) for g in methods if key[id(g)] in versus["arms"]]
-    by_seed = {key[id(g)]: {int(by_run[r]["seed"]): float(by_run[r][column][0] if isinstance(by_run[r][column], tuple)
-                                                          else by_run[r][column])
-                            for r in g["runs"] if by_run[r][column] is not None and by_run[r]["seed"] is not None}
-               for g in groups}
-    paired = seed_paired_differences(by_seed, key[id(base)])
+    for n, (reference, arms) in enumerate(pairs):
+        if n == 1:
+            lines += ["", "Each arm of the method minus each training control, the same way:", ""]
+        lines += comparisons(arm_differences, values, reference, arms)
+    paired = seed_paired_differences(by_seed, at[id(base)])
     if paired is None:
         return lines
     lines += ["", "## Each arm minus the baseline, paired by seed (t intervals)", "",
               "Seed s of every arm starts from the same initialisation and reads the same batches, so the "
               "differences are taken seed by seed and their spread around each arm's mean difference is pooled "
               f"over arms: standard deviation {paired['sd']:.4f} ({paired['df']} degrees of freedom).", ""]
-    lines += [line(g, base, paired["arms"][key[id(g)]]) for g in groups if key[id(g)] in paired["arms"]]
-    if controls and methods:
-        lines += ["", "Each arm of the method minus each training control, paired by seed:", ""]
-        for control in controls:
-            versus = seed_paired_differences(by_seed, key[id(control)])
-            if versus is not None:
-                lines += [line(g, control, versus["arms"][key[id(g)]]) for g in methods if key[id(g)] in versus["arms"]]
+    for n, (reference, arms) in enumerate(pairs):
+        if n == 1:
+            lines += ["", "Each arm of the method minus each training control, paired by seed:", ""]
+        lines += comparisons(seed_paired_differences, by_seed, reference, arms)
     return lines
 
 
