@@ -64,6 +64,7 @@ def harvest(
     context_length: Annotated[Optional[int], typer.Option(help=_doc("context_length"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_doc("batch_size"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_doc("seed"))] = None,
+    interleave: Annotated[Optional[str], typer.Option(help=_doc("interleave"))] = None,
     dtype: Annotated[Optional[str], typer.Option(help=_doc("dtype"))] = None,
     device: Annotated[Optional[str], typer.Option(help=_doc("device"))] = None,
     codec: Annotated[Optional[str], typer.Option(help=_doc("codec"))] = None,
@@ -86,8 +87,8 @@ def harvest(
         config = Path(__file__).resolve().parent / "configs" / "gemma-2-2b.yaml"
     overrides = dict(model=model, revision=revision, trust_remote_code=trust_remote_code, layer=layer,
                      dangerous=dangerous, safe=safe, tokens=tokens, dangerous_fraction=dangerous_fraction,
-                     context_length=context_length, batch_size=batch_size, seed=seed, dtype=dtype, device=device,
-                     codec=codec, clevel=clevel, chunk_rows=chunk_rows, out=out)
+                     context_length=context_length, batch_size=batch_size, seed=seed, interleave=interleave,
+                     dtype=dtype, device=device, codec=codec, clevel=clevel, chunk_rows=chunk_rows, out=out)
     cfg = load_config(config, overrides)
     result = run_harvest(cfg, overwrite=overwrite, progress=progress)
     if not result.main_process:  # one of several `accelerate launch` processes: the main one reports

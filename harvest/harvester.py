@@ -7,7 +7,8 @@ the forward waits only when the writers fall behind.
 
 Resuming: the plan is rebuilt from the same config, the batch holding the first uncommitted row is
 run again (the same windows in the same batch, so the same numbers), and writing goes on from that
-row. The result equals an uninterrupted harvest.
+row. The result equals an uninterrupted harvest. A streamed plan (`interleave: proportional`) is
+tokenised again from its start, without running the forward on the windows already stored.
 
 Several processes: `accelerate launch --num_processes N pipeline.py harvest ...` (on GPUs; on CPUs
 add `--multi_gpu`, see README.md) starts N copies. Each builds the same plan, takes a contiguous
@@ -42,7 +43,7 @@ from .errors import HarvestError, Interrupted, signals_interrupt
 from .ledger import MARKER_DIR, ChunkLedger
 from .model import BlockOutput, load_model
 from . import builtin_corpora
-from .packing import Plan, build_plan
+from .packing import Plan, StreamedPlan, WindowBatch, build_plan, special_ids
 from .sources import describe_origin
 from .store import ShardStore
 from .team import Team
@@ -119,30 +120,55 @@ def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) ->
         planning = []  # the plan is built (in every process: the same plan) while the weights load
 
         def start_planning(tokenizer) -> None:
-            planning.append(_Background(lambda: _build_plan(cfg, tokenizer, parsing)))
+            if cfg.interleave == "proportional":
+                streamed = StreamedPlan(cfg, tokenizer)
+                streamed.start(before=lambda: _parsed(parsing))
+                planning.append(streamed)
+            else:
+                planning.append(_Background(lambda: _build_plan(cfg, tokenizer, parsing)))
 
-        loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                            device=team.device(cfg.device), dtype=cfg.dtype, on_tokenizer=start_planning)
-        plan = planning[0].result()
-        for use in plan.sources if team.is_main else ():
-            if use.tokens < use.budget:
-                print(f"warning: source {use.spec.source} ran out after {use.tokens:,} of its {use.budget:,} tokens",
-                      file=sys.stderr)
-        gc.collect()
-        gc.freeze()  # parsed corpora otherwise slow every later collection in the forward loop (3-5x)
-        attrs = _store_attrs(cfg, loaded, plan)
-        _on_main(team, lambda: _open_or_create(path, cfg, loaded.d_model, int(plan.rows_per_window.sum()), attrs))
-        store = ShardStore.open(path, mode="r+")
-        block_output = BlockOutput(loaded.model, loaded.blocks[-1], loaded.device)
-        return _run(store, plan, block_output, cfg.batch_size, progress, team)
+        try:
+            loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision,
+                                trust_remote_code=cfg.trust_remote_code, device=team.device(cfg.device),
+                                dtype=cfg.dtype, on_tokenizer=start_planning)
+            plan = planning[0]
+            if isinstance(plan, StreamedPlan):
+                plan.ready()  # a source the tokenizer does not cover is refused before the store exists
+            else:
+                plan = plan.result()
+            if team.is_main and plan.complete:
+                _warn_of_short_sources(plan)
+            gc.collect()
+            gc.freeze()  # parsed corpora otherwise slow every later collection in the forward loop (3-5x)
+            attrs = _store_attrs(cfg, loaded, plan)
+            _on_main(team, lambda: _open_or_create(path, cfg, loaded.d_model, plan.rows_total, attrs))
+            store = ShardStore.open(path, mode="r+")
+            block_output = BlockOutput(loaded.model, loaded.blocks[-1], loaded.device)
+            return _run(store, plan, block_output, cfg.batch_size, progress, team)
+        finally:
+            for streamed in planning:
+                if isinstance(streamed, StreamedPlan):
+                    streamed.close()
 
 
-def _build_plan(cfg: HarvestConfig, tokenizer, parsing) -> Plan:
+def _parsed(parsing) -> None:
     if parsing is not None:
         try:
             parsing.result()
         except Exception:
-            pass  # build_plan parses again, and load() reports the failure in one line
+            pass  # iter_documents parses again, and load() reports the failure in one line
+
+
+def _warn_of_short_sources(plan: Plan | StreamedPlan) -> None:
+    """Said once the plan knows: before the forward (permutation), at the end (proportional)."""
+    for use in plan.sources:
+        if use.tokens < use.budget:
+            print(f"warning: source {use.spec.source} ran out after {use.tokens:,} of its {use.budget:,} tokens",
+                  file=sys.stderr)
+
+
+def _build_plan(cfg: HarvestConfig, tokenizer, parsing) -> Plan:
+    _parsed(parsing)
     return build_plan(cfg, tokenizer)
 
 
@@ -233,7 +259,7 @@ COMMIT_EVERY = 8
 """Chunks written between commits (each commit rewrites zarr.json and the manifest)."""
 
 
-def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: int, progress: bool,
+def _run(store: ShardStore, plan: Plan | StreamedPlan, block_output: BlockOutput, batch_size: int, progress: bool,
          team: Team) -> HarvestResult:
     ledger = ChunkLedger(store, main=team.is_main, alone=team.alone)
     pending = ledger.pending()
@@ -248,10 +274,14 @@ def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: i
                disable=not (progress and team.is_main), mininterval=1.0)
     writer = ChunkWriter(store, ledger, threads=WRITER_THREADS, queue_batches=QUEUE_BATCHES,
                          commit_every=COMMIT_EVERY, progress=bar.update)
+    names = [u.spec.name for u in plan.sources]
+    batches = plan.batches(batch_size)
     try:
-        for first, stop in _runs(mine):
-            for batch in _forwarded(plan, block_output, batch_size, *ledger.rows(first, stop)):
-                writer.put(batch)
+        for batch in _forwarded(batches, block_output, [ledger.rows(*run) for run in _runs(mine)], names):
+            writer.put(batch)
+        if team.is_main and not plan.complete:
+            for _ in batches:  # the rest of a streamed plan, tokenised only: its sources' counts go in the store
+                pass
     except BaseException:
         writer.abandon()  # what is written in full is committed; the error goes on
         raise
@@ -259,9 +289,15 @@ def _run(store: ShardStore, plan: Plan, block_output: BlockOutput, batch_size: i
     bar.close()
     team.wait()  # every chunk is written (and marked) before the main process commits the rest
     seconds = time.perf_counter() - start
-    result = HarvestResult(store, rows_pending, seconds, main_process=team.is_main)
-    if team.is_main:
-        ledger.advance(timing={"seconds": round(seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1)})
+    if not team.is_main:
+        return HarvestResult(store, rows_mine, seconds, main_process=False)
+    ledger.advance()  # commits the rest; a streamed plan that ended early also shortens the store here
+    result = HarvestResult(store, ledger.rows_total - done_before, seconds)
+    counted = {}
+    if isinstance(plan, StreamedPlan):  # its sources' counts are known only now
+        _warn_of_short_sources(plan)
+        counted = {"sources": _source_attrs(plan)}
+    ledger.advance(timing={"seconds": round(seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1)}, **counted)
     return result
 
 
@@ -280,36 +316,35 @@ def _runs(chunks: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _forwarded(plan: Plan, block_output: BlockOutput, batch_size: int, start: int, stop: int):
-    """The forwarded batches holding rows [start, stop), `start` on a chunk boundary.
+def _forwarded(batches, block_output: BlockOutput, ranges: list[tuple[int, int]], names: list[str]):
+    """The forwarded batches holding the rows of `ranges` ([start, stop) in order, on chunk boundaries).
 
     The windows run in the batches of a whole single-process harvest (batch k holds windows
-    [k * batch_size, (k + 1) * batch_size)), whatever the range: the same windows in the same forward
+    [k * batch_size, (k + 1) * batch_size)), whatever the ranges: the same windows in the same forward
     pass give the same numbers, so any split of the chunks between runs and processes writes the
-    same store. A batch that straddles `start` or `stop` is run for the rows on this side only.
+    same store. A batch that straddles a range's start or stop is run for the rows inside it only;
+    batches before the first range are passed over without a forward.
     """
-    rows_per_window = plan.rows_per_window
-    n_windows = len(rows_per_window)
-    first_row = np.concatenate([[0], np.cumsum(rows_per_window)])
-    batch_starts = range(0, n_windows, batch_size)
-    batch_ends = first_row[np.minimum(np.asarray(batch_starts) + batch_size, n_windows)]
-    first_batch = int(np.argmax(batch_ends > start))
-    skip = start - int(first_row[batch_starts[first_batch]])
-    row = start
-    for w in batch_starts[first_batch:]:
-        windows = slice(w, w + batch_size)
-        stored = np.flatnonzero(plan.doc[windows] >= 0)  # window then position order
-        stored = stored[skip:skip + stop - row]
-        skip = 0
-        yield _forward(plan, windows, stored, block_output, row, stop)
-        row += len(stored)
-        if row == stop:
+    i, row = 0, 0
+    for batch in batches:
+        if i == len(ranges):
             return
+        stored = np.flatnonzero(batch.doc >= 0)  # window then position order
+        end = row + len(stored)
+        while i < len(ranges) and ranges[i][0] < end:
+            start, stop = ranges[i]
+            lo = max(start, row)
+            yield _forward(batch, stored[lo - row:min(stop, end) - row], block_output, lo,
+                           min(stop, end) if batch.last else stop, end if batch.last else None, names)
+            if stop > end:
+                break
+            i += 1
+        row = end
 
 
 @torch.inference_mode()
-def _forward(plan: Plan, windows: slice, stored: np.ndarray, block_output: BlockOutput, row: int,
-             stop: int) -> ForwardedBatch:
+def _forward(batch: WindowBatch, stored: np.ndarray, block_output: BlockOutput, row: int, stop: int,
+             end: int | None, names: list[str]) -> ForwardedBatch:
     """Queue one batch's forward, the selection of its stored tokens and their copy back to the host.
 
     Nothing here waits for the device: the token ids and the positions to keep go up from pinned
@@ -318,7 +353,7 @@ def _forward(plan: Plan, windows: slice, stored: np.ndarray, block_output: Block
     memory, followed by an event the writer waits for.
     """
     device = block_output.device
-    input_ids, positions = torch.from_numpy(plan.input_ids[windows]), torch.from_numpy(stored)
+    input_ids, positions = torch.from_numpy(batch.input_ids), torch.from_numpy(stored)
     on_cuda = device.type == "cuda"
     if on_cuda:
         input_ids = input_ids.pin_memory().to(device, non_blocking=True)
@@ -334,24 +369,33 @@ def _forward(plan: Plan, windows: slice, stored: np.ndarray, block_output: Block
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(acts.device))
         acts = host
-    window_index, pos = np.divmod(stored, plan.input_ids.shape[1])
+    window_index, pos = np.divmod(stored, batch.input_ids.shape[1])
 
     def nonfinite() -> str:
-        names = sorted({plan.sources[i].spec.name for i in np.unique(plan.source[windows])}) if plan.sources else []
-        return (f"the model's activations are NaN or Inf in windows {windows.start}-"
-                f"{min(windows.stop, len(plan.doc)) - 1} (sources: {', '.join(names) or 'unknown'}); "
+        sources = sorted({names[i] for i in np.unique(batch.source)}) if names else []
+        return (f"the model's activations are NaN or Inf in windows {batch.first}-{batch.first + len(batch.doc) - 1} "
+                f"(sources: {', '.join(sources) or 'unknown'}); "
                 "nothing of them is stored and committed rows are kept: try --dtype float32, or check the model")
 
     columns = {
-        "label": plan.source[windows][window_index],
-        "token": plan.input_ids[windows].reshape(-1)[stored].astype(np.int32),
-        "doc": plan.doc[windows].reshape(-1)[stored],
+        "label": batch.source[window_index],
+        "token": batch.input_ids.reshape(-1)[stored].astype(np.int32),
+        "doc": batch.doc.reshape(-1)[stored],
         "pos": pos.astype(np.int32),
     }
-    return ForwardedBatch(row, stop, acts, columns, finite, copied, nonfinite)
+    return ForwardedBatch(row, stop, acts, columns, finite, copied, nonfinite, end)
 
 
-def _store_attrs(cfg: HarvestConfig, loaded, plan: Plan) -> dict:
+def _source_attrs(plan: Plan | StreamedPlan) -> list[dict]:
+    """Each source as the store records it; until a streamed plan has run to its end, the tokens
+    planned are its budget and the documents are not yet counted (None)."""
+    return [{"name": u.spec.name, "label": u.label, "origin": describe_origin(u.spec), "spec": u.spec.model_dump(),
+             "budget": u.budget, "documents": u.documents if plan.complete else None,
+             "tokens": u.tokens if plan.complete else u.budget}
+            for u in plan.sources]
+
+
+def _store_attrs(cfg: HarvestConfig, loaded, plan: Plan | StreamedPlan) -> dict:
     tok = loaded.tokenizer
     return {
         "model": loaded.identity,
@@ -365,12 +409,8 @@ def _store_attrs(cfg: HarvestConfig, loaded, plan: Plan) -> dict:
         "compute_dtype": str(loaded.compute_dtype).removeprefix("torch."),
         "context_length": cfg.context_length,
         "tokenizer": {"id": getattr(tok, "name_or_path", cfg.model), "class": type(tok).__name__,
-                      "vocab_size": len(tok), "bos_token_id": int(plan.input_ids[0, 0])},
-        "sources": [
-            {"name": u.spec.name, "label": u.label, "origin": describe_origin(u.spec), "spec": u.spec.model_dump(),
-             "budget": u.budget, "documents": u.documents, "tokens": u.tokens}
-            for u in plan.sources
-        ],
+                      "vocab_size": len(tok), "bos_token_id": special_ids(tok)[0]},
+        "sources": _source_attrs(plan),
         "seed": cfg.seed,
         "codec": {"name": cfg.codec, "clevel": cfg.clevel, "shuffle": "bitshuffle", "blocksize": 1 << 20}
         if cfg.codec != "none" else {"name": "none"},

@@ -9,6 +9,10 @@ the store is complete. A lone process keeps the chunks it has written in memory 
 markers: what it has not committed when killed is written again. Markers of a killed run tell the
 next run which chunks to skip. Chunks are recorded by the writer threads, in any order; commits
 come every few chunks (harvest/writer.py).
+
+A streamed plan may end before the store's planned length (a source ran out). The chunk it ends in
+is recorded with that end (in its marker's name, `<chunk>.end<rows>`), and once every chunk up to it
+is written the store is shortened to it before the commit that completes it.
 """
 
 import shutil
@@ -32,7 +36,10 @@ class ChunkLedger:
         """Chunks committed: [0, prefix)."""
         self._written: set[int] = set()
         """Chunks written by this lone process and not yet committed."""
+        self._end: int | None = None
+        """Where the plan ended, if this lone process has written that chunk."""
         self._lock = threading.Lock()
+        self._take_end(self._marked_end())
 
     def rows(self, first: int, stop: int) -> tuple[int, int]:
         """Rows of chunks [first, stop)."""
@@ -43,22 +50,27 @@ class ChunkLedger:
         marked = self._marked()
         return [c for c in range(self.prefix, self.chunks) if c not in marked]
 
-    def record(self, chunk: int) -> None:
-        """Chunk `chunk` is written in full (from any thread); the next `advance` may commit it."""
+    def record(self, chunk: int, end: int | None = None) -> None:
+        """Chunk `chunk` is written in full (from any thread); the next `advance` may commit it. `end`:
+        the plan ends in it, at that row."""
         with self._lock:
             if self.alone and not self.markers.exists():
                 self._written.add(chunk)
+                self._end = end if end is not None else self._end
                 return
         self.markers.mkdir(exist_ok=True)
-        (self.markers / str(chunk)).touch()
+        (self.markers / (str(chunk) if end is None else f"{chunk}.end{end}")).touch()
 
     def advance(self, **attrs) -> None:
         """Commit the longest prefix of written chunks (main process only); `attrs` go with it."""
         with self._lock:
+            self._take_end(self._end if self._end is not None else self._marked_end())
             written = self._marked() | self._written
             prefix = self.prefix
-            while prefix in written:
+            while prefix in written and prefix < self.chunks:
                 prefix += 1
+            if prefix == self.chunks and self.rows_total < self.store.rows_total:
+                self.store.truncate(self.rows_total)
             if prefix != self.prefix or attrs:
                 self.store.commit(self.rows(0, prefix)[1], **attrs)
             self._written -= set(range(self.prefix, prefix))
@@ -66,7 +78,17 @@ class ChunkLedger:
             if self.prefix == self.chunks:
                 shutil.rmtree(self.markers, ignore_errors=True)
 
+    def _take_end(self, end: int | None) -> None:
+        if end is not None and end < self.rows_total:
+            self.rows_total = end
+            self.chunks = -(-end // self.chunk_rows)
+
+    def _markers(self) -> list[str]:
+        return [p.name for p in self.markers.iterdir()] if self.markers.is_dir() else []
+
     def _marked(self) -> set[int]:
-        if not self.markers.is_dir():
-            return set()
-        return {int(p.name) for p in self.markers.iterdir() if p.name.isdigit()}
+        return {int(name.split(".")[0]) for name in self._markers() if name.split(".")[0].isdigit()}
+
+    def _marked_end(self) -> int | None:
+        ends = [int(name.split(".end")[1]) for name in self._markers() if ".end" in name]
+        return min(ends) if ends else None

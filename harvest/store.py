@@ -165,6 +165,14 @@ class ShardStore:
                 self.__dict__.pop("_manifest", None)
         self.group.attrs.update({"rows_committed": rows, "complete": rows == self.rows_total, **attrs})
 
+    def truncate(self, rows: int) -> None:
+        """Shorten the store to `rows` (a streamed harvest whose plan ended before its planned length);
+        before the commit that reaches them, so that `complete` is set against the new length."""
+        for name in COLUMNS:
+            array = self.group[name]
+            array.resize((rows, *array.shape[1:]))
+        self.group.attrs.update({"rows_total": rows})
+
     def writer_lock(self):
         """Exclusive for the life of one harvest; the OS releases it when the process dies."""
         return exclusive_lock(self.path / _LOCK_FILE, HarvestError(

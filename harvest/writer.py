@@ -53,6 +53,9 @@ class ForwardedBatch:
     """CUDA event recorded after the copies back; None on the CPU."""
     nonfinite: Callable[[], str]
     """The error message if the activations are not all finite."""
+    end: int | None = None
+    """The plan ends in this batch: the store's last row + 1 (a streamed plan may end before its
+    planned length, and the ledger shortens the store to it)."""
 
 
 class ChunkWriter:
@@ -148,19 +151,19 @@ class ChunkWriter:
                 while pending_rows >= self.chunk_rows or (pending_rows and row + pending_rows >= batch.stop):
                     n = min(self.chunk_rows, pending_rows, batch.stop - row)
                     chunk, pending, pending_rows = _take(pending, n)
-                    self._submit(row, chunk)
+                    self._submit(row, chunk, batch.end if row + n == batch.end else None)
                     row += n
                 self._commit_if_due()
         except BaseException as exc:
             if self._error is None:
                 self._error = exc
 
-    def _submit(self, row: int, columns: dict[str, np.ndarray]) -> None:
+    def _submit(self, row: int, columns: dict[str, np.ndarray], end: int | None) -> None:
         ticket = self._submitted
         self._submitted += 1
-        self._writes.append(self._pool.submit(self._write, ticket, row, columns))
+        self._writes.append(self._pool.submit(self._write, ticket, row, columns, end))
 
-    def _write(self, ticket: int, row: int, columns: dict[str, np.ndarray]) -> None:
+    def _write(self, ticket: int, row: int, columns: dict[str, np.ndarray], end: int | None) -> None:
         with self._turn:
             while self._started != ticket:
                 self._turn.wait()
@@ -170,7 +173,7 @@ class ChunkWriter:
                 return  # a chunk before it failed: nothing after it can be committed anyway
         try:
             self.store.write_rows(row, columns)
-            self.ledger.record(row // self.chunk_rows)
+            self.ledger.record(row // self.chunk_rows, end=end)
         except BaseException as exc:
             if self._error is None or isinstance(self._error, _Abandoned):
                 self._error = exc

@@ -388,10 +388,10 @@ def model_copy(tiny_model: Path, dest: Path) -> Path:
     return dest
 
 
-def harvest_refused(model: Path, corpora, tmp_path, monkeypatch, capsys) -> str:
+def harvest_refused(model: Path, corpora, tmp_path, monkeypatch, capsys, *extra: str) -> str:
     out = tmp_path / "out" / "store"
     capsys.readouterr()
-    assert run_cli(monkeypatch, harvest_args(model, corpora, out)) == 2
+    assert run_cli(monkeypatch, harvest_args(model, corpora, out, *extra)) == 2
     assert not (tmp_path / "out").exists()
     return error_line(capsys)
 
@@ -415,7 +415,9 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tiny_model, corpora, t
     assert "has 700 tokens, more than the model's embedding has rows (300)" in line
 
 
-def test_a_source_of_almost_only_unknown_tokens_is_refused(tiny_model, corpora, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("interleave", ["permutation", "proportional"])
+def test_a_source_of_almost_only_unknown_tokens_is_refused(tiny_model, corpora, tmp_path, monkeypatch, capsys,
+                                                            interleave):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -428,7 +430,7 @@ def test_a_source_of_almost_only_unknown_tokens_is_refused(tiny_model, corpora, 
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                             unk_token="<unk>").save_pretrained(model)
-    line = harvest_refused(model, corpora, tmp_path, monkeypatch, capsys)
+    line = harvest_refused(model, corpora, tmp_path, monkeypatch, capsys, "--interleave", interleave)
     assert re.search(r"\d+% of the tokens of source .*danger.jsonl are the tokenizer's unknown token '<unk>'", line)
 
 

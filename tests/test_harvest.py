@@ -32,7 +32,11 @@ def harvested(tiny_store):
 
 
 def test_activations_equal_a_direct_forward_pass_bit_for_bit(harvested, tiny_model):
-    store = harvested
+    assert_equals_a_direct_forward_pass(harvested, tiny_model)
+
+
+def assert_equals_a_direct_forward_pass(store: ShardStore, tiny_model):
+    """Every stored row is the bf16 of the model's own forward pass over the windows, in their batches."""
     attrs = store.attrs
     layer, ctx, batch = attrs["layer"], attrs["context_length"], attrs["config"]["batch_size"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

@@ -128,3 +128,16 @@ def test_single_process_finishes_a_killed_two_process_harvest(tiny_model, source
     run([sys.executable, "pipeline.py", *args])
     assert_same_store(reference, ShardStore.open(out))
     assert not (out / MARKER_DIR).exists()
+
+
+def test_two_processes_write_the_single_process_streamed_store_whose_sources_run_out(tiny_model, sources, tmp_path):
+    """`interleave: proportional` with more tokens asked for than the sources hold: the process that writes
+    the plan's last chunk records where the plan ended, and the main one shortens the store to it."""
+    args = lambda out: [*args_for(tiny_model, sources, out), "--interleave", "proportional", "--tokens", "400000"]  # noqa: E731
+    run([sys.executable, "pipeline.py", *args(tmp_path / "one")])
+    one = ShardStore.open(tmp_path / "one")
+    assert one.rows_total < 400000
+    done = run(launch_command(args(tmp_path / "two")))
+    assert "Traceback" not in done.stderr
+    assert_same_store(one, ShardStore.open(tmp_path / "two"))
+    assert not (tmp_path / "two" / MARKER_DIR).exists()
