@@ -101,11 +101,11 @@ class HarvestConfig(BaseModel):
     """Seeds the document order of file and builtin sources and the interleaving of windows."""
     interleave: Literal["permutation", "proportional"] = "permutation"
     """How the sources' windows are ordered in the store. `permutation`: one seeded permutation of
-    all of them, so every source is tokenised before the first forward (about 6 us a token on one
-    core: a minute per 10M tokens). `proportional`: the sources take turns in proportion to their
-    budgets, tokenised on a thread a few blocks of windows ahead of the forward; each source gives
-    exactly its budget, and a source that runs out ends the store early. The two make different
-    stores from the same sources."""
+    all of them, so every source is tokenised before the first forward (about 1.5 us a token: 15 s
+    per 10M tokens, beside the model's load). `proportional`: the sources take turns in proportion
+    to their budgets, tokenised on a thread a few blocks of windows ahead of the forward; each source
+    gives exactly its budget, and a source that runs out ends the store early. The two make
+    different stores from the same sources."""
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Compute dtype. `auto`: bfloat16 on CUDA and on CPUs with AMX or AVX-512-BF16, else float32.
     The store always holds bf16 bits."""

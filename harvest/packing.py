@@ -29,6 +29,9 @@ from .errors import HarvestError
 from .sources import iter_documents
 
 _TOKENIZE_BATCH = 64
+"""Documents tokenised per call, once under way: the first call takes 4 and each next one twice as many,
+so the first window is out after a few documents however long they are (each document is tokenised
+on its own, so the windows do not depend on this)."""
 MAX_UNKNOWN_FRACTION = 0.5
 """A source of which more tokens than this are the tokenizer's unknown token is refused: the
 tokenizer does not cover its text, and its activations would be those of one token."""
@@ -319,11 +322,12 @@ def pack_documents(documents, tokenizer, width: int, budget: int, *, exact: bool
     stream_doc: list[int] = []
     documents = iter(documents)
     exhausted = False
-    planned = 0
+    planned, per_call = 0, 4
     while planned < budget:
         while len(stream_ids) <= width and not exhausted:
-            batch = [d for _, d in zip(range(_TOKENIZE_BATCH), documents)]
-            exhausted = len(batch) < _TOKENIZE_BATCH
+            batch = [d for _, d in zip(range(per_call), documents)]
+            exhausted = len(batch) < per_call
+            per_call = min(2 * per_call, _TOKENIZE_BATCH)
             if not batch:
                 break
             encoded = tokenizer([d.text for d in batch], add_special_tokens=False,
