@@ -5,7 +5,9 @@ of a given checkout: run it alternately on two checkouts for paired before / aft
         .venv/bin/python bench/paired_io.py --tree $tree; done; done
 
 Prints one line per run: the tree, harvest / bare forward (median of the repeats, each repeat a bare
-forward pass then a harvest of the same windows, as `pipeline bench` times them), and the fraction of
+forward pass then a harvest of the same windows, as `pipeline bench` times them), the harvest over a
+stand-in device forward that sleeps as long as the bare one and leaves the host free (nan in trees
+older than that measurement), and the fraction of
 the timed steps a baseline SAE spent waiting for the streamed loader (median of the repeats; the
 2 warm-up steps' waits excluded) with the tokens/s of those fed steps (the loader that gathers on the
 trainer's thread hides that work from its wait count; the fed rate shows it). The tiny random Gemma-2 (d_model 64, layer 2), CPU, float32, zstd-1;
@@ -49,6 +51,7 @@ def main() -> None:
                                  chunk_rows=max(256, rows // 8), codec="zstd", clevel=1, repeats=args.repeats,
                                  keep=Path(tmp) / "harvested")
         harvest_over_bare = next(r.value for r in report.ratios if r.name == "harvest / bare forward")
+        over_standin = next((r.value for r in report.ratios if r.name.startswith("harvest / stand-in")), float("nan"))
         store = ShardStore.open(kept)
         waits, fed_rates = [], []
         for _ in range(args.repeats):
@@ -59,7 +62,8 @@ def main() -> None:
                                             steps, device)
             waits.append(wait)
             fed_rates.append(steps * args.train_batch / seconds)
-    print(f"{args.tree}\tharvest/bare {harvest_over_bare:.3f}\tloader wait share {statistics.median(waits):.4f}"
+    print(f"{args.tree}\tharvest/bare {harvest_over_bare:.3f}\tharvest/stand-in device {over_standin:.3f}"
+          f"\tloader wait share {statistics.median(waits):.4f}"
           f"\tfed steps {statistics.median(fed_rates):.0f} tok/s", flush=True)
 
 
