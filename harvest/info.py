@@ -79,8 +79,10 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
         "sources:",
     ]
     for i, (s, n) in enumerate(zip(a["sources"], counts)):
+        documents = ("documents counted when the harvest ends" if s["documents"] is None  # a streamed plan's
+                     else f"{s['documents']:,} documents")
         lines.append(f"  [{i}] {s['label']:9s} {s['name']}: {int(n):,} tokens stored of {s['tokens']:,} planned, "
-                     f"{s['documents']:,} documents; {s['origin']}")
+                     f"{documents}; {s['origin']}")
     lines.append(f"written by   {a['tool']} {a['tool_version']}")
     return "\n".join(lines)
 

@@ -119,7 +119,7 @@ def test_the_warning_of_a_source_that_ran_out_comes_at_the_end(tiny_model, corpo
 
 @pytest.mark.parametrize("tokens", ["4000", "400000"])
 def test_a_streamed_harvest_stopped_by_a_full_disk_resumes_to_the_same_store(
-        streamed, ran_out, tiny_model, corpora, tmp_path, monkeypatch, tokens):
+        streamed, ran_out, tiny_model, corpora, tmp_path, monkeypatch, capsys, tokens):
     out = tmp_path / "store"
     original, calls = ShardStore.write_rows, []
 
@@ -136,5 +136,8 @@ def test_a_streamed_harvest_stopped_by_a_full_disk_resumes_to_the_same_store(
     kept = ShardStore.open(out)
     assert kept.rows_committed == 4 * kept.chunk_rows and not kept.complete
     assert kept.attrs["sources"][0]["documents"] is None  # counted when the plan has run to its end
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["info", str(out)]) == 0
+    assert f"{int(tokens) // 2:,} planned, documents counted when the harvest ends" in capsys.readouterr().out
     assert run_cli(monkeypatch, args) == 0
     assert_same_store(streamed if tokens == "4000" else ran_out, ShardStore.open(out))
