@@ -12,7 +12,9 @@ tokenised again from its start, without running the forward on the windows alrea
 
 Several processes: `accelerate launch --num_processes N pipeline.py harvest ...` (on GPUs; on CPUs
 add `--multi_gpu`, see README.md) starts N copies. Each builds the same plan, takes a contiguous
-1/N of the chunks still to write and writes those chunks whole, so no chunk file has two writers.
+1/N of the chunks still to write (with a streamed plan: every N-th group of `DEALT_CHUNKS` chunks,
+so that no process waits for most of the plan to be tokenised before its first forward) and writes
+those chunks whole, so no chunk file has two writers.
 Rows keep the single-process order (plan order) and every window is computed in the same batch of
 windows as in a single-process harvest, so the store is the one a single process writes (on the
 same kind of device, in the same dtype). The main process alone creates
@@ -257,17 +259,22 @@ QUEUE_BATCHES = 4
 """Forwarded batches waiting for the writers before the forward waits for them (pinned host memory)."""
 COMMIT_EVERY = 8
 """Chunks written between commits (each commit rewrites zarr.json and the manifest)."""
+DEALT_CHUNKS = 32
+"""With a streamed plan, processes take turns at groups of this many chunks rather than one contiguous
+share each, so that each one starts forwarding as soon as the plan reaches its first group (a batch
+that straddles two groups is forwarded by both: about 1 batch in 32 chunks, run twice)."""
 
 
 def _run(store: ShardStore, plan: Plan | StreamedPlan, block_output: BlockOutput, batch_size: int, progress: bool,
          team: Team) -> HarvestResult:
-    ledger = ChunkLedger(store, main=team.is_main, alone=team.alone)
+    streamed = isinstance(plan, StreamedPlan)  # its sources' counts come with the commit that completes the store
+    ledger = ChunkLedger(store, main=team.is_main, alone=team.alone, completion_waits=streamed)
     pending = ledger.pending()
     team.wait()  # every process has read the ledger before any adds to it: all share the same `pending`
-    mine = team.share(pending)
+    mine = team.deal(pending, DEALT_CHUNKS) if streamed else team.share(pending)
     rows_pending = sum(_span(ledger.rows(c, c + 1)) for c in pending)
     rows_mine = sum(_span(ledger.rows(c, c + 1)) for c in mine)
-    done_before = store.rows_total - rows_pending
+    done_before = ledger.rows_total - rows_pending
     start = time.perf_counter()
     bar = tqdm(total=done_before + rows_mine, initial=done_before, unit="tok", unit_scale=True, dynamic_ncols=True,
                desc="harvest" if team.alone else f"harvest (main of {team.size} processes)",
@@ -291,13 +298,13 @@ def _run(store: ShardStore, plan: Plan | StreamedPlan, block_output: BlockOutput
     seconds = time.perf_counter() - start
     if not team.is_main:
         return HarvestResult(store, rows_mine, seconds, main_process=False)
-    ledger.advance()  # commits the rest; a streamed plan that ended early also shortens the store here
+    ledger.advance()  # learns where a streamed plan ended (and shortens the store to it)
     result = HarvestResult(store, ledger.rows_total - done_before, seconds)
     counted = {}
-    if isinstance(plan, StreamedPlan):  # its sources' counts are known only now
+    if streamed:
         _warn_of_short_sources(plan)
         counted = {"sources": _source_attrs(plan)}
-    ledger.advance(timing={"seconds": round(seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1)}, **counted)
+    ledger.finish(timing={"seconds": round(seconds, 3), "tokens_per_s": round(result.tokens_per_s, 1)}, **counted)
     return result
 
 

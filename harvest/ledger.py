@@ -12,7 +12,9 @@ come every few chunks (harvest/writer.py).
 
 A streamed plan may end before the store's planned length (a source ran out). The chunk it ends in
 is recorded with that end (in its marker's name, `<chunk>.end<rows>`), and once every chunk up to it
-is written the store is shortened to it before the commit that completes it.
+is written the store is shortened to it. A streamed plan's per-source counts are known only at its
+end, so its ledger holds back the commit that completes the store until `finish` brings them: a store
+marked complete always has them.
 """
 
 import shutil
@@ -24,7 +26,7 @@ MARKER_DIR = ".harvest.chunks"
 
 
 class ChunkLedger:
-    def __init__(self, store: ShardStore, *, main: bool, alone: bool):
+    def __init__(self, store: ShardStore, *, main: bool, alone: bool, completion_waits: bool = False):
         self.store = store
         self.main = main
         self.alone = alone
@@ -38,8 +40,10 @@ class ChunkLedger:
         """Chunks written by this lone process and not yet committed."""
         self._end: int | None = None
         """Where the plan ended, if this lone process has written that chunk."""
+        self._completion_waits = completion_waits
+        """The commit that completes the store waits for `finish`."""
         self._lock = threading.Lock()
-        self._take_end(self._marked_end())
+        self._take_end(_end_of(self._markers()))
 
     def rows(self, first: int, stop: int) -> tuple[int, int]:
         """Rows of chunks [first, stop)."""
@@ -47,7 +51,7 @@ class ChunkLedger:
 
     def pending(self) -> list[int]:
         """Chunks still to write, in order."""
-        marked = self._marked()
+        marked = _chunks_of(self._markers())
         return [c for c in range(self.prefix, self.chunks) if c not in marked]
 
     def record(self, chunk: int, end: int | None = None) -> None:
@@ -64,19 +68,29 @@ class ChunkLedger:
     def advance(self, **attrs) -> None:
         """Commit the longest prefix of written chunks (main process only); `attrs` go with it."""
         with self._lock:
-            self._take_end(self._end if self._end is not None else self._marked_end())
-            written = self._marked() | self._written
+            names = self._markers()  # one listing: a chunk and the end it carries are seen together
+            self._take_end(self._end if self._end is not None else _end_of(names))
+            written = _chunks_of(names) | self._written
             prefix = self.prefix
             while prefix in written and prefix < self.chunks:
                 prefix += 1
-            if prefix == self.chunks and self.rows_total < self.store.rows_total:
+            shortened = prefix == self.chunks and self.rows_total < self.store.rows_total
+            if shortened:
                 self.store.truncate(self.rows_total)
-            if prefix != self.prefix or attrs:
+            if prefix == self.chunks and self._completion_waits:
+                prefix = max(self.prefix, prefix - 1)
+            if prefix != self.prefix or attrs or shortened:
                 self.store.commit(self.rows(0, prefix)[1], **attrs)
             self._written -= set(range(self.prefix, prefix))
             self.prefix = prefix
             if self.prefix == self.chunks:
                 shutil.rmtree(self.markers, ignore_errors=True)
+
+    def finish(self, **attrs) -> None:
+        """The harvest's last commit (main process only), with `attrs`: it completes the store once every
+        chunk is written, now also for a ledger whose completion waited."""
+        self._completion_waits = False
+        self.advance(**attrs)
 
     def _take_end(self, end: int | None) -> None:
         if end is not None and end < self.rows_total:
@@ -86,9 +100,11 @@ class ChunkLedger:
     def _markers(self) -> list[str]:
         return [p.name for p in self.markers.iterdir()] if self.markers.is_dir() else []
 
-    def _marked(self) -> set[int]:
-        return {int(name.split(".")[0]) for name in self._markers() if name.split(".")[0].isdigit()}
 
-    def _marked_end(self) -> int | None:
-        ends = [int(name.split(".end")[1]) for name in self._markers() if ".end" in name]
-        return min(ends) if ends else None
+def _chunks_of(markers: list[str]) -> set[int]:
+    return {int(name.split(".")[0]) for name in markers if name.split(".")[0].isdigit()}
+
+
+def _end_of(markers: list[str]) -> int | None:
+    ends = [int(name.split(".end")[1]) for name in markers if ".end" in name]
+    return min(ends) if ends else None

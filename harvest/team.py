@@ -73,6 +73,12 @@ class Team:
         n = len(items)
         return items[n * self.rank // self.size: n * (self.rank + 1) // self.size]
 
+    def deal(self, items: list, group: int) -> list:
+        """This process's groups of `group` consecutive items, dealt in turn: every process gets work
+        from the start of `items` on (a streamed plan reaches each process's first group soon)."""
+        groups = [items[i:i + group] for i in range(0, len(items), group)]
+        return [item for g in groups[self.rank::self.size] for item in g]
+
     def leave(self) -> None:
         if not self.alone:
             from accelerate import PartialState

@@ -141,3 +141,70 @@ def test_a_streamed_harvest_stopped_by_a_full_disk_resumes_to_the_same_store(
     assert f"{int(tokens) // 2:,} planned, documents counted when the harvest ends" in capsys.readouterr().out
     assert run_cli(monkeypatch, args) == 0
     assert_same_store(streamed if tokens == "4000" else ran_out, ShardStore.open(out))
+
+
+def test_a_streamed_harvest_stopped_before_its_counts_are_written_is_not_complete_and_resumes(
+        ran_out, tiny_model, corpora, tmp_path, monkeypatch):
+    """Every chunk is written, but the harvest stops before the sources' counts are committed: the
+    store must not say it is complete (a rerun would then leave it without them)."""
+    out = tmp_path / "store"
+
+    def stop(plan):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harvester, "_warn_of_short_sources", stop)
+    args = streamed_args(tiny_model, corpora, out, "--tokens", "400000")
+    assert run_cli(monkeypatch, args) == 130
+    monkeypatch.undo()
+    kept = ShardStore.open(out)
+    assert not kept.complete and kept.rows_committed < kept.rows_total == ran_out.rows_total
+    assert run_cli(monkeypatch, args) == 0
+    assert_same_store(ran_out, ShardStore.open(out))
+
+
+def small_store(path, rows: int) -> ShardStore:
+    return ShardStore.create(path, rows=rows, d_model=2, chunk_rows=4, codec="none", clevel=0, attrs={"sources": []})
+
+
+def write_chunk(store: ShardStore, chunk: int, rows: int) -> None:
+    first = chunk * store.chunk_rows
+    n = min(store.chunk_rows, rows - first)
+    store.write_rows(first, {"acts": np.full((n, 2), chunk, np.uint16), "label": np.zeros(n, np.uint8),
+                             **{name: np.arange(first, first + n, dtype=np.int32) for name in ("token", "doc", "pos")}})
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_the_ledger_shortens_a_store_to_where_the_plan_ended_and_never_commits_past_it(tmp_path, waits):
+    """Planned 16 rows in chunks of 4; the plan ended at row 10, in chunk 2, which another process
+    marked with that end."""
+    from harvest.ledger import MARKER_DIR, ChunkLedger
+
+    store = small_store(tmp_path / "s", 16)
+    for chunk in range(3):
+        write_chunk(store, chunk, 10)
+    (tmp_path / "s" / MARKER_DIR).mkdir()
+    for name in ("0", "1", "2.end10"):
+        (tmp_path / "s" / MARKER_DIR / name).touch()
+    ledger = ChunkLedger(ShardStore.open(tmp_path / "s", mode="r+"), main=True, alone=False, completion_waits=waits)
+    assert ledger.rows_total == 10 and ledger.pending() == []
+    ledger.advance()
+    store = ShardStore.open(tmp_path / "s")
+    assert store.rows_total == 10 and store.group["acts"].shape == (10, 2)
+    assert store.rows_committed == (8 if waits else 10) and store.complete == (not waits)
+    ledger.finish(sources=[{"name": "counted"}])
+    store = ShardStore.open(tmp_path / "s")
+    assert store.complete and store.rows_committed == 10 and store.attrs["sources"] == [{"name": "counted"}]
+    assert store.acts().shape == (10, 2)
+    assert store.read("token").tolist() == list(range(10))
+    assert not (tmp_path / "s" / MARKER_DIR).exists()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_dealt_shares_are_disjoint_in_order_and_cover_every_chunk(size):
+    from harvest.team import Team
+
+    chunks = list(range(5, 200))
+    shares = [Team(rank, size).deal(chunks, 32) for rank in range(size)]
+    assert sorted(c for share in shares for c in share) == chunks
+    assert all(share == sorted(share) for share in shares)
+    assert all(share[:32] == chunks[32 * rank:32 * (rank + 1)] for rank, share in enumerate(shares))
