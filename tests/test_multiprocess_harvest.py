@@ -130,13 +130,23 @@ def test_single_process_finishes_a_killed_two_process_harvest(tiny_model, source
     assert not (out / MARKER_DIR).exists()
 
 
-def test_two_processes_write_the_single_process_streamed_store_whose_sources_run_out(tiny_model, sources, tmp_path):
-    """`interleave: proportional` with more tokens asked for than the sources hold: the process that writes
-    the plan's last chunk records where the plan ended, and the main one shortens the store to it."""
-    args = lambda out: [*args_for(tiny_model, sources, out), "--interleave", "proportional", "--tokens", "400000"]  # noqa: E731
+def test_two_processes_write_the_single_process_streamed_store_whose_safe_source_runs_out(tiny_model, sources,
+                                                                                         tmp_path):
+    """`interleave: proportional` with a safe source far short of its budget: the plan ends early, in a
+    chunk of the second process's share (chunks are dealt in groups of 32), which records where it
+    ended; the main process shortens the store to it."""
+    from harvest.harvester import DEALT_CHUNKS
+    from harvest.team import Team
+
+    (tmp_path / "short").mkdir()
+    short = two_sources(tmp_path / "short", 15, 5)["safe_txt"]
+    args = lambda out: [*args_for(tiny_model, {**sources, "safe_txt": short}, out),  # noqa: E731
+                        "--interleave", "proportional", "--tokens", "16000"]
     run([sys.executable, "pipeline.py", *args(tmp_path / "one")])
     one = ShardStore.open(tmp_path / "one")
-    assert one.rows_total < 400000
+    assert one.rows_total < 16000
+    last_chunk = (one.rows_total - 1) // one.chunk_rows
+    assert last_chunk in Team(1, 2).deal(list(range(last_chunk + 1)), DEALT_CHUNKS)
     done = run(launch_command(args(tmp_path / "two")))
     assert "Traceback" not in done.stderr
     assert_same_store(one, ShardStore.open(tmp_path / "two"))
