@@ -99,16 +99,26 @@ def run_cli(monkeypatch, args: list[str]) -> int:
     return 0
 
 
+def harvested(args: list[str]):
+    """The store a `pipeline harvest` with `args` writes (for fixtures wider than a test's monkeypatch);
+    what it printed on stderr goes to `harvested.stderr`."""
+    import contextlib
+    import io
+
+    from harvest.store import ShardStore
+
+    mp, err = pytest.MonkeyPatch(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert run_cli(mp, args) == 0
+    mp.undo()
+    harvested.stderr = err.getvalue()
+    return ShardStore.open(args[args.index("--out") + 1])
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tiny_model, corpora, tmp_path_factory):
     """The store of `harvest_args`: the tiny model's block 2 over the three small sources."""
-    from harvest.store import ShardStore
-
-    out = tmp_path_factory.mktemp("tiny-store") / "store"
-    mp = pytest.MonkeyPatch()
-    assert run_cli(mp, harvest_args(tiny_model, corpora, out)) == 0
-    mp.undo()
-    return ShardStore.open(out)
+    return harvested(harvest_args(tiny_model, corpora, tmp_path_factory.mktemp("tiny-store") / "store"))
 
 
 def interrupt_training_at(monkeypatch, step: int):

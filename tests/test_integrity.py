@@ -17,7 +17,7 @@ from zarr.codecs import BloscCodec
 from harvest.errors import HarvestError
 from harvest.store import COLUMNS, ShardStore
 
-from .conftest import harvest_args, run_cli
+from .conftest import harvest_args, harvested, run_cli
 from .test_errors import error_line
 
 CHUNK = 256  # the chunk rows of `harvest_args`
@@ -76,11 +76,7 @@ def without_checksums(store: ShardStore, dest: Path) -> ShardStore:
 
 @pytest.fixture(scope="module")
 def uncompressed_store(tiny_model, corpora, tmp_path_factory) -> ShardStore:
-    out = tmp_path_factory.mktemp("integrity") / "none"
-    mp = pytest.MonkeyPatch()
-    assert run_cli(mp, harvest_args(tiny_model, corpora, out, "--codec", "none")) == 0
-    mp.undo()
-    return ShardStore.open(out)
+    return harvested(harvest_args(tiny_model, corpora, tmp_path_factory.mktemp("integrity") / "none", "--codec", "none"))
 
 
 def train_args(store: ShardStore, runs: Path) -> list[str]:

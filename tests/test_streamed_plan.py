@@ -10,7 +10,7 @@ import pytest
 from harvest import harvester, packing
 from harvest.store import ShardStore
 
-from .conftest import harvest_args, run_cli
+from .conftest import harvest_args, harvested, run_cli
 from .test_harvest import assert_equals_a_direct_forward_pass, windows_of
 from .test_resume import assert_same_store
 
@@ -20,21 +20,20 @@ def streamed_args(tiny_model, corpora, out, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def streamed(tiny_model, corpora, tmp_path_factory) -> ShardStore:
-    out = tmp_path_factory.mktemp("streamed") / "store"
-    mp = pytest.MonkeyPatch()
-    assert run_cli(mp, streamed_args(tiny_model, corpora, out)) == 0
-    mp.undo()
-    return ShardStore.open(out)
+    return harvested(streamed_args(tiny_model, corpora, tmp_path_factory.mktemp("streamed") / "store"))
 
 
 @pytest.fixture(scope="module")
-def ran_out(tiny_model, corpora, tmp_path_factory) -> ShardStore:
-    """A streamed harvest asking for far more tokens than its three sources hold."""
-    out = tmp_path_factory.mktemp("ran-out") / "store"
-    mp = pytest.MonkeyPatch()
-    assert run_cli(mp, streamed_args(tiny_model, corpora, out, "--tokens", "400000")) == 0
-    mp.undo()
-    return ShardStore.open(out)
+def ran_out_harvest(tiny_model, corpora, tmp_path_factory) -> tuple[ShardStore, str]:
+    """A streamed harvest asking for far more tokens than its three sources hold, and its stderr."""
+    store = harvested(streamed_args(tiny_model, corpora, tmp_path_factory.mktemp("ran-out") / "store",
+                                    "--tokens", "400000"))
+    return store, harvested.stderr
+
+
+@pytest.fixture(scope="module")
+def ran_out(ran_out_harvest) -> ShardStore:
+    return ran_out_harvest[0]
 
 
 def test_each_source_gives_exactly_its_budget_in_turns_and_every_chunk_holds_both_labels(streamed, tiny_model):
@@ -109,10 +108,8 @@ def test_a_source_that_runs_out_ends_the_store_there(ran_out, tiny_model, corpor
     assert f"{sources[0]['documents']:,} documents" in capsys.readouterr().out
 
 
-def test_the_warning_of_a_source_that_ran_out_comes_at_the_end(tiny_model, corpora, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "store"
-    assert run_cli(monkeypatch, streamed_args(tiny_model, corpora, out, "--tokens", "400000")) == 0
-    err = capsys.readouterr().err
+def test_the_warning_of_a_source_that_ran_out_comes_at_the_end(ran_out_harvest, corpora):
+    err = ran_out_harvest[1]
     for path in (corpora["danger"], corpora["safe_txt"], corpora["safe_parquet"]):
         assert f"warning: source {path} ran out after" in err
 
