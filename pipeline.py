@@ -276,7 +276,7 @@ def eval_(
 
 
 def _bdoc(field: str) -> str:
-    from evaluate.browser_config import BrowseConfig
+    from evaluate.browser.config import BrowseConfig
 
     return BrowseConfig.model_fields[field].description or ""
 
@@ -301,7 +301,7 @@ def browse(
     out: Annotated[Optional[Path], typer.Option(help=_bdoc("out"))] = None,
 ):
     """A static feature browser of one run (its index.html opens from disk): each feature's top dangerous and safe contexts from the store, histograms, decoder neighbours, logit lens."""
-    from evaluate.browse import run_browse
+    from evaluate.browser.main import run_browse
 
     options = dict(features=features, top=top, examples=examples, samples=samples, reservoir=reservoir,
                    before=before, after=after, neighbours=neighbours, lens_tokens=lens_tokens,
@@ -317,7 +317,7 @@ def report(
     out: Annotated[Path, typer.Option(help="Directory for report.md, report.csv and the plots.")] = Path("reports"),
 ):
     """A table across runs (report.md, report.csv) and comparison plots."""
-    from evaluate.report import report as make_report
+    from evaluate.report.main import report as make_report
 
     typer.echo(f"wrote {make_report(runs or [], runs_dir, out)}")
 

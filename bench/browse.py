@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the budget is for 2 CPU cores)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from evaluate.browse import browse
-    from evaluate.browser_config import BrowseConfig
+    from evaluate.browser.main import browse
+    from evaluate.browser.config import BrowseConfig
 
     started = time.perf_counter()
     store = tiled_store(ShardStore.open(args.source), args.work / "store", args.rows)

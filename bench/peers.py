@@ -201,7 +201,7 @@ def sae_lens_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, ba
 
 @torch.no_grad()
 def quality(reconstruct, rows: torch.Tensor, batch_size: int) -> dict:
-    """Explained variance (1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, as evaluate/core.py) and mean L0."""
+    """Explained variance (1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2, as evaluate/core/metrics.py) and mean L0."""
     sq_err = l0 = 0.0
     for i in range(0, len(rows) - batch_size + 1, batch_size):
         x = rows[i: i + batch_size]

@@ -15,7 +15,7 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
     cfg = load_config(config, overrides)
     if saebench:
         run_dirs = [resolve_run(name, runs_dir) for name in runs]  # every name checked before any work starts
-        from .saebench import require_sae_bench, run_saebench, run_saebench_core
+        from .saebench.main import require_sae_bench, run_saebench, run_saebench_core
 
         if not {"unlearning", "core"} & set(cfg.suite):
             raise TrainError("--saebench runs SAEBench's unlearning and core evals; specialization has no SAEBench "

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .core import CoreAccumulator
+from .core.metrics import CoreAccumulator
 from .heldout import HeldOut
 from .splice import SplicedModel, kl_to_clean, next_token_loss
-from .unlearning import clamp_encoded
+from .unlearning.features import clamp_encoded
 
 
 @dataclass

@@ -26,16 +26,16 @@ from train.errors import TrainError
 from train.runs import write_json
 from train.sae import CONFIG_FILE, SAE, WEIGHTS_FILE
 
-from . import firing
+from .unlearning import firing
 from .bootstrap import resample_id
 from .config import EvalConfig
-from .curve import _monotone
+from .unlearning.curve import _monotone
 from .heldout import HeldOut, held_out
 from .measure import measure
 from .resume import eval_key, finished, save_grid, saved_grid
-from .scoring import score_unlearning
-from .specialization import specialization
-from .unlearning import random_features, score, select_features, top_r_features
+from .unlearning.scoring import score_unlearning
+from .specialization.metrics import specialization
+from .unlearning.features import random_features, score, select_features, top_r_features
 
 
 @dataclass

@@ -347,7 +347,7 @@ class _Planted:
 
 
 def test_saebench_result_reader_accepts_results_and_refuses_code(tmp_path):
-    from evaluate.saebench import read_result_pickle
+    from evaluate.saebench.main import read_result_pickle
     from train.errors import TrainError
 
     result = tmp_path / "clamp_feature_activation_multiplier25_nfeatures2_layer2_retainthres0.01.pkl"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.browse import decode_contexts
-from evaluate.examples import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, build_contexts, collect, group_of_source
+from evaluate.browser.main import decode_contexts
+from evaluate.browser.examples import HIST_BINS, HIST_LOG10_MAX, HIST_LOG10_MIN, build_contexts, collect, group_of_source
 from harvest.store import ShardStore
 from train.sae import SAE
 
@@ -235,7 +235,7 @@ def test_browse_writes_a_site_whose_pages_match_the_store(tiny_store, trained, t
 def test_logit_lens_reads_the_unembedding_alone(trained, tiny_model):
     from safetensors.torch import load_file
 
-    from evaluate.logit_lens import load_unembedding, logit_lens
+    from evaluate.browser.logit_lens import load_unembedding, logit_lens
 
     weights = load_file(next(Path(tiny_model).glob("*.safetensors")))
     unembedding = load_unembedding(Path(tiny_model))
@@ -322,7 +322,7 @@ def test_an_evaluated_run_shows_its_selected_features(tiny_store, trained, tmp_p
 
 
 def test_report_links_each_runs_browser(tiny_store, trained, tmp_path, monkeypatch):
-    from evaluate.report import report
+    from evaluate.report.main import report
 
     runs = tmp_path / "runs"
     for name in ("run_1", "run_2"):

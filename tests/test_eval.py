@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluate.bootstrap import ci95, resample_counts, weighted_means
-from evaluate.curve import at_retain, curve_scores, pauc, saebench_style
+from evaluate.unlearning.curve import at_retain, curve_scores, pauc, saebench_style
 from evaluate.heldout import held_out
 from evaluate.splice import SplicedModel, next_token_loss
-from evaluate.unlearning import clamp, eligible, random_features, score, select_features, top_r_features
+from evaluate.unlearning.features import clamp, eligible, random_features, score, select_features, top_r_features
 from harvest.model import find_blocks
 from train.sae import SAE
 
@@ -153,7 +153,7 @@ def test_bootstrap_interval_covers_the_true_value():
 def test_bootstrap_resamples_are_shared_so_run_differences_are_paired():
     from evaluate.config import EvalConfig
     from evaluate.measure import Losses
-    from evaluate.scoring import score_unlearning
+    from evaluate.unlearning.scoring import score_unlearning
 
     rng = np.random.default_rng(1)
     n_docs, grid = 40, [1.0, 2.0, 4.0, 8.0]
@@ -315,7 +315,7 @@ def test_an_external_saelens_directory_evaluates(tiny_store, tmp_path, monkeypat
 
 
 def test_report_groups_seeds_with_their_spread():
-    from evaluate.report import COLUMNS, seed_groups
+    from evaluate.report.main import COLUMNS, seed_groups
 
     def row(run, ortho, seed, score):
         r = {c: None for c, _ in COLUMNS}
@@ -333,7 +333,7 @@ def test_report_groups_seeds_with_their_spread():
 
 
 def test_report_reads_each_retain_fraction_and_tells_architectures_and_weightings_apart():
-    from evaluate.report import COLUMNS, _get, _label, seed_groups
+    from evaluate.report.main import COLUMNS, _get, _label, seed_groups
 
     scores = {f: {"value": v, "ci95": [v - 0.1, v + 0.1]} for f, v in (("0.005", 0.2), ("0.01", 0.4), ("0.02", 0.7))}
     data = {"unlearning": {"score_at_retain": scores}}
@@ -450,7 +450,7 @@ def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny
 def test_pooled_seed_differences_equal_a_hand_computed_t_interval():
     from scipy import stats
 
-    from evaluate.power import arm_differences
+    from evaluate.report.power import arm_differences
 
     values = {"base": [0.30, 0.34], "a": [0.20, 0.26], "b": [0.41, 0.35, 0.38]}
     result = arm_differences(values, "base", half_width=0.01)
@@ -472,7 +472,7 @@ def test_pooled_seed_differences_equal_a_hand_computed_t_interval():
 def test_seed_paired_differences_equal_a_hand_computed_t_interval():
     from scipy import stats
 
-    from evaluate.power import seed_paired_differences
+    from evaluate.report.power import seed_paired_differences
 
     values = {"base": {0: 0.30, 1: 0.34}, "a": {0: 0.20, 1: 0.26}, "b": {0: 0.41, 1: 0.35, 2: 0.38}}
     result = seed_paired_differences(values, "base")  # b's seed 2 has no baseline to pair with
@@ -486,8 +486,8 @@ def test_seed_paired_differences_equal_a_hand_computed_t_interval():
 
 
 def test_report_compares_the_method_with_the_baseline_and_each_training_control(tmp_path):
-    from evaluate.power import arm_differences, seed_paired_differences
-    from evaluate.report import report
+    from evaluate.report.power import arm_differences, seed_paired_differences
+    from evaluate.report.main import report
 
     arms = {"rank": [0.40, 0.46], "uniform": [0.31, 0.29], "base": [0.30, 0.34]}
     scores = {}

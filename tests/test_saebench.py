@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from evaluate.config import EvalConfig
-from evaluate.saebench import instruct_model_for, release_name
+from evaluate.saebench.main import instruct_model_for, release_name
 from train.errors import TrainError
 from train.sae import SAE
 
@@ -158,7 +158,7 @@ def harness_config(harness, artifacts, **extra):
 
 
 def test_saebench_unlearning_runs_end_to_end_on_the_tiny_harness(harness, tmp_path):
-    from evaluate.saebench import run_saebench
+    from evaluate.saebench.main import run_saebench
 
     artifacts = tmp_path / "artifacts"
     write_question_ids(artifacts, harness["sets"])
@@ -203,7 +203,7 @@ def test_a_pickle_planted_among_saebench_results_never_runs(harness, tmp_path, m
     import sae_bench.evals.unlearning.utils.eval as saebench_eval
     from sae_bench.evals.unlearning.main import get_metrics_df, get_unlearning_scores
 
-    from evaluate.saebench import run_saebench
+    from evaluate.saebench.main import run_saebench
 
     artifacts = tmp_path / "artifacts"
     write_question_ids(artifacts, harness["sets"])
@@ -227,14 +227,14 @@ def test_a_pickle_planted_among_saebench_results_never_runs(harness, tmp_path, m
     assert not (run / "eval" / "saebench_unlearning.json").exists()
     # Without the planted file, the score is SAEBench's own, read without its unpickling
     (metrics_dir / "clamp_feature_activation_multiplier9_nfeatures1_layer1_retainthres0.01.pkl").unlink()
-    from evaluate.saebench import _setting, unlearning_score
+    from evaluate.saebench.main import _setting, unlearning_score
 
     settings = [_setting(path) for path in sorted(metrics_dir.glob("*.pkl"))]
     assert unlearning_score(settings) == pytest.approx(clean_score["saebench"])
 
 
 def test_saebench_refuses_question_lists_the_model_does_not_know(harness, tmp_path):
-    from evaluate.saebench import run_saebench
+    from evaluate.saebench.main import run_saebench
 
     artifacts = tmp_path / "artifacts"
     wrong = {name: [{**row, "answer": (row["answer"] + 1) % 4} for row in rows] for name, rows in harness["sets"].items()}
@@ -251,7 +251,7 @@ def test_saebench_refuses_question_lists_the_model_does_not_know(harness, tmp_pa
 
 
 def test_saebench_names_a_missing_forget_corpus(harness, tmp_path):
-    from evaluate.saebench import run_saebench
+    from evaluate.saebench.main import run_saebench
 
     cfg = harness_config(harness, tmp_path / "artifacts").model_copy(
         update={"saebench_forget_corpus": tmp_path / "nowhere.jsonl"})
@@ -263,7 +263,7 @@ def test_saebench_core_sees_a_perfect_reconstruction_as_perfect(harness, tmp_pat
     """x = relu(x) - relu(-x): an SAE with encoder [I, -I] and decoder [I; -I] reconstructs exactly."""
     import datasets
 
-    from evaluate.saebench import run_saebench_core
+    from evaluate.saebench.main import run_saebench_core
 
     d = 64
     exact = SAE(d, 2 * d)
@@ -304,7 +304,7 @@ def test_saebench_cli_without_the_model_is_one_clear_line(harness, tmp_path, mon
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu", "batchtopk"])
 def test_every_architecture_becomes_saebench_s_sae_with_the_same_encoding(harness, tmp_path, arch):
-    from evaluate.saebench import saebench_sae
+    from evaluate.saebench.main import saebench_sae
     from train.architectures import ARCHITECTURES
     from train.config import TrainConfig
 

@@ -9,7 +9,7 @@ one pair, on every measurement document.
 
 import numpy as np
 
-from .bootstrap import resample_counts, value_and_ci, weighted_means
+from ..bootstrap import resample_counts, value_and_ci, weighted_means
 from .curve import curve_scores
 
 

@@ -30,7 +30,7 @@ from train.errors import TrainError
 from train.runs import write_json
 from train.sae import CONFIG_FILE, SAE, WEIGHTS_FILE
 
-from .config import EvalConfig
+from ..config import EvalConfig
 
 INSTRUCT_MODELS = {"gemma-2-2b": "gemma-2-2b-it", "gemma-2-9b": "gemma-2-9b-it"}
 # SAEBench opens the forget corpus at this path relative to the working directory.

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from harvest.model import BlockOutput
 from harvest.store import ShardStore
 
-from .heldout import HeldOut
+from ..heldout import HeldOut
 
 
 @dataclass

@@ -13,7 +13,7 @@ interval from resampling those features) is compared with random sets of as many
 import numpy as np
 import torch
 
-from .bootstrap import ci95
+from ..bootstrap import ci95
 
 
 def mean_abs_cos(w: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """Writes the feature browser: a static site that opens from disk with no server and no network.
 
-    index.html, browser.js, browser.css     copied from browser_assets/
+    index.html, browser.js, browser.css     copied from assets/
     data/index.js                           the run and one row per feature (BROWSER.index(...))
     data/features/<id>.js                   one feature's contexts, neighbours, lens (BROWSER.feature(id, ...))
 
@@ -40,7 +40,7 @@ def write_site(out: Path, index: dict, features: dict[int, dict]) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     try:
         (partial / "data" / "features").mkdir(parents=True)
-        assets = resources.files("evaluate") / "browser_assets"
+        assets = resources.files("evaluate.browser") / "assets"
         for name in ASSETS:
             (partial / name).write_bytes((assets / name).read_bytes())
         (partial / "data" / "index.js").write_text(_script("BROWSER.index", index), encoding="utf-8")

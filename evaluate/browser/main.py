@@ -19,7 +19,7 @@ from train.errors import TrainError
 from train.runs import resolve_run
 from train.sae import CONFIG_FILE, SAE
 
-from .browser_config import BrowseConfig
+from .config import BrowseConfig
 from .examples import GROUPS, FeatureStats, build_contexts, choose_samples, collect, hist_edges
 from .logit_lens import load_unembedding, logit_lens, model_directory
 from .site import write_site
@@ -89,7 +89,7 @@ def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print) -> Path
 
 def _open_store(run_dir: Path) -> ShardStore:
     """The run's store, refused in one line if it is missing, incomplete or not the one trained on."""
-    from .runner import open_run_store
+    from ..runner import open_run_store
 
     config = run_dir / "train_config.json"
     shards = Path(json.loads(config.read_text())["shards"])

@@ -1,0 +1,1 @@
+"""The report across runs: tables, plots and the comparisons of arms."""

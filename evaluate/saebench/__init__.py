@@ -1,0 +1,1 @@
+"""SAEBench's own unlearning and core evals, run through the sae-bench package."""

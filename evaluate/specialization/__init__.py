@@ -1,0 +1,1 @@
+"""Feature specialisation: the ratio r_i on held-out labelled text against a label-permutation null."""

@@ -1,0 +1,1 @@
+"""Unlearning: select features from the store, clamp them, measure forget against retain damage, score."""
