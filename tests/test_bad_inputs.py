@@ -337,8 +337,8 @@ def test_no_pickle_loading_of_weights_anywhere():
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
         loads = re.findall(r"pickle\.loads?\(|Unpickler\(", text)
-        assert not loads or path.name == "saebench.py", path
-    assert "pickle.load(" not in (ROOT / "evaluate" / "saebench.py").read_text()
+        assert not loads or path == ROOT / "evaluate" / "saebench" / "main.py", path
+    assert "pickle.load(" not in (ROOT / "evaluate" / "saebench" / "main.py").read_text()
 
 
 class _Planted:
