@@ -315,11 +315,21 @@ def report(
     runs: Annotated[Optional[list[str]], typer.Argument(help="Runs to compare (default: every evaluated run).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
     out: Annotated[Path, typer.Option(help="Directory for report.md, report.csv and the plots.")] = Path("reports"),
+    reference: Annotated[Optional[str], typer.Option(
+        help="A run of the arm the others are compared with (default: the arm with ortho 0).")] = None,
+    equivalence_margin: Annotated[float, typer.Option(
+        help="Equivalence margin in nats: an arm is 'equivalent' to the reference only when a TOST at this margin "
+             "holds.")] = 0.02,
+    ev_threshold: Annotated[float, typer.Option(
+        help="Runs with held-out explained variance below this are flagged wherever their scores appear.")] = 0.5,
 ):
-    """A table across runs (report.md, report.csv) and comparison plots."""
+    """A headline table per arm, the arms against a reference arm (two-way model, Holm, TOST), where the spread comes from, every run's columns (report.md, report.csv) and comparison plots."""
     from evaluate.report.main import report as make_report
 
-    typer.echo(f"wrote {make_report(runs or [], runs_dir, out)}")
+    written = make_report(runs or [], runs_dir, out, equivalence_margin=equivalence_margin,
+                          ev_threshold=ev_threshold, reference=reference,
+                          note=lambda line: typer.echo(line, err=True))
+    typer.echo(f"wrote {written}")
 
 
 def _numbers(text: str, kind: type, option: str) -> list:

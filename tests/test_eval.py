@@ -1,7 +1,6 @@
 """The eval stage on the tiny model: clamp, scoring, held-out separation, splicing, files."""
 
 import json
-import math
 import re
 
 import numpy as np
@@ -445,80 +444,3 @@ def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny
     calls.clear()
     assert run_cli(monkeypatch, [*args, "--seed", "1"]) == 0  # another config: everything again
     assert calls == [("probe",), ("finish", "run_1"), ("finish", "run_2")]
-
-
-def test_pooled_seed_differences_equal_a_hand_computed_t_interval():
-    from scipy import stats
-
-    from evaluate.report.power import arm_differences
-
-    values = {"base": [0.30, 0.34], "a": [0.20, 0.26], "b": [0.41, 0.35, 0.38]}
-    result = arm_differences(values, "base", half_width=0.01)
-    ss = (0.02**2 * 2) + (0.03**2 * 2) + sum((x - 0.38) ** 2 for x in (0.41, 0.35, 0.38))
-    sd, df = math.sqrt(ss / 4), 4
-    assert result["df"] == df and result["sd"] == pytest.approx(sd)
-    se = sd * math.sqrt(1 / 2 + 1 / 2)
-    t = stats.t.ppf(0.975, df)
-    assert result["arms"]["a"]["difference"] == pytest.approx(-0.09)
-    assert result["arms"]["a"]["ci95"] == pytest.approx((-0.09 - t * se, -0.09 + t * se))
-    assert result["arms"]["a"]["detectable_80"] == pytest.approx((t + stats.t.ppf(0.8, df)) * se)
-    assert result["arms"]["b"]["difference"] == pytest.approx(0.38 - 0.32)
-    assert result["seeds_for_half_width"] == math.ceil(2 * (1.959964 * sd / 0.01) ** 2)
-    assert arm_differences({"base": [0.3], "a": [0.2]}, "base") is None  # one seed per arm: no spread to pool
-    assert arm_differences({"base": [], "a": [0.2, 0.3]}, "base") is None  # a baseline not yet measured
-    assert set(arm_differences({"base": [0.3, 0.4], "a": [], "b": [0.2, 0.3]}, "base")["arms"]) == {"b"}
-
-
-def test_seed_paired_differences_equal_a_hand_computed_t_interval():
-    from scipy import stats
-
-    from evaluate.report.power import seed_paired_differences
-
-    values = {"base": {0: 0.30, 1: 0.34}, "a": {0: 0.20, 1: 0.26}, "b": {0: 0.41, 1: 0.35, 2: 0.38}}
-    result = seed_paired_differences(values, "base")  # b's seed 2 has no baseline to pair with
-    sd, df = math.sqrt((2 * 0.01**2 + 2 * 0.05**2) / 2), 2
-    assert result["df"] == df and result["sd"] == pytest.approx(sd)
-    t = stats.t.ppf(0.975, df)
-    assert result["arms"]["a"]["difference"] == pytest.approx(-0.09)
-    assert result["arms"]["a"]["ci95"] == pytest.approx((-0.09 - t * sd / math.sqrt(2), -0.09 + t * sd / math.sqrt(2)))
-    assert result["arms"]["b"]["difference"] == pytest.approx(0.06) and result["arms"]["b"]["seeds"] == 2
-    assert seed_paired_differences({"base": {0: 0.3}, "a": {1: 0.2}}, "base") is None  # no seed in common
-
-
-def test_report_compares_the_method_with_the_baseline_and_each_training_control(tmp_path):
-    from evaluate.report.power import arm_differences, seed_paired_differences
-    from evaluate.report.main import report
-
-    arms = {"rank": [0.40, 0.46], "uniform": [0.31, 0.29], "base": [0.30, 0.34]}
-    scores = {}
-    for i, (weighting, seed) in enumerate(((w, s) for w in arms for s in (0, 1)), start=1):
-        run = tmp_path / f"run_{i}"
-        (run / "eval").mkdir(parents=True)
-        ortho = 0.0 if weighting == "base" else 100.0
-        cfg = {"trainer": "ratio", "arch": "topk", "k": 8, "ortho": ortho, "ortho_normalize": "mean",
-               "ortho_weighting": "rank" if weighting == "base" else weighting, "d_sae": 64, "seed": seed}
-        (run / "train_config.json").write_text(json.dumps(cfg))
-        value = arms[weighting][seed]
-        scores.setdefault(weighting, []).append(value)
-        (run / "eval" / "unlearning.json").write_text(json.dumps({
-            "score_at_retain": {"0.01": {"value": value, "ci95": [value - 0.1, value + 0.1]}},
-            "settings": [], "retain_tolerance_nats": 0.03}))
-    text = report([], tmp_path, tmp_path / "report").read_text()
-    base, rank, uniform = "ratio topk k8 ortho 0.0 d64", "ratio topk k8 ortho 100.0 mean d64", \
-        "ratio topk k8 ortho 100.0 uniform mean d64"
-    values = {base: arms["base"], rank: arms["rank"], uniform: arms["uniform"]}
-    for reference, arm in ((base, rank), (base, uniform), (uniform, rank)):
-        expected = arm_differences(values, reference)["arms"][arm]
-        lo, hi = expected["ci95"]
-        line = (f"- unlearning at 1%: {arm} - {reference}: {expected['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
-                f"(95%, t), detectable: {expected['detectable_80']:.4f}")
-        assert line in text, line
-    assert f"- unlearning at 1%: {uniform} - {uniform}" not in text
-    paired = text[text.index("paired by seed (t intervals)"):]
-    by_seed = {base: dict(enumerate(arms["base"])), rank: dict(enumerate(arms["rank"])),
-               uniform: dict(enumerate(arms["uniform"]))}
-    for reference, arm in ((base, rank), (uniform, rank)):
-        expected = seed_paired_differences(by_seed, reference)["arms"][arm]
-        lo, hi = expected["ci95"]
-        assert (f"- unlearning at 1%: {arm} - {reference}: {expected['difference']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
-                f"(95%, t), detectable: {expected['detectable_80']:.4f}") in paired

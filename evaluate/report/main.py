@@ -1,38 +1,46 @@
-"""`pipeline report`: one table across runs (report.md, report.csv), the same grouped over seeds with
-95% intervals, each arm against the baseline arm with its interval, and the comparison plots:
-training curves, r histograms side by side, the unlearning trade-off, decoder geometry of the
-dangerous-specific features.
+"""`pipeline report`: what a set of evaluated runs shows, in one directory.
 
-Intervals across seeds come from a two-level bootstrap: seeds resampled within an arm, and the
+report.md opens with a headline table (per arm: L0, EV, the primary score with its interval, the
+controls), then the arms' comparisons with a reference arm under a two-way model (arm fixed, seed a
+block; evaluate/report/twoway.py) with Holm-adjusted p-values, simultaneous intervals and an
+equivalence test, how much of each difference's spread is document noise and how much seed noise
+(evaluate/report/variance.py), and then the wide per-run table (also report.csv) and the plots
+(evaluate/report/plots.py).
+
+What it reads from each run goes through evaluate/report/inputs.py. Runs that are one run (the same
+resolved config and seed, or identical weights) are counted once (evaluate/report/identity.py); a
+run whose held-out explained variance is below a threshold is flagged wherever its scores appear.
+
+Arm means come with a two-level bootstrap interval: seeds resampled within an arm, and the
 measurement documents resampled identically for every run (each run's eval stored its per-resample
 scores in eval/unlearning_bootstrap.npz, from the same resamples when the runs were evaluated on
-the same documents), so an arm-minus-baseline difference is paired by document resample.
+the same documents).
 """
 
 import csv
-import json
 import math
 import os
+import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from train.errors import TrainError
+from train.runs import RUN_NAME, resolve_run
 
-from train.errors import TrainError  # noqa: E402
-from train.runs import RUN_NAME, resolve_run  # noqa: E402
-
-from .power import arm_differences, seed_paired_differences  # noqa: E402
+from . import inputs
+from .identity import collapse_duplicates, refuse_shared_seeds
+from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
+from .twoway import compare, fit
+from .variance import decompose
 
 SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
           ("at_2%", "score_at_retain", "0.02"), ("pauc", "pauc", None), ("saebench_style", "saebench_style_score", None))
 COLUMNS = [
-    ("run", None), ("trainer", "train.trainer"), ("arch", "train.arch"), ("k", "train.k"), ("l1", "train.l1"),
-    ("target_l0", "train.target_l0"), ("ortho", "train.ortho"), ("ortho_weighting", "train.ortho_weighting"),
-    ("ortho_normalize", "train.ortho_normalize"),
+    ("run", None), ("flags", None), ("trainer", "train.trainer"), ("arch", "train.arch"), ("k", "train.k"),
+    ("l1", "train.l1"), ("target_l0", "train.target_l0"), ("ortho", "train.ortho"),
+    ("ortho_weighting", "train.ortho_weighting"), ("ortho_normalize", "train.ortho_normalize"),
     ("d_sae", "train.d_sae"), ("seed", "train.seed"), ("steps", "final.training_steps"),
     ("total_loss", "final.final_loss"),
     ("mse", "core.mse"), ("explained_variance", "core.explained_variance"),
@@ -55,15 +63,9 @@ COLUMNS = [
 SETTING_KEYS = ("trainer", "arch", "k", "l1", "target_l0", "ortho", "ortho_weighting", "ortho_normalize", "d_sae")
 """Runs that differ only in seed form one group."""
 FIXED_K = ("topk", "batchtopk")
-EVALS = ("unlearning", "core", "specialization", "saebench_unlearning")
-
-
-def _load(run_dir: Path) -> dict:
-    data = {"dir": run_dir, "train": json.loads((run_dir / "train_config.json").read_text())}
-    for name, path in (("final", run_dir / "final_info.json"),
-                       *((s, run_dir / "eval" / f"{s}.json") for s in EVALS)):
-        data[name] = json.loads(path.read_text()) if path.exists() else {}
-    return data
+EVALS = inputs.EVALS
+EQUIVALENCE_MARGIN = 0.02
+EV_THRESHOLD = 0.5
 
 
 def _get(data: dict, key: str | tuple):
@@ -112,70 +114,134 @@ def _label(row: dict) -> str:
     return label + (f" d{row['d_sae']}" if row.get("d_sae") else "")
 
 
-def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
-    if out.exists() and not out.is_dir():
-        raise TrainError(f"--out {out} is a file: the report is a directory (report.md, report.csv, plots); "
-                         "name a directory")
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _run_dirs(runs: list[str], runs_dir: Path) -> list[Path]:
     if runs:
         dirs = [resolve_run(r, runs_dir) for r in runs]
-        not_evaluated = [str(d) for d in dirs if not any((d / "eval" / f"{s}.json").exists() for s in EVALS)]
+        not_evaluated = [str(d) for d in dirs if not inputs.evaluated(d)]
         if not_evaluated:
             raise TrainError(f"{', '.join(not_evaluated)} has no eval results: run `pipeline eval` on it first, "
                              "or leave it out of the report")
     else:
-        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name)
-                       and any((p / "eval" / f"{s}.json").exists() for s in EVALS)),  # an eval/ may hold only grid.json
+        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and inputs.evaluated(p)),
                       key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []
     if not dirs:
         raise TrainError(f"no evaluated runs in {runs_dir} (run `pipeline eval` first)")
-    loaded = [_load(d) for d in dirs]
-    rows = [{name: (d.name if key is None else _get(data, key)) for name, key in COLUMNS}
-            for d, data in zip(dirs, loaded)]
-    for row in rows:
-        if row["arch"] not in FIXED_K:
-            row["k"] = None  # recorded in every config, meaningful only where it fixes L0
+    return dirs
+
+
+def _row(data: dict, ev_threshold: float) -> dict:
+    row = {name: (data["dir"].name if name == "run" else None if key is None else _get(data, key))
+           for name, key in COLUMNS}
+    if row["arch"] not in FIXED_K:
+        row["k"] = None  # recorded in every config, meaningful only where it fixes L0
+    row["_data"] = data
+    row["primary"] = inputs.primary_score(data)
+    ev = inputs.explained_variance(data)
+    flags = []
+    if ev is not None and ev < ev_threshold:
+        flags.append(f"low EV {ev:.3g} < {ev_threshold:g}")
+    if inputs.reached(data) is False:
+        flags.append("method did not reach the retain target")
+    if inputs.reached(data, "random") is False:
+        flags.append("random control did not reach the retain target")
+    row["low_ev"] = ev is not None and ev < ev_threshold
+    row["flags"] = "; ".join(flags) or None
+    return row
+
+
+def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float = EQUIVALENCE_MARGIN,
+           ev_threshold: float = EV_THRESHOLD, reference: str | None = None, note=_stderr) -> Path:
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file: the report is a directory (report.md, report.csv, plots); "
+                         "name a directory")
+    if not (equivalence_margin > 0 and math.isfinite(equivalence_margin)):
+        raise TrainError(f"--equivalence-margin must be a positive number of nats, got {equivalence_margin:g}")
+    if not math.isfinite(ev_threshold):
+        raise TrainError(f"--ev-threshold must be a finite number, got {ev_threshold:g}")
+    loaded, duplicates = collapse_duplicates([inputs.load_run(d) for d in _run_dirs(runs, runs_dir)])
+    rows = [_row(data, ev_threshold) for data in loaded]
+    setting = {id(r["_data"]): tuple(r[k] for k in SETTING_KEYS) for r in rows}
+    refuse_shared_seeds(loaded, lambda data: setting[id(data)])
+    groups = seed_groups(rows)
+    base = _reference_group(groups, rows, reference)
+    for line in duplicates:
+        note(line)
+    low = [r for r in rows if r["low_ev"]]
+    if low:
+        note(f"warning: {', '.join(r['run'] for r in low)} held-out EV below {ev_threshold:g} "
+             f"({', '.join(format(r['explained_variance'], '.3g') for r in low)}): flagged wherever their scores "
+             "appear")
+
     out.mkdir(parents=True, exist_ok=True)
     csv_rows = [_csv_row(r) for r in rows]
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
         writer.writeheader()
         writer.writerows(csv_rows)
-    groups = seed_groups(rows)
-    shown = [(c, k) for c, k in COLUMNS if any(r[c] is not None for r in rows)]  # the CSV keeps every column
-    lines = ["# ratio-sae report", "",
-             "Unlearning: SAEBench's selection and clamp, scored on next-token loss (nats) on held-out documents.",
-             "`unlearning_at_1%` (the primary score): the forget (dangerous) loss increase where the retain (safe) loss",
-             "has risen by 1% of its clean value, interpolated along the multiplier grid (0.5% and 2% likewise); `pauc`:",
-             "the mean forget increase over retain increases from 0 to the tolerance; `saebench_style`: SAEBench's",
-             "best setting within the tolerance (also `unlearning_score`). Controls: as many random features passing",
-             "the same retain filter, and the top-r features, over the same multipliers. Every score is followed by",
-             "its 95% interval [lo, hi] from a bootstrap over measurement documents (docs/unlearning.md).",
-             "Quality: `mse` and `explained_variance` (on held-out text, per label too); `total_loss` is the training",
-             "objective's total at the last step (reconstruction + sparsity + any penalty), not a quality measure.",
-             "Core: SAEBench's names. Specialisation: dangerous-specific features (r above the threshold, firing a",
-             "minimum number of times) against the same count with document labels permuted (`n_specific_null`).", "",
-             "## Runs", "",
-             "| " + " | ".join(c for c, _ in shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c, _ in shown) + " |" for r in rows]
-    if any(len(g["runs"]) > 1 for g in groups) or len(groups) > 1:
-        lines += _seed_section(groups, loaded, rows)
-    browsers = [(d.name, d / "browser" / "index.html") for d in dirs if (d / "browser" / "index.html").exists()]
+    draws_of = {r["run"]: inputs.draws(r["_data"]) for r in rows}
+    ids = {str(d["id"]) for d in draws_of.values() if d is not None and "id" in d}
+    paired = len(ids) == 1 and all(d is not None for d in draws_of.values())
+    arm_scores = _arm_scores(groups, rows, draws_of)
+    fraction = inputs.primary_fraction(rows[0]["_data"])
+    retain_set = inputs.retain_set_name(rows[0]["_data"])
+    primary_name = f"unlearning at +{float(fraction):.1%} retain" + (f" ({retain_set})" if retain_set else "")
+
+    lines = ["# ratio-sae report", ""]
+    lines += _headline(groups, rows, arm_scores, primary_name, ev_threshold)
+    if duplicates:
+        lines += ["", "Runs counted once (a rerun is not a seed):", "", *(f"- {d.removeprefix('note: ')}"
+                                                                          for d in duplicates)]
+    if base is not None and len(groups) > 1:
+        lines += _analysis(groups, rows, base, draws_of if paired else None, primary_name, equivalence_margin)
+    elif len(groups) > 1:
+        lines += ["", "No reference arm: no run has lambda_2 (ortho) = 0; name one with `--reference RUN` to compare "
+                      "the arms."]
+    lines += _runs_table(rows)
+    if len(groups) > 1 or any(len(g["runs"]) > 1 for g in groups):
+        lines += _seed_section(groups, rows, arm_scores, base, paired)
+    browsers = [(r["run"], r["_data"]["dir"] / "browser" / "index.html") for r in rows
+                if (r["_data"]["dir"] / "browser" / "index.html").exists()]
     if browsers:  # written by `pipeline browse`
         lines += ["", "## Feature browsers", "",
                   *(f"- [{name}]({os.path.relpath(path, out)})" for name, path in browsers)]
-    lines += ["", "![training curves](training_curves.png)", "", "![r histograms](r_histograms.png)", "",
-              "![unlearning trade-off](unlearning_tradeoff.png)", "", "![unlearning scores](unlearning_vs_ortho.png)",
+    lines += ["", "## Plots", "", "![training curves](training_curves.png)", "", "![r histograms](r_histograms.png)",
+              "", "![unlearning trade-off](unlearning_tradeoff.png)", "", "![unlearning scores](unlearning_vs_ortho.png)",
               "", "![decoder geometry](decoder_cos.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
-    _plot_training(loaded, rows, out / "training_curves.png")
-    _plot_r_histograms(loaded, rows, out / "r_histograms.png")
-    _plot_tradeoff(loaded, rows, out / "unlearning_tradeoff.png")
-    _plot_bars(rows, ("unlearning_at_1%", "selected"), ("random_control_at_1%", "random control"),
-               "forget loss increase at +1% retain (nats)", "unlearning (bars: 95% intervals)",
-               out / "unlearning_vs_ortho.png")
-    _plot_bars(rows, ("decoder_cos_dangerous", "dangerous-specific"), ("decoder_cos_random", "random pairs"),
-               "mean |cos| of decoder rows", "decoder geometry", out / "decoder_cos.png")
+    _plots(rows, out)
     return out / "report.md"
+
+
+def _reference_group(groups: list[dict], rows: list[dict], reference: str | None) -> dict | None:
+    if reference is None:
+        return baseline_group(groups)
+    name = f"run_{reference}" if reference.isdigit() else Path(reference).name
+    for g in groups:
+        if name in g["runs"]:
+            return g
+    raise TrainError(f"--reference {reference} is not among the reported runs ({', '.join(r['run'] for r in rows)})")
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    shown = [c for c, _ in COLUMNS if any(r[c] is not None for r in rows)]  # the CSV keeps every column
+    return ["", "## Runs (every column; also report.csv)", "",
+            "Unlearning: SAEBench's selection and clamp, scored on next-token loss (nats) on held-out documents.",
+            "`unlearning_at_1%` (the primary score): the forget (dangerous) loss increase where the retain (safe) loss",
+            "has risen by 1% of its clean value (0.5% and 2% likewise); `pauc`: the mean forget increase over retain",
+            "increases from 0 to the tolerance; `saebench_style`: SAEBench's best setting within the tolerance (also",
+            "`unlearning_score`). Controls: as many random features passing the same retain filter, and the top-r",
+            "features, over the same multipliers. Every score is followed by its 95% interval [lo, hi] from a bootstrap",
+            "over measurement documents (docs/unlearning.md). Quality: `mse` and `explained_variance` (on held-out",
+            "text, per label too); `total_loss` is the training objective's total at the last step, not a quality",
+            "measure. Core: SAEBench's names. Specialisation: dangerous-specific features (r above the threshold,",
+            "firing a minimum number of times) against the same count with document labels permuted",
+            "(`n_specific_null`). `flags`: a held-out EV below the threshold, a target not reached.", "",
+            "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown),
+            *("| " + " | ".join(_fmt(r[c]) for c in shown) + " |" for r in rows)]
 
 
 def seed_groups(rows: list[dict]) -> list[dict]:
@@ -199,24 +265,20 @@ def seed_groups(rows: list[dict]) -> list[dict]:
     return sorted(groups, key=lambda g: tuple((v is None, str(v) if isinstance(v, str) else v or 0) for v in g["setting"]))
 
 
-BOOTSTRAP_SCORES = (("unlearning at 1%", "method/at_retain_0.01"), ("pAUC", "method/pauc"),
-                    ("SAEBench-style", "method/saebench_style"), ("random control at 1%", "random/at_retain_0.01"),
-                    ("top-r control at 1%", "top_r/at_retain_0.01"))
+def baseline_group(groups: list[dict]) -> dict | None:
+    """The arm the others are compared with by default: lambda_2 (ortho) = 0, else none."""
+    zero = [g for g in groups if g["setting"][SETTING_KEYS.index("ortho")] in (0, 0.0)]
+    return zero[0] if zero else None
 
 
-def _draws(run_dir: Path) -> dict | None:
-    path = run_dir / "eval" / "unlearning_bootstrap.npz"
-    if not path.exists():
-        return None
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+ARM_SCORES = (("primary", "method", None), ("random", "random", None), ("top_r", "top_r", None),
+              ("pauc", "method", "pauc"), ("saebench_style", "method", "saebench_style"))
 
 
-def arm_draws(members: list[dict], key: str, rng: np.random.Generator) -> np.ndarray | None:
+def arm_draws(per_run: list[np.ndarray | None], rng: np.random.Generator) -> np.ndarray | None:
     """Two-level bootstrap of an arm's mean score: row 0 the mean over its seeds, row b the mean over
     seeds resampled with replacement, each at document resample b (shared by every run)."""
-    per_run = [m[key] for m in members if m is not None and key in m]
-    if len(per_run) != len(members) or not per_run:
+    if not per_run or any(d is None for d in per_run) or len({len(d) for d in per_run}) != 1:
         return None
     matrix = np.stack(per_run)  # (seeds, resamples + 1)
     picks = rng.integers(0, len(per_run), size=(matrix.shape[1], len(per_run)))
@@ -225,108 +287,110 @@ def arm_draws(members: list[dict], key: str, rng: np.random.Generator) -> np.nda
 
 
 def _interval(draws: np.ndarray) -> tuple[float, float, float]:
-    lo, hi = np.percentile(draws[1:], [2.5, 97.5])
+    finite = draws[1:][np.isfinite(draws[1:])]
+    lo, hi = np.percentile(finite, [2.5, 97.5]) if len(finite) else (math.nan, math.nan)
     return float(draws[0]), float(lo), float(hi)
+
+
+def _arm_scores(groups: list[dict], rows: list[dict], draws_of: dict) -> dict:
+    """Per arm and score: {"draws": two-level bootstrap draws or None, "cell": what the tables print}."""
+    by_run = {r["run"]: r for r in rows}
+    rng = np.random.default_rng(0)
+    scores = {}
+    for i, g in enumerate(groups):
+        members = [by_run[r] for r in g["runs"]]
+        for name, group, score in ARM_SCORES:
+            per_run = [inputs.score_draws(m["_data"], draws_of[m["run"]], group, score) for m in members]
+            draws = arm_draws(per_run, rng)
+            if draws is not None:
+                cell = _interval(draws)
+            else:
+                triples = [_run_triple(m, name) for m in members]
+                values = [t[0] for t in triples if t is not None]
+                cell = (triples[0] if len(members) == 1 else
+                        (float(np.mean(values)), float(np.std(values, ddof=1))) if len(values) > 1 else None)
+            scores[i, name] = {"draws": draws, "cell": cell}
+    return scores
+
+
+def _run_triple(row: dict, name: str):
+    data = row["_data"]
+    if name == "primary":
+        return inputs.primary_score(data)
+    if name in ("random", "top_r"):
+        return inputs.control_score(data, name)
+    v = row["unlearning_" + name]
+    return v if isinstance(v, tuple) else None
+
+
+def _cell(cell) -> str:
+    if cell is None:
+        return ""
+    if len(cell) == 2:  # no draws: mean ± sd over seeds
+        return f"{cell[0]:.4f} ± {cell[1]:.2g} (sd)"
+    return f"{cell[0]:.4f} [{cell[1]:.4f}, {cell[2]:.4f}]"
+
+
+def _arm_flags(g: dict, by_run: dict) -> str:
+    """The members' flags, each once with the runs it applies to."""
+    runs_of: dict[str, list[str]] = {}
+    for r in g["runs"]:
+        for flag in (by_run[r]["flags"] or "").split("; "):
+            if flag:
+                runs_of.setdefault(flag, []).append(r)
+    return "; ".join(f"{flag}: {', '.join(runs)}" for flag, runs in runs_of.items())
+
+
+def _headline(groups, rows, arm_scores, primary_name, ev_threshold) -> list[str]:
+    by_run = {r["run"]: r for r in rows}
+    lines = ["## Headline", "",
+             f"Per arm (runs that differ only in seed): the mean over its seeds of L0 and held-out explained variance "
+             f"(EV), and of the primary score, {primary_name} (forget-loss increase, nats), with its 95% interval "
+             "(a bootstrap over seeds and over measurement documents shared by every run), beside the same score "
+             f"of the controls (random features through the same retain filter; the top-r features). An EV below "
+             f"{ev_threshold:g} is flagged: such an SAE reconstructs too little for its scores to mean much.", "",
+             "| arm | runs | L0 | EV | primary score [95%] | random control [95%] | top-r control [95%] | flags |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, g in enumerate(groups):
+        l0, ev = g["stats"].get("l0"), g["stats"].get("explained_variance")
+        low = any(by_run[r]["low_ev"] for r in g["runs"])
+        cells = [_cell(arm_scores[i, name]["cell"]) for name in ("primary", "random", "top_r")]
+        lines.append("| " + " | ".join([g["label"], ", ".join(g["runs"]), "" if l0 is None else f"{l0[0]:.4g}",
+                                         ("" if ev is None else f"{ev[0]:.3g}") + (" (low EV)" if low else ""),
+                                         *cells, _arm_flags(g, by_run)]) + " |")
+    return lines
 
 
 def _signed(v: tuple[float, float, float]) -> str:
     return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
 
 
-def baseline_group(groups: list[dict]) -> dict | None:
-    """The arm the others are compared with: lambda_2 (ortho) = 0, else none."""
-    zero = [g for g in groups if g["setting"][SETTING_KEYS.index("ortho")] in (0, 0.0)]
-    return zero[0] if zero else None
-
-
-def _seed_section(groups: list[dict], loaded: list[dict], rows: list[dict]) -> list[str]:
-    draws_of = {r["run"]: _draws(d["dir"]) for r, d in zip(rows, loaded)}
-    ids = {str(d["id"]) for d in draws_of.values() if d is not None}
-    paired = len(ids) == 1
-    rng = np.random.default_rng(0)
-    lines = ["", "## Across seeds (mean and 95% interval)", "",
+def _seed_section(groups, rows, arm_scores, base, paired) -> list[str]:
+    lines = ["", "## Arms: more scores (mean and 95% interval)", "",
              "Each cell: the mean over the arm's seeds and its 95% interval [lo, hi] from a two-level bootstrap (seeds "
              "within the arm, measurement documents shared by every run)" if paired else
              "Each cell: the mean over the arm's seeds and its 95% interval [lo, hi] over seeds and documents; the "
              "runs were not all measured on the same documents, so differences below are not paired", "",
-             "| " + " | ".join(["setting", "seeds", *(name for name, _ in BOOTSTRAP_SCORES), "EV", "MSE", "L0"]) + " |",
-             "|" + "---|" * (len(BOOTSTRAP_SCORES) + 5)]
-    arm = {}
-    for g in groups:
-        members = [draws_of[r] for r in g["runs"]]
-        arm[id(g)] = {key: arm_draws(members, key, rng) for _, key in BOOTSTRAP_SCORES}
-        cells = [(_fmt(_interval(d)) if d is not None else "") for d in arm[id(g)].values()]
+             "| setting | seeds | primary | pAUC | SAEBench-style | EV | MSE | L0 |", "|---|---|---|---|---|---|---|---|"]
+    for i, g in enumerate(groups):
+        cells = [_cell(arm_scores[i, name]["cell"]) for name in ("primary", "pauc", "saebench_style")]
         quality = [_fmt_spread(g["stats"].get(c)) for c in ("explained_variance", "mse", "l0")]
         lines.append("| " + " | ".join([g["label"], str(len(g["runs"])), *cells, *quality]) + " |")
-    lines.append("")
-    lines.append("EV, MSE, L0: mean ± standard deviation over seeds.")
-    base = baseline_group(groups)
-    if base is not None and len(groups) > 1:
-        lines += ["", f"## Each arm minus the baseline ({base['label']}), 95% intervals", "",
-                  "Differences of the arms' mean scores, resample by resample" + (" (paired by document resample)"
-                                                                                 if paired else "") + "; an interval "
-                  "that excludes 0 is a difference the measurement can tell apart.", ""]
-        for g in groups:
-            if g is base:
-                continue
-            for name, key in BOOTSTRAP_SCORES[:2]:
-                a, b = arm[id(g)][key], arm[id(base)][key]
-                if a is None or b is None:
-                    continue
-                lines.append(f"- {name}: {g['label']} - {base['label']}: {_signed(_interval(a - b))} (95%)")
-        lines += _pooled_section(groups, rows, base)
-    return lines
-
-
-def _pooled_section(groups: list[dict], rows: list[dict], base: dict) -> list[str]:
-    column = "unlearning_at_1%"
-    by_run = {r["run"]: r for r in rows}
-    score = {r["run"]: r[column][0] if isinstance(r[column], tuple) else r[column] for r in rows}
-    # keyed by position: two settings can share a label (the label leaves out what does not vary here)
-    at = {id(g): i for i, g in enumerate(groups)}
-    values = {i: [score[r] for r in g["runs"] if score[r] is not None] for i, g in enumerate(groups)}
-    by_seed = {i: {int(by_run[r]["seed"]): score[r] for r in g["runs"]
-                   if score[r] is not None and by_run[r]["seed"] is not None} for i, g in enumerate(groups)}
-    weighting, ortho = SETTING_KEYS.index("ortho_weighting"), SETTING_KEYS.index("ortho")
-    controls = [g for g in groups if g is not base and g["setting"][ortho] and g["setting"][weighting] in
-                ("uniform", "shuffled")]
-    methods = [g for g in groups if g is not base and g not in controls and g["setting"][ortho]]
-    # the baseline against every arm; each arm of the method against orthogonality without labels and
-    # with permuted labels
-    pairs = [(base, groups), *((control, methods) for control in controls if methods)]
-
-    def comparisons(analyse, data: dict, reference: dict, arms: list[dict]) -> list[str]:
-        result = analyse(data, at[id(reference)])
-        if result is None:
-            return []
-        return [f"- unlearning at 1%: {g['label']} - {reference['label']}: "
-                f"{_signed((a['difference'], *a['ci95']))} (95%, t), detectable: {a['detectable_80']:.4f}"
-                for g in arms for a in [result["arms"].get(at[id(g)])] if a is not None]
-
-    result = arm_differences(values, at[id(base)])
-    if result is None:
-        return []
-    lines = ["", "## Each arm minus the baseline, the seed spread pooled over arms (t intervals)", "",
-             f"The seed standard deviation of the unlearning score at 1%, pooled over the {result['pooled_arms']} arms "
-             f"with two or more seeds: {result['sd']:.4f} ({result['df']} degrees of freedom). Per arm: the difference "
-             "of means, its 95% t interval, and the smallest difference this design detects with 80% power at the "
-             f"5% level. Seeds per arm for a difference of two arms to have a 95% half-width of "
-             f"{result['half_width']:g} nats: about {result['seeds_for_half_width']}.", ""]
-    for n, (reference, arms) in enumerate(pairs):
-        if n == 1:
-            lines += ["", "Each arm of the method minus each training control, the same way:", ""]
-        lines += comparisons(arm_differences, values, reference, arms)
-    paired = seed_paired_differences(by_seed, at[id(base)])
-    if paired is None:
+    lines += ["", "EV, MSE, L0: mean ± standard deviation over seeds."]
+    if base is None or len(groups) <= 1:
         return lines
-    lines += ["", "## Each arm minus the baseline, paired by seed (t intervals)", "",
-              "Seed s of every arm starts from the same initialisation and reads the same batches, so the "
-              "differences are taken seed by seed and their spread around each arm's mean difference is pooled "
-              f"over arms: standard deviation {paired['sd']:.4f} ({paired['df']} degrees of freedom).", ""]
-    for n, (reference, arms) in enumerate(pairs):
-        if n == 1:
-            lines += ["", "Each arm of the method minus each training control, paired by seed:", ""]
-        lines += comparisons(seed_paired_differences, by_seed, reference, arms)
+    b = groups.index(base)
+    lines += ["", f"Each arm minus the reference ({base['label']}), resample by resample" +
+              (" (paired by document resample)" if paired else "") + ": a description of the spread, not a test "
+              "(with two or three seeds the seed resampling has few distinct values; the two-way model above is the "
+              "test).", ""]
+    for i, g in enumerate(groups):
+        if i == b:
+            continue
+        for name, title in (("primary", "primary"), ("pauc", "pAUC")):
+            a, r = arm_scores[i, name]["draws"], arm_scores[b, name]["draws"]
+            if a is not None and r is not None:
+                lines.append(f"- {title}: {g['label']} - {base['label']}: {_signed(_interval(a - r))} (95%)")
     return lines
 
 
@@ -334,90 +398,141 @@ def _fmt_spread(stat) -> str:
     return "" if stat is None else f"{stat[0]:.4g} ± {stat[1]:.2g}"
 
 
-def _colours(rows: list[dict]) -> dict:
-    labels = list(dict.fromkeys(_label(r) for r in rows))
-    cmap = plt.get_cmap("tab10")
-    return {label: cmap(i % 10) for i, label in enumerate(labels)}
-
-
-def _plot_training(loaded, rows, path: Path) -> None:
-    colours = _colours(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    seen = set()
-    for data, row in zip(loaded, rows):
-        log = data["dir"] / "metrics.jsonl"
-        if not log.exists():
+def _analysis(groups, rows, base, draws_of, primary_name, margin) -> list[str]:
+    """The two-way model on the primary score and its log, each arm against the reference and each arm of
+    the method against each training control, and the variance decomposition."""
+    by_run = {r["run"]: r for r in rows}
+    b = groups.index(base)
+    cells = [(i, int(by_run[r]["seed"]), by_run[r]["primary"][0]) for i, g in enumerate(groups) for r in g["runs"]
+             if by_run[r]["primary"] is not None and by_run[r]["seed"] is not None]
+    lines = ["", f"## Each arm against the reference ({base['label']}): two-way model", ""]
+    model = fit(cells, b)
+    if model is None:
+        return lines + [
+            "No test: the two-way model (arm fixed, seed a block) needs the reference arm and another arm to share "
+            "seeds, with a residual degree of freedom left (two or more seeds in two or more arms). With one seed per "
+            "arm only document noise can be measured: the differences below (document resampling) leave seed noise out."]
+    weighting, ortho = SETTING_KEYS.index("ortho_weighting"), SETTING_KEYS.index("ortho")
+    controls = [i for i, g in enumerate(groups) if i != b and g["setting"][ortho]
+                and g["setting"][weighting] in ("uniform", "shuffled")]
+    methods = [i for i, g in enumerate(groups) if i != b and i not in controls and g["setting"][ortho]]
+    families = [("each arm minus the reference", [(i, b) for i in range(len(groups)) if i != b])]
+    families += [(f"each arm of the method minus {groups[c]['label']} (a training control)",
+                  [(i, c) for i in methods]) for c in controls if methods]
+    seeds = sorted({seed for arm, seed, _ in cells if (arm, seed) not in model.dropped})
+    lines += [
+        f"Score: {primary_name}, per run. Model: score = arm + seed + error, ordinary least squares (statsmodels), "
+        f"seed as a block (seed s of every arm shares its initialisation and batches): residual sd "
+        f"{model.residual_sd:.4f} on {model.df} degrees of freedom ({len(model.arms)} arms, seeds "
+        f"{', '.join(map(str, seeds))}). Per list, p-values are Holm-adjusted over its comparisons and the "
+        f"intervals are Bonferroni-simultaneous 95% (all cover together; Holm steps down, so it can find a difference whose interval still touches 0); equivalence is a TOST at ±{margin:g} "
+        "nats (the margin, `--equivalence-margin`), Holm-adjusted. \"Equivalent\" is read only from TOST: an "
+        "interval that includes 0 is not evidence of no effect. `detectable`: the smallest difference found with "
+        "80% power at the adjusted level. The model conditions on the measurement documents: the variance "
+        "decomposition below says how much document noise it leaves out."]
+    if model.dropped:
+        lines += ["", "Left out (their seed is not among the reference arm's, so the seed block cannot pair them): "
+                      + ", ".join(f"{groups[a]['label']} seed {s}" for a, s in model.dropped) + "."]
+    for title, pairs in families:
+        compared = compare(model, pairs, margin)
+        if not compared:
             continue
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        tokens = [r["tokens"] for r in records]
-        label = _label(row)
-        for ax, key in zip(axes, ("loss", "recon", "l0")):
-            ax.plot(tokens, [r.get(key) for r in records], color=colours[label], lw=1,
-                    label=label if label not in seen and key == "loss" else None)
-        seen.add(label)
-    for ax, title in zip(axes, ("total loss", "reconstruction", "L0")):
-        ax.set(xlabel="tokens", title=title)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        count = f"{len(compared)} comparison" + ("s" if len(compared) > 1 else "")
+        lines += ["", f"{title[0].upper()}{title[1:]} ({count}):", "",
+                  "| arm | minus | difference | simultaneous 95% interval | p (Holm) | TOST p (Holm) | detectable "
+                  "| reading | flags |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {groups[c['arm']]['label']} | {groups[c['reference']]['label']} | {c['difference']:+.4f} | "
+                  f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['p_holm']:.3g} | {c['tost_p_holm']:.3g} | "
+                  f"{c['detectable_80']:.4f} | {c['reading']} | {_low_ev(groups, c, by_run)} |" for c in compared]
+    lines += _log_model(groups, cells, b, families)
+    if draws_of is not None:
+        lines += _decomposition(groups, rows, model, b, draws_of)
+    else:
+        lines += ["", "No variance decomposition: the runs were not all measured on the same document resamples "
+                      "(one `pipeline eval` of every run gives them)."]
+    return lines
 
 
-def _plot_r_histograms(loaded, rows, path: Path) -> None:
-    specs = [(row, data["specialization"]) for data, row in zip(loaded, rows) if data["specialization"]]
-    cols = min(max(len(specs), 1), 5)
-    lines = max(-(-len(specs) // cols), 1)
-    fig, axes = plt.subplots(lines, cols, figsize=(2.6 * cols, 2.6 * lines), sharex=True, sharey=True, squeeze=False)
-    for ax in axes.flat[len(specs):]:
-        ax.set_visible(False)
-    for ax, (row, spec) in zip(axes.flat, specs):
-        edges, counts = spec["r_histogram"]["edges"], spec["r_histogram"]["counts"]
-        ax.bar(edges[:-1], counts, width=edges[1] - edges[0], align="edge", color="tab:red", alpha=0.8)
-        ax.axvline(spec["r_threshold"], color="k", ls="--", lw=1)
-        ax.set_title(f"{row['run']}: {_label(row)}\n{spec['n_dangerous_specific']} specific", fontsize=7)
-        ax.set_xlabel("r", fontsize=7)
-    for line in axes:
-        line[0].set_ylabel("features")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _low_ev(groups, c, by_run) -> str:
+    low = [r for i in (c["arm"], c["reference"]) for r in groups[i]["runs"] if by_run[r]["low_ev"]]
+    return f"low EV: {', '.join(low)}" if low else ""
 
 
-def _plot_tradeoff(loaded, rows, path: Path) -> None:
-    """Forget against retain loss increase, one curve per run: each unlearning setting, ordered by strength."""
-    colours = _colours(rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    seen = set()
-    for data, row in zip(loaded, rows):
-        u = data["unlearning"]
-        if not u:
+def _log_model(groups, cells, b, families) -> list[str]:
+    if any(y <= 0 for _, _, y in cells):
+        return ["", "No model on the log score: some scores are 0 or negative."]
+    model = fit([(a, s, math.log(y)) for a, s, y in cells], b)
+    if model is None:
+        return []
+    lines = ["", "The same on the log score (bootstrap intervals of a run's score are right-skewed and grow with it; on "
+                 f"the log scale a difference is a ratio): residual sd {model.residual_sd:.4f} on {model.df} degrees "
+                 "of freedom. Ratio of the arm's score to the reference's, with its simultaneous 95% interval:", "",
+             "| arm | over | ratio | simultaneous 95% interval | p (Holm) |", "|---|---|---|---|---|"]
+    for _, pairs in families:
+        lines += [f"| {groups[c['arm']]['label']} | {groups[c['reference']]['label']} | {math.exp(c['difference']):.3f} "
+                  f"| [{math.exp(c['ci95'][0]):.3f}, {math.exp(c['ci95'][1]):.3f}] | {c['p_holm']:.3g} |"
+                  for c in compare(model, pairs, None)]
+    return lines
+
+
+def _decomposition(groups, rows, model, b, draws_of) -> list[str]:
+    by_run = {r["run"]: r for r in rows}
+
+    def per_seed(i):
+        out = {}
+        for r in groups[i]["runs"]:
+            row = by_run[r]
+            d = inputs.score_draws(row["_data"], draws_of[r], "method")
+            if d is not None and row["seed"] is not None:
+                out[int(row["seed"])] = d
+        return out
+
+    reference = per_seed(b)
+    table = []
+    for i, g in enumerate(groups):
+        if i == b or i not in model.index:
             continue
-        points = sorted(((s["retain_loss_increase"], s["forget_loss_increase"]) for s in u["settings"]))
-        label = _label(row)
-        ax.plot(*zip(*points), marker="o", ms=3, lw=1, color=colours[label], label=label if label not in seen else None)
-        seen.add(label)
-        ax.axvline(u["retain_tolerance_nats"], color="k", ls="--", lw=0.8)
-    ax.set(xlabel="retain (safe) loss increase, nats", ylabel="forget (dangerous) loss increase, nats",
-           title="unlearning trade-off (dashed: retain tolerance)")
-    ax.set_xscale("symlog", linthresh=0.01)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        _, se = model.contrast(i, b)
+        parts = decompose(per_seed(i), reference, se)
+        if parts is not None:
+            table.append((g, parts))
+    if not table:
+        return ["", "No variance decomposition: it needs two or more seeds shared with the reference arm, each with "
+                    "its bootstrap draws."]
+    lines = ["", "## Where the spread of a difference comes from", "",
+             "For each arm minus the reference (seeds both have), the variance of the mean difference split into what "
+             "the measurement documents add (from the per-run document bootstrap, the same resamples for every run) "
+             "and what the seeds add (the two-way model's variance less the documents' part), and what halves the "
+             "interval: more seeds per arm at today's documents, or more documents (a multiple of today's) at today's "
+             "seeds. Document noise that every seed shares does not shrink with seeds; seed noise does not shrink with "
+             "documents (evaluate/report/variance.py).", "",
+             "| arm | seeds | sd from seeds | sd from documents | documents' share | of which shared by seeds (sd) "
+             "| halve with seeds per arm | halve with documents |", "|---|---|---|---|---|---|---|---|"]
+    for g, p in table:
+        seeds = f"{p['seeds_to_halve']}" if p["seeds_to_halve"] is not None else "not by seeds alone"
+        docs = f"{p['documents_to_halve']:.1f}x" if p["documents_to_halve"] is not None else "not by documents alone"
+        lines.append(f"| {g['label']} | {p['seeds']} | {math.sqrt(p['seed_variance']):.4f} | "
+                     f"{math.sqrt(p['document_variance']):.4f} | {p['document_share']:.0%} | "
+                     f"{math.sqrt(p['shared_document_variance']):.4f} | {seeds} | {docs} |")
+    share = float(np.mean([p["document_share"] for _, p in table]))
+    lines += ["", f"On average documents carry {share:.0%} of the variance of a difference: "
+                  + ("buy documents first." if share > 0.5 else "buy seeds first.")]
+    return lines
 
 
-def _plot_bars(rows, first: tuple[str, str], second: tuple[str, str], ylabel: str, title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(max(4, len(rows) * 0.9), 3.4))
-    x = range(len(rows))
-    for offset, (column, label) in ((-0.2, first), (0.2, second)):
-        cells = [r[column] if isinstance(r[column], tuple) else (r[column],) * 3 for r in rows]
-        cells = [c if all(isinstance(v, (int, float)) and v == v for v in c) else (0, 0, 0) for c in cells]
-        values = [c[0] for c in cells]
-        errors = [[c[0] - c[1] for c in cells], [c[2] - c[0] for c in cells]]
-        ax.bar([i + offset for i in x], values, width=0.4, label=label, yerr=errors, capsize=2)
-    ax.set_xticks(list(x), [f"{r['run']}\n{r['trainer']}\northo {r['ortho']}" for r in rows], fontsize=6)
-    ax.set(ylabel=ylabel, title=title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def _plots(rows: list[dict], out: Path) -> None:
+    loaded = [r["_data"] for r in rows]
+    labels = [_label(r) for r in rows]
+    names = [f"{r['run']}\northo {r['ortho']}" + ("\n(low EV)" if r["low_ev"] else "") for r in rows]
+    save(draw_training(loaded, labels), out / "training_curves.png")
+    save(draw_r_histograms(loaded, [f"{r['run']}" + (" (low EV)" if r["low_ev"] else "") + f"\n{lab}"
+                                   for r, lab in zip(rows, labels)]), out / "r_histograms.png", dpi=110)
+    save(draw_tradeoff(loaded, labels), out / "unlearning_tradeoff.png")
+    save(draw_bars(names, [("selected", [r["primary"] for r in rows]),
+                           ("random control", [inputs.control_score(r["_data"], "random") for r in rows]),
+                           ("top-r control", [inputs.control_score(r["_data"], "top_r") for r in rows])],
+                   "forget loss increase at the primary target (nats)", "unlearning (bars: 95% intervals)"),
+         out / "unlearning_vs_ortho.png")
+    save(draw_bars(names, [("dangerous-specific", [r["decoder_cos_dangerous"] for r in rows]),
+                           ("random pairs", [r["decoder_cos_random"] for r in rows])],
+                   "mean |cos| of decoder rows", "decoder geometry"), out / "decoder_cos.png")

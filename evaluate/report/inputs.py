@@ -1,0 +1,147 @@
+"""What the report reads from a run directory, and the one place that knows the eval's key names.
+
+A run's files: `train_config.json`, `final_info.json`, and the eval's `eval/<suite>.json` and
+`eval/unlearning_bootstrap.npz`. Everything the analysis needs from `unlearning.json` (the primary
+score and its interval, whether the target was reached, the controls, the curve, the bootstrap
+draws) is read through the functions below, so that a change in the eval's output is adapted here
+alone. Where the eval writes a newer key (a primary score read on a named retain set, a control
+measured over several draws), it is read first and today's key is the fallback.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+EVALS = ("unlearning", "core", "specialization", "saebench_unlearning")
+WEIGHTS_FILE = "sae_weights.safetensors"
+DRAWS_FILE = "unlearning_bootstrap.npz"
+
+
+def load_run(run_dir: Path) -> dict:
+    """train_config.json, final_info.json and every eval JSON of a run ({} where absent)."""
+    data = {"dir": run_dir, "train": json.loads((run_dir / "train_config.json").read_text())}
+    for name, path in (("final", run_dir / "final_info.json"),
+                       *((s, run_dir / "eval" / f"{s}.json") for s in EVALS)):
+        data[name] = json.loads(path.read_text()) if path.exists() else {}
+    return data
+
+
+def evaluated(run_dir: Path) -> bool:
+    return any((run_dir / "eval" / f"{s}.json").exists() for s in EVALS)
+
+
+def primary_fraction(data: dict) -> str:
+    """The retain fraction the primary score is read at ("0.01" unless the eval says otherwise)."""
+    return str(data.get("unlearning", {}).get("primary", "0.01"))
+
+
+def _scores(section: dict) -> dict:
+    """The part of an unlearning section that holds score_at_retain: the named primary retain set's
+    scores where the eval measured several retain sets, else the section itself."""
+    retain_set = section.get("primary_retain_set")
+    by_set = section.get("retain_sets")
+    if retain_set and isinstance(by_set, dict) and isinstance(by_set.get(retain_set), dict):
+        return by_set[retain_set]
+    return section
+
+
+def _triple(item) -> tuple[float, float, float] | None:
+    if isinstance(item, dict) and "value" in item and "ci95" in item:
+        return float(item["value"]), float(item["ci95"][0]), float(item["ci95"][1])
+    return None
+
+
+def primary_score(data: dict) -> tuple[float, float, float] | None:
+    """(value, lo, hi) of the method's primary score, or None where the run has no unlearning eval."""
+    u = data.get("unlearning", {})
+    return _triple(_scores(u).get("score_at_retain", {}).get(primary_fraction(data))) if u else None
+
+
+def reached(data: dict, control: str | None = None) -> bool | None:
+    """Whether the retain increase reached the primary target (None where not recorded)."""
+    u = data.get("unlearning", {})
+    section = _scores(u) if control is None else u.get("control_scores", {}).get(control, {})
+    value = section.get("reached", {}) if isinstance(section, dict) else {}
+    value = value.get(primary_fraction(data)) if isinstance(value, dict) else value
+    return None if value is None else bool(value)
+
+
+def control_score(data: dict, control: str) -> tuple[float, float, float] | None:
+    """(value, lo, hi) of a control's primary score: with several draws, their mean."""
+    section = data.get("unlearning", {}).get("control_scores", {}).get(control)
+    if not isinstance(section, dict):
+        return None
+    return _triple(_scores(section).get("score_at_retain", {}).get(primary_fraction(data)))
+
+
+def retain_set_name(data: dict) -> str | None:
+    """The retain set the primary score was read on, where the eval names one."""
+    return data.get("unlearning", {}).get("primary_retain_set")
+
+
+def curve(data: dict) -> list[tuple[float, float]]:
+    """The method's (retain increase, forget increase) at each measured setting, weakest first."""
+    settings = data.get("unlearning", {}).get("settings", [])
+    return sorted((float(s["retain_loss_increase"]), float(s["forget_loss_increase"])) for s in settings)
+
+
+def retain_tolerance(data: dict) -> float | None:
+    value = data.get("unlearning", {}).get("retain_tolerance_nats")
+    return None if value is None else float(value)
+
+
+def explained_variance(data: dict) -> float | None:
+    value = data.get("core", {}).get("explained_variance")
+    return None if value is None else float(value)
+
+
+def draws(data: dict) -> dict | None:
+    """The run's per-resample scores (row 0: the sample itself), or None where not written."""
+    path = data["dir"] / "eval" / DRAWS_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def draws_key(data: dict, group: str = "method") -> str:
+    """The key of the primary score's draws in unlearning_bootstrap.npz (`group`: method, random, top_r)."""
+    fraction = primary_fraction(data)
+    retain_set = retain_set_name(data)
+    return f"{group}/{retain_set}/at_retain_{fraction}" if retain_set else f"{group}/at_retain_{fraction}"
+
+
+def primary_draws(data: dict, loaded: dict | None, group: str = "method") -> np.ndarray | None:
+    if loaded is None:
+        return None
+    key = draws_key(data, group)
+    if key not in loaded and retain_set_name(data):  # an eval that named its retain set but kept today's keys
+        key = f"{group}/at_retain_{primary_fraction(data)}"
+    return np.asarray(loaded[key], float) if key in loaded else None
+
+
+def weights_digest(run_dir: Path) -> str | None:
+    """sha256 of the SAE's weights file: runs with equal digests are one SAE."""
+    path = run_dir / WEIGHTS_FILE
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def score_draws(data: dict, loaded: dict | None, group: str = "method", score: str | None = None) -> np.ndarray | None:
+    """The draws of one score of a run: the primary score (score None) or another (`pauc`, `saebench_style`)."""
+    if score is None:
+        return primary_draws(data, loaded, group)
+    if loaded is None:
+        return None
+    retain_set = retain_set_name(data)
+    for key in ((f"{group}/{retain_set}/{score}",) if retain_set else ()) + (f"{group}/{score}",):
+        if key in loaded:
+            return np.asarray(loaded[key], float)
+    return None
