@@ -329,6 +329,10 @@ def test_report_links_each_runs_browser(tiny_store, trained, tmp_path, monkeypat
         shutil.copytree(trained, runs / name)
         (runs / name / "eval").mkdir(exist_ok=True)
         (runs / name / "eval" / "core.json").write_text(json.dumps({"l0": 3.0}))
+    # run_1 another seed with other weights: two copies of one run would be counted once
+    config = json.loads((runs / "run_1" / "train_config.json").read_text())
+    (runs / "run_1" / "train_config.json").write_text(json.dumps({**config, "seed": config["seed"] + 1}))
+    (runs / "run_1" / "sae_weights.safetensors").write_bytes(b"another seed's weights")
     assert run_cli(monkeypatch, ["browse", "run_2", "--runs-dir", str(runs), "--features", "1,2"]) == 0
     text = report([], runs, tmp_path / "report").read_text()
     assert "[run_2](../runs/run_2/browser/index.html)" in text

@@ -194,7 +194,14 @@ def test_report_refuses_two_runs_of_one_arm_and_seed_that_differ_elsewhere(tmp_p
     assert not (tmp_path / "rep").exists()
     assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep"),
                                  "--equivalence-margin", "0"]) == 2
-    assert "--equivalence-margin must be a positive number" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --equivalence-margin must be a positive number of nats, got 0\n"
+    assert run_cli(monkeypatch, ["report", "run_1", "--runs-dir", str(runs), "--out", str(tmp_path / "rep"),
+                                 "--reference", "run_2"]) == 2
+    assert capsys.readouterr().err == "error: --reference run_2 is not among the reported runs (run_1)\n"
+    assert not (tmp_path / "rep").exists()
+    shutil.rmtree(runs / "run_2")
+    fake_run(runs, 2, seed=0, extra={"data_seed": 1})  # the same seed in another data order: a replicate
+    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep")]) == 0
 
 
 def test_one_seed_per_arm_makes_no_test_and_says_so(tmp_path):

@@ -50,11 +50,19 @@ def collapse_duplicates(loaded: list[dict]) -> tuple[list[dict], list[str]]:
     return kept, notes
 
 
+def replicate(train: dict) -> tuple:
+    """What makes two runs of one arm two replicates: the initialisation seed and the data order."""
+    return train.get("seed"), train.get("data_seed")
+
+
 def refuse_shared_seeds(loaded: list[dict], arm_of: Callable[[dict], tuple]) -> None:
-    """Refuses two runs of one arm with one seed that differ elsewhere (they would be counted as seeds)."""
+    """Refuses two runs of one arm with one seed (and data order) that differ elsewhere (they would be
+    counted as seeds)."""
     seen: dict[tuple, dict] = {}
     for data in loaded:
-        key = (arm_of(data), data["train"].get("seed"))
+        if data["train"].get("seed") is None:
+            continue
+        key = (arm_of(data), replicate(data["train"]))
         other = seen.setdefault(key, data)
         if other is data:
             continue

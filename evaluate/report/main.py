@@ -30,7 +30,7 @@ from train.errors import TrainError
 from train.runs import RUN_NAME, resolve_run
 
 from . import inputs
-from .identity import collapse_duplicates, refuse_shared_seeds
+from .identity import collapse_duplicates, refuse_shared_seeds, replicate
 from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
 from .twoway import compare, fit
 from .variance import decompose
@@ -366,6 +366,7 @@ def _signed(v: tuple[float, float, float]) -> str:
 
 
 def _seed_section(groups, rows, arm_scores, base, paired) -> list[str]:
+    primary_title = f"unlearning at {float(inputs.primary_fraction(rows[0]['_data'])):.1%}".replace(".0%", "%")
     lines = ["", "## Arms: more scores (mean and 95% interval)", "",
              "Each cell: the mean over the arm's seeds and its 95% interval [lo, hi] from a two-level bootstrap (seeds "
              "within the arm, measurement documents shared by every run)" if paired else
@@ -387,7 +388,7 @@ def _seed_section(groups, rows, arm_scores, base, paired) -> list[str]:
     for i, g in enumerate(groups):
         if i == b:
             continue
-        for name, title in (("primary", "primary"), ("pauc", "pAUC")):
+        for name, title in (("primary", primary_title), ("pauc", "pAUC")):
             a, r = arm_scores[i, name]["draws"], arm_scores[b, name]["draws"]
             if a is not None and r is not None:
                 lines.append(f"- {title}: {g['label']} - {base['label']}: {_signed(_interval(a - r))} (95%)")
@@ -403,8 +404,9 @@ def _analysis(groups, rows, base, draws_of, primary_name, margin) -> list[str]:
     the method against each training control, and the variance decomposition."""
     by_run = {r["run"]: r for r in rows}
     b = groups.index(base)
-    cells = [(i, int(by_run[r]["seed"]), by_run[r]["primary"][0]) for i, g in enumerate(groups) for r in g["runs"]
-             if by_run[r]["primary"] is not None and by_run[r]["seed"] is not None]
+    block = _blocks(rows)
+    cells = [(i, block[r], by_run[r]["primary"][0]) for i, g in enumerate(groups) for r in g["runs"]
+             if by_run[r]["primary"] is not None and block[r] is not None]
     lines = ["", f"## Each arm against the reference ({base['label']}): two-way model", ""]
     model = fit(cells, b)
     if model is None:
@@ -422,7 +424,8 @@ def _analysis(groups, rows, base, draws_of, primary_name, margin) -> list[str]:
     seeds = sorted({seed for arm, seed, _ in cells if (arm, seed) not in model.dropped})
     lines += [
         f"Score: {primary_name}, per run. Model: score = arm + seed + error, ordinary least squares (statsmodels), "
-        f"seed as a block (seed s of every arm shares its initialisation and batches): residual sd "
+        f"seed as a block (seed s of every arm shares its initialisation and batches; seed/data_seed where the "
+        "data order varies too): residual sd "
         f"{model.residual_sd:.4f} on {model.df} degrees of freedom ({len(model.arms)} arms, seeds "
         f"{', '.join(map(str, seeds))}). Per list, p-values are Holm-adjusted over its comparisons and the "
         f"intervals are Bonferroni-simultaneous 95% (all cover together; Holm steps down, so it can find a difference whose interval still touches 0); equivalence is a TOST at ±{margin:g} "
@@ -453,6 +456,13 @@ def _analysis(groups, rows, base, draws_of, primary_name, margin) -> list[str]:
     return lines
 
 
+def _blocks(rows: list[dict]) -> dict:
+    """Each run's block in the two-way model: its seed, or seed/data_seed where the data order varies too."""
+    orders = {replicate(r["_data"]["train"])[1] for r in rows}
+    return {r["run"]: None if r["seed"] is None else
+            str(r["seed"]) if len(orders) == 1 else f"{r['seed']}/{replicate(r['_data']['train'])[1]}" for r in rows}
+
+
 def _low_ev(groups, c, by_run) -> str:
     low = [r for i in (c["arm"], c["reference"]) for r in groups[i]["runs"] if by_run[r]["low_ev"]]
     return f"low EV: {', '.join(low)}" if low else ""
@@ -478,13 +488,14 @@ def _log_model(groups, cells, b, families) -> list[str]:
 def _decomposition(groups, rows, model, b, draws_of) -> list[str]:
     by_run = {r["run"]: r for r in rows}
 
+    block = _blocks(rows)
+
     def per_seed(i):
         out = {}
         for r in groups[i]["runs"]:
-            row = by_run[r]
-            d = inputs.score_draws(row["_data"], draws_of[r], "method")
-            if d is not None and row["seed"] is not None:
-                out[int(row["seed"])] = d
+            d = inputs.score_draws(by_run[r]["_data"], draws_of[r], "method")
+            if d is not None and block[r] is not None:
+                out[block[r]] = d
         return out
 
     reference = per_seed(b)

@@ -41,7 +41,8 @@ def decompose(arm: dict[int, np.ndarray], reference: dict[int, np.ndarray], mode
     n = len(seeds)
     per_seed = float(d.var(axis=1, ddof=1).mean())  # v
     doc = float(d.mean(0).var(ddof=1))  # v (1/S + (1 - 1/S) rho): the documents' part today
-    shared = min(max((doc - per_seed / n) / (1 - 1 / n), 0.0), per_seed)  # v rho
+    shared = min(max((doc - per_seed / n) / (1 - 1 / n), 0.0), per_seed)  # v rho, 0 <= rho <= 1
+    doc = (per_seed - shared) / n + shared  # the same as measured unless rho was clipped
     seed_sd2 = max(model_se**2 * n - (per_seed - shared), 0.0)  # sigma_seed^2
     seed = seed_sd2 / n
     total = seed + doc
