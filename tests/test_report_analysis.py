@@ -210,6 +210,11 @@ def test_one_seed_per_arm_makes_no_test_and_says_so(tmp_path):
     fake_run(runs, 2, score=0.2)
     text = report([], runs, tmp_path / "rep", note=lambda line: None).read_text()
     assert "No test: the two-way model" in text and "TOST p" not in text
+    u = json.loads((runs / "run_2" / "eval" / "unlearning.json").read_text())
+    u["primary"], u["score_at_retain"]["0.02"] = "0.02", u["score_at_retain"]["0.01"]
+    (runs / "run_2" / "eval" / "unlearning.json").write_text(json.dumps(u))
+    text = report([], runs, tmp_path / "rep", note=lambda line: None).read_text()
+    assert "No comparison: the runs' primary scores are read at different targets (+1.0%, +2.0%)" in text
 
 
 def _inside(ax):

@@ -195,7 +195,13 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
     if duplicates:
         lines += ["", "Runs counted once (a rerun is not a seed):", "", *(f"- {d.removeprefix('note: ')}"
                                                                           for d in duplicates)]
-    if base is not None and len(groups) > 1:
+    targets = {(inputs.primary_fraction(r["_data"]), inputs.retain_set_name(r["_data"])) for r in rows
+               if r["primary"] is not None}
+    if len(targets) > 1:
+        lines += ["", "No comparison: the runs' primary scores are read at different targets ("
+                  + ", ".join(f"+{float(f):.1%}" + (f" on {s}" if s else "") for f, s in sorted(targets, key=str))
+                  + "); evaluate them with one eval config."]
+    elif base is not None and len(groups) > 1:
         lines += _analysis(groups, rows, base, draws_of if paired else None, primary_name, equivalence_margin)
     elif len(groups) > 1:
         lines += ["", "No reference arm: no run has lambda_2 (ortho) = 0; name one with `--reference RUN` to compare "
