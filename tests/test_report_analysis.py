@@ -18,7 +18,7 @@ RESAMPLES = 200
 
 
 def fake_run(runs, n, *, weighting="rank", ortho=100.0, seed=0, score=0.3, ev=0.8, draws=None, weights=None,
-             control=0.1, extra=None):
+             control=0.1, extra=None, near_domain=None):
     """A run directory as `pipeline train` + `pipeline eval` leave it, with made-up numbers."""
     run = runs / f"run_{n}"
     (run / "eval").mkdir(parents=True)
@@ -33,9 +33,15 @@ def fake_run(runs, n, *, weighting="rank", ortho=100.0, seed=0, score=0.3, ev=0.
 
     settings = [{"retain_loss_increase": x, "forget_loss_increase": score * x / 0.03}
                 for x in (0.0, 0.004, 0.012, 0.03, 0.07)]
-    (run / "eval" / "unlearning.json").write_text(json.dumps({
+    newer = {} if near_domain is None else {  # the keys of an eval that scores each retain set
+        "primary_retain_set": "pubmed-biomed",
+        "retain_sets": {"pubmed-biomed": {"score_at_retain": {"0.01": triple(score)}, "reached": {"0.01": True}},
+                        "all-safe": {"score_at_retain": {"0.01": triple(near_domain)}, "reached": {"0.01": True}}},
+        "passes": 2.5, "seconds": 61.0}
+    (run / "eval" / "unlearning.json").write_text(json.dumps({**newer,
         "score_at_retain": {"0.01": triple(score)}, "pauc": triple(score / 2), "reached": {"0.01": True},
-        "control_scores": {"random": {"score_at_retain": {"0.01": triple(control)}, "reached": {"0.01": False}},
+        "control_scores": {"random": {"score_at_retain": {"0.01": triple(control)}, "reached": {"0.01": False},
+                                      **({"draws": 3, "spread": {"0.01": 0.01}} if near_domain is not None else {})},
                            "top_r": {"score_at_retain": {"0.01": triple(control * 2)}}},
         "settings": settings, "retain_tolerance_nats": 0.03, "primary": "0.01", "bootstrap": {"id": "same"}}))
     (run / "eval" / "core.json").write_text(json.dumps({"explained_variance": ev, "l0": 8.0, "mse": 0.1}))
@@ -271,3 +277,17 @@ def test_plot_limits_hold_every_point_and_fonts_are_legible(tmp_path):
     assert [t.get_text() for t in ax.texts] == ["n/a"] * 3 and "n/a: not measured" in ax.get_title()
     assert min(_fonts(fig)) >= MIN_FONT_PT
     plt.close(fig)
+
+
+def test_report_reads_the_primary_retain_set_and_each_set_beside_it(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, 1, ortho=0.0, score=0.3, near_domain=0.5)
+    fake_run(runs, 2, score=0.2, near_domain=0.45)
+    text = report([], runs, tmp_path / "rep", note=lambda line: None).read_text()
+    assert "unlearning at +1.0% retain (pubmed-biomed)" in text
+    assert "| 0.1000 [0.0500, 0.1500] (3 draws, sd 0.01) |" in text  # the random control: mean of three draws
+    header = next(line for line in text.splitlines() if line.startswith("| run | flags |"))
+    assert "| primary_on_pubmed-biomed | primary_on_all-safe | unlearning_at_1% |" in header
+    assert "| eval_passes | eval_seconds |" in header
+    csv = (tmp_path / "rep" / "report.csv").read_text().splitlines()
+    assert "primary_on_all-safe_ci95_lo" in csv[0] and ",0.45," in csv[2]

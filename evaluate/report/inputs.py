@@ -145,3 +145,27 @@ def score_draws(data: dict, loaded: dict | None, group: str = "method", score: s
         if key in loaded:
             return np.asarray(loaded[key], float)
     return None
+
+
+def retain_set_scores(data: dict) -> dict[str, tuple[float, float, float]]:
+    """The method's primary score on each retain set the eval measured separately ({} where it did not)."""
+    by_set = data.get("unlearning", {}).get("retain_sets")
+    if not isinstance(by_set, dict):
+        return {}
+    fraction = primary_fraction(data)
+    out = {}
+    for name, section in by_set.items():
+        triple = _triple(section.get("score_at_retain", {}).get(fraction)) if isinstance(section, dict) else None
+        if triple is not None:
+            out[name] = triple
+    return out
+
+
+def control_spread(data: dict, control: str) -> tuple[int, float] | None:
+    """(draws, standard deviation over draws) of a control's primary score, where it was drawn more than once."""
+    section = data.get("unlearning", {}).get("control_scores", {}).get(control)
+    if not isinstance(section, dict) or not isinstance(section.get("spread"), dict):
+        return None
+    sd = section["spread"].get(primary_fraction(data))
+    draws_ = section.get("draws")
+    return (int(draws_), float(sd)) if sd is not None and draws_ else None

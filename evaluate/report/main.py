@@ -51,6 +51,7 @@ COLUMNS = [
     ("random_control_at_1%", "unlearning.control_scores.random.score_at_retain"),
     ("top_r_control_at_1%", "unlearning.control_scores.top_r.score_at_retain"),
     ("unlearning_score", "unlearning.score"), ("control_score", "unlearning.control_score"),
+    ("eval_passes", "unlearning.passes"), ("eval_seconds", "unlearning.seconds"),
     ("saebench_score", "saebench_unlearning.score"),
     ("ce_loss_score", "core.ce_loss_score"), ("ce_score_dangerous", "core.per_label.dangerous.ce_loss_score"),
     ("ce_score_safe", "core.per_label.safe.ce_loss_score"),
@@ -92,12 +93,13 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _csv_row(row: dict) -> dict:
+def _csv_row(row: dict, extra: list[str] = ()) -> dict:
     out = {}
-    for c, _ in COLUMNS:
+    for c in [c for c, _ in COLUMNS] + list(extra):
         v = row[c]
         out[c] = v[0] if isinstance(v, tuple) else v
-        if c.startswith(("unlearning_at", "unlearning_pauc", "unlearning_saebench", "random_control", "top_r_control")):
+        if c.startswith(("unlearning_at", "unlearning_pauc", "unlearning_saebench", "random_control", "top_r_control",
+                         "primary_on_")):
             out[f"{c}_ci95_lo"], out[f"{c}_ci95_hi"] = (v[1], v[2]) if isinstance(v, tuple) else (None, None)
     return out
 
@@ -176,8 +178,13 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
              f"({', '.join(format(r['explained_variance'], '.3g') for r in low)}): flagged wherever their scores "
              "appear")
 
+    set_columns = list(dict.fromkeys(f"primary_on_{name}" for r in rows for name in inputs.retain_set_scores(r["_data"])))
+    for r in rows:
+        r.update({f"primary_on_{name}": v for name, v in inputs.retain_set_scores(r["_data"]).items()})
+        r.update({c: r.get(c) for c in set_columns})
+
     out.mkdir(parents=True, exist_ok=True)
-    csv_rows = [_csv_row(r) for r in rows]
+    csv_rows = [_csv_row(r, set_columns) for r in rows]
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
         writer.writeheader()
@@ -206,7 +213,7 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
     elif len(groups) > 1:
         lines += ["", "No reference arm: no run has lambda_2 (ortho) = 0; name one with `--reference RUN` to compare "
                       "the arms."]
-    lines += _runs_table(rows)
+    lines += _runs_table(rows, set_columns)
     if len(groups) > 1 or any(len(g["runs"]) > 1 for g in groups):
         lines += _seed_section(groups, rows, arm_scores, base, paired)
     browsers = [(r["run"], r["_data"]["dir"] / "browser" / "index.html") for r in rows
@@ -232,8 +239,10 @@ def _reference_group(groups: list[dict], rows: list[dict], reference: str | None
     raise TrainError(f"--reference {reference} is not among the reported runs ({', '.join(r['run'] for r in rows)})")
 
 
-def _runs_table(rows: list[dict]) -> list[str]:
+def _runs_table(rows: list[dict], set_columns: list[str]) -> list[str]:
     shown = [c for c, _ in COLUMNS if any(r[c] is not None for r in rows)]  # the CSV keeps every column
+    at = next((i for i, c in enumerate(shown) if c.startswith("unlearning_")), len(shown))
+    shown = shown[:at] + set_columns + shown[at:]  # each retain set's primary score before the other targets
     return ["", "## Runs (every column; also report.csv)", "",
             "Unlearning: SAEBench's selection and clamp, scored on next-token loss (nats) on held-out documents.",
             "`unlearning_at_1%` (the primary score): the forget (dangerous) loss increase where the retain (safe) loss",
@@ -245,7 +254,9 @@ def _runs_table(rows: list[dict]) -> list[str]:
             "text, per label too); `total_loss` is the training objective's total at the last step, not a quality",
             "measure. Core: SAEBench's names. Specialisation: dangerous-specific features (r above the threshold,",
             "firing a minimum number of times) against the same count with document labels permuted",
-            "(`n_specific_null`). `flags`: a held-out EV below the threshold, a target not reached.", "",
+            "(`n_specific_null`). `flags`: a held-out EV below the threshold, a target not reached. Where the eval",
+            "scored each retain set separately, `primary_on_<set>` is the primary score read on that set;",
+            "`eval_passes` and `eval_seconds`: the eval's passes over the measurement text and its seconds.", "",
             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown),
             *("| " + " | ".join(_fmt(r[c]) for c in shown) + " |" for r in rows)]
 
@@ -361,6 +372,9 @@ def _headline(groups, rows, arm_scores, primary_name, ev_threshold) -> list[str]
         l0, ev = g["stats"].get("l0"), g["stats"].get("explained_variance")
         low = any(by_run[r]["low_ev"] for r in g["runs"])
         cells = [_cell(arm_scores[i, name]["cell"]) for name in ("primary", "random", "top_r")]
+        spreads = [inputs.control_spread(by_run[r]["_data"], "random") for r in g["runs"]]
+        if cells[1] and spreads and all(spreads):
+            cells[1] += f" ({spreads[0][0]} draws, sd {np.mean([sd for _, sd in spreads]):.2g})"
         lines.append("| " + " | ".join([g["label"], ", ".join(g["runs"]), "" if l0 is None else f"{l0[0]:.4g}",
                                          ("" if ev is None else f"{ev[0]:.3g}") + (" (low EV)" if low else ""),
                                          *cells, _arm_flags(g, by_run)]) + " |")
