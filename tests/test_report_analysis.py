@@ -189,25 +189,24 @@ def test_report_tests_arms_counts_a_rerun_once_and_flags_low_ev(tmp_path, monkey
     assert len(csv) == 1 + 9 and "low EV 0.2 < 0.5" in csv[5]
 
 
-def test_report_refuses_two_runs_of_one_arm_and_seed_that_differ_elsewhere(tmp_path, monkeypatch, capsys):
+def test_runs_that_differ_in_an_unnamed_option_are_two_arms_and_bad_options_are_refused(tmp_path, monkeypatch,
+                                                                                         capsys):
     runs = tmp_path / "runs"
     fake_run(runs, 1, seed=0)
-    fake_run(runs, 2, seed=0, extra={"lr": 3e-3})
-    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep")]) == 2
-    err = capsys.readouterr().err
-    assert err == ("error: run_1 and run_2 are one arm with seed 0 but differ in lr: they are not two seeds; name "
-                   "the runs to compare (pipeline report run_N ...)\n")
-    assert not (tmp_path / "rep").exists()
-    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep"),
+    fake_run(runs, 2, seed=0, extra={"lr": 3e-3})  # not a second seed: another arm
+    fake_run(runs, 3, seed=0, extra={"data_seed": 1})  # the same seed in another data order: a replicate of run_1
+    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| ratio topk k8 ortho 100.0 mean d64 lr 0.001 | run_1, run_3 |" in text
+    assert "| ratio topk k8 ortho 100.0 mean d64 lr 0.003 | run_2 |" in text
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep2"),
                                  "--equivalence-margin", "0"]) == 2
     assert capsys.readouterr().err == "error: --equivalence-margin must be a positive number of nats, got 0\n"
-    assert run_cli(monkeypatch, ["report", "run_1", "--runs-dir", str(runs), "--out", str(tmp_path / "rep"),
+    assert run_cli(monkeypatch, ["report", "run_1", "--runs-dir", str(runs), "--out", str(tmp_path / "rep2"),
                                  "--reference", "run_2"]) == 2
     assert capsys.readouterr().err == "error: --reference run_2 is not among the reported runs (run_1)\n"
-    assert not (tmp_path / "rep").exists()
-    shutil.rmtree(runs / "run_2")
-    fake_run(runs, 2, seed=0, extra={"data_seed": 1})  # the same seed in another data order: a replicate
-    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "rep")]) == 0
+    assert not (tmp_path / "rep2").exists()
 
 
 def test_one_seed_per_arm_makes_no_test_and_says_so(tmp_path):

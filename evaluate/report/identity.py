@@ -3,14 +3,9 @@
 Two run directories with the same resolved training config (seed included) or byte-identical SAE
 weights are one SAE trained twice (a user who reruns a sweep gets exactly that). Counted as two
 seeds they would show a spread of 0 and an interval of zero width, so the report keeps the first
-(lowest run number) and says so in one line per duplicate. Two runs of one arm with one seed that
-differ in some other option are not seeds of each other either: the report refuses them, naming
-the options, rather than pool them.
+(lowest run number) and says so in one line per duplicate. Runs are replicates of one arm only when
+their resolved configs differ in nothing but the seed and the data order.
 """
-
-from collections.abc import Callable
-
-from train.errors import TrainError
 
 from .inputs import weights_digest
 
@@ -19,6 +14,7 @@ NOT_THE_SAE = frozenset({
 })
 """Config keys that say where and how a run was driven, not what it trained (the store is named by
 `shards_fingerprint`)."""
+REPLICATE_KEYS = ("seed", "data_seed")
 
 
 def resolved_config(train: dict) -> tuple:
@@ -50,24 +46,11 @@ def collapse_duplicates(loaded: list[dict]) -> tuple[list[dict], list[str]]:
     return kept, notes
 
 
+def arm(train: dict) -> tuple:
+    """The resolved config less the seed and the data order: runs with one arm are replicates."""
+    return tuple((k, v) for k, v in resolved_config(train) if k not in REPLICATE_KEYS)
+
+
 def replicate(train: dict) -> tuple:
     """What makes two runs of one arm two replicates: the initialisation seed and the data order."""
     return train.get("seed"), train.get("data_seed")
-
-
-def refuse_shared_seeds(loaded: list[dict], arm_of: Callable[[dict], tuple]) -> None:
-    """Refuses two runs of one arm with one seed (and data order) that differ elsewhere (they would be
-    counted as seeds)."""
-    seen: dict[tuple, dict] = {}
-    for data in loaded:
-        if data["train"].get("seed") is None:
-            continue
-        key = (arm_of(data), replicate(data["train"]))
-        other = seen.setdefault(key, data)
-        if other is data:
-            continue
-        a, b = dict(resolved_config(other["train"])), dict(resolved_config(data["train"]))
-        differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        raise TrainError(f"{other['dir'].name} and {data['dir'].name} are one arm with seed "
-                         f"{data['train'].get('seed')} but differ in {', '.join(differ)}: they are not two seeds; "
-                         "name the runs to compare (pipeline report run_N ...)")

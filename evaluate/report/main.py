@@ -30,7 +30,7 @@ from train.errors import TrainError
 from train.runs import RUN_NAME, resolve_run
 
 from . import inputs
-from .identity import collapse_duplicates, refuse_shared_seeds, replicate
+from .identity import REPLICATE_KEYS, arm, collapse_duplicates, replicate
 from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
 from .twoway import compare, fit
 from .variance import decompose
@@ -62,7 +62,8 @@ COLUMNS = [
     ("decoder_cos_random", "specialization.decoder_cos_random"),
 ]
 SETTING_KEYS = ("trainer", "arch", "k", "l1", "target_l0", "ortho", "ortho_weighting", "ortho_normalize", "d_sae")
-"""Runs that differ only in seed form one group."""
+"""The options an arm's label names. An arm is every run whose resolved config differs only in seed and
+data order; where two arms share these, the options they differ in are added to the label."""
 FIXED_K = ("topk", "batchtopk")
 EVALS = inputs.EVALS
 EQUIVALENCE_MARGIN = 0.02
@@ -166,8 +167,7 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
         raise TrainError(f"--ev-threshold must be a finite number, got {ev_threshold:g}")
     loaded, duplicates = collapse_duplicates([inputs.load_run(d) for d in _run_dirs(runs, runs_dir)])
     rows = [_row(data, ev_threshold) for data in loaded]
-    setting = {id(r["_data"]): tuple(r[k] for k in SETTING_KEYS) for r in rows}
-    refuse_shared_seeds(loaded, lambda data: setting[id(data)])
+    _name_arms(rows)
     groups = seed_groups(rows)
     base = _reference_group(groups, rows, reference)
     for line in duplicates:
@@ -200,8 +200,8 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
     lines = ["# ratio-sae report", ""]
     lines += _headline(groups, rows, arm_scores, primary_name, ev_threshold)
     if duplicates:
-        lines += ["", "Runs counted once (a rerun is not a seed):", "", *(f"- {d.removeprefix('note: ')}"
-                                                                          for d in duplicates)]
+        lines += ["", "Runs counted once (a rerun is not a seed):", "",
+                  *(f"- {d.removeprefix('note: ')}" for d in duplicates)]
     targets = {(inputs.primary_fraction(r["_data"]), inputs.retain_set_name(r["_data"])) for r in rows
                if r["primary"] is not None}
     if len(targets) > 1:
@@ -227,6 +227,20 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
     (out / "report.md").write_text("\n".join(lines))
     _plots(rows, out)
     return out / "report.md"
+
+
+def _name_arms(rows: list[dict]) -> None:
+    """Each row's arm (its resolved config less seed and data order) and, where arms differ in an option
+    the label leaves out (say `lr` or `tokens`), that option in the label."""
+    configs = [r["_data"]["train"] for r in rows]
+    by_setting = defaultdict(list)  # an option is named where runs with one label differ in it
+    for r, config in zip(rows, configs):
+        by_setting[tuple(r[k] for k in SETTING_KEYS)].append(dict(arm(config)))
+    varying = list(dict.fromkeys(k for same in by_setting.values() for k in dict.fromkeys(k for c in same for k in c)
+                                 if len({c.get(k) for c in same}) > 1))
+    for r, config in zip(rows, configs):
+        r["_arm"] = arm(config)
+        r["_label_extra"] = "".join(f" {k} {config.get(k)}" for k in varying)
 
 
 def _reference_group(groups: list[dict], rows: list[dict], reference: str | None) -> dict | None:
@@ -265,7 +279,7 @@ def seed_groups(rows: list[dict]) -> list[dict]:
     """Runs sharing every setting but the seed, with mean and sample standard deviation per metric."""
     by_setting = defaultdict(list)
     for r in rows:
-        by_setting[tuple(r[k] for k in SETTING_KEYS)].append(r)
+        by_setting[r.get("_arm", tuple(r[k] for k in SETTING_KEYS))].append(r)
     groups = []
     for members in by_setting.values():
         stats = {}
@@ -277,9 +291,11 @@ def seed_groups(rows: list[dict]) -> list[dict]:
                 mean = sum(values) / len(values)
                 sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
                 stats[column] = (mean, sd)
-        groups.append({"label": _label(members[0]), "runs": [m["run"] for m in members], "stats": stats,
+        groups.append({"label": _label(members[0]) + members[0].get("_label_extra", ""),
+                       "runs": [m["run"] for m in members], "stats": stats,
                        "setting": tuple(members[0][k] for k in SETTING_KEYS)})
-    return sorted(groups, key=lambda g: tuple((v is None, str(v) if isinstance(v, str) else v or 0) for v in g["setting"]))
+    return sorted(groups, key=lambda g: (tuple((v is None, str(v) if isinstance(v, str) else v or 0)
+                                               for v in g["setting"]), g["label"]))
 
 
 def baseline_group(groups: list[dict]) -> dict | None:
