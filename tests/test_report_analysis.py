@@ -185,6 +185,10 @@ def test_report_tests_arms_counts_a_rerun_once_and_flags_low_ev(tmp_path, monkey
             f"{control['ci95'][1]:+.4f}] | {control['p_holm']:.3g} |") in text
     assert "## Where the spread of a difference comes from" in text and "halve with seeds per arm" in text
     assert "The same on the log score" in text
+    for section in ("## Each arm against", "The same on the log score", "## Where the spread", "## Arms: more scores"):
+        part = text[text.index(section):]
+        assert f"| {rank} |" in part and "low EV: run_5 |" in part, section  # flagged wherever it is scored
+    assert f"- unlearning at 1%: {rank} - {base}: " in text and "(95%); low EV: run_5" in text
     csv = (tmp_path / "rep" / "report.csv").read_text().splitlines()
     assert len(csv) == 1 + 9 and "low EV 0.2 < 0.5" in csv[5]
 

@@ -408,11 +408,14 @@ def _seed_section(groups, rows, arm_scores, base, paired) -> list[str]:
              "within the arm, measurement documents shared by every run)" if paired else
              "Each cell: the mean over the arm's seeds and its 95% interval [lo, hi] over seeds and documents; the "
              "runs were not all measured on the same documents, so differences below are not paired", "",
-             "| setting | seeds | primary | pAUC | SAEBench-style | EV | MSE | L0 |", "|---|---|---|---|---|---|---|---|"]
+             "| setting | seeds | primary | pAUC | SAEBench-style | EV | MSE | L0 | flags |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by_run = {r["run"]: r for r in rows}
     for i, g in enumerate(groups):
         cells = [_cell(arm_scores[i, name]["cell"]) for name in ("primary", "pauc", "saebench_style")]
         quality = [_fmt_spread(g["stats"].get(c)) for c in ("explained_variance", "mse", "l0")]
-        lines.append("| " + " | ".join([g["label"], str(len(g["runs"])), *cells, *quality]) + " |")
+        lines.append("| " + " | ".join([g["label"], str(len(g["runs"])), *cells, *quality,
+                                         _low_ev(groups, (i,), by_run)]) + " |")
     lines += ["", "EV, MSE, L0: mean ± standard deviation over seeds."]
     if base is None or len(groups) <= 1:
         return lines
@@ -427,7 +430,9 @@ def _seed_section(groups, rows, arm_scores, base, paired) -> list[str]:
         for name, title in (("primary", primary_title), ("pauc", "pAUC")):
             a, r = arm_scores[i, name]["draws"], arm_scores[b, name]["draws"]
             if a is not None and r is not None:
-                lines.append(f"- {title}: {g['label']} - {base['label']}: {_signed(_interval(a - r))} (95%)")
+                flag = _low_ev(groups, (i, b), by_run)
+                lines.append(f"- {title}: {g['label']} - {base['label']}: {_signed(_interval(a - r))} (95%)"
+                             + (f"; {flag}" if flag else ""))
     return lines
 
 
@@ -482,8 +487,8 @@ def _analysis(groups, rows, base, draws_of, primary_name, margin) -> list[str]:
                   "| reading | flags |", "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {groups[c['arm']]['label']} | {groups[c['reference']]['label']} | {c['difference']:+.4f} | "
                   f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | {c['p_holm']:.3g} | {c['tost_p_holm']:.3g} | "
-                  f"{c['detectable_80']:.4f} | {c['reading']} | {_low_ev(groups, c, by_run)} |" for c in compared]
-    lines += _log_model(groups, cells, b, families)
+                  f"{c['detectable_80']:.4f} | {c['reading']} | {_low_ev(groups, (c['arm'], c['reference']), by_run)} |" for c in compared]
+    lines += _log_model(groups, cells, b, families, by_run)
     if draws_of is not None:
         lines += _decomposition(groups, rows, model, b, draws_of)
     else:
@@ -499,12 +504,13 @@ def _blocks(rows: list[dict]) -> dict:
             str(r["seed"]) if len(orders) == 1 else f"{r['seed']}/{replicate(r['_data']['train'])[1]}" for r in rows}
 
 
-def _low_ev(groups, c, by_run) -> str:
-    low = [r for i in (c["arm"], c["reference"]) for r in groups[i]["runs"] if by_run[r]["low_ev"]]
+def _low_ev(groups, arms, by_run) -> str:
+    """"low EV: run_N, ..." for the runs of these arms (group indices) below the EV threshold."""
+    low = [r for i in arms for r in groups[i]["runs"] if by_run[r]["low_ev"]]
     return f"low EV: {', '.join(low)}" if low else ""
 
 
-def _log_model(groups, cells, b, families) -> list[str]:
+def _log_model(groups, cells, b, families, by_run) -> list[str]:
     if any(y <= 0 for _, _, y in cells):
         return ["", "No model on the log score: some scores are 0 or negative."]
     model = fit([(a, s, math.log(y)) for a, s, y in cells], b)
@@ -513,10 +519,11 @@ def _log_model(groups, cells, b, families) -> list[str]:
     lines = ["", "The same on the log score (bootstrap intervals of a run's score are right-skewed and grow with it; on "
                  f"the log scale a difference is a ratio): residual sd {model.residual_sd:.4f} on {model.df} degrees "
                  "of freedom. Ratio of the arm's score to the reference's, with its simultaneous 95% interval:", "",
-             "| arm | over | ratio | simultaneous 95% interval | p (Holm) |", "|---|---|---|---|---|"]
+             "| arm | over | ratio | simultaneous 95% interval | p (Holm) | flags |", "|---|---|---|---|---|---|"]
     for _, pairs in families:
         lines += [f"| {groups[c['arm']]['label']} | {groups[c['reference']]['label']} | {math.exp(c['difference']):.3f} "
-                  f"| [{math.exp(c['ci95'][0]):.3f}, {math.exp(c['ci95'][1]):.3f}] | {c['p_holm']:.3g} |"
+                  f"| [{math.exp(c['ci95'][0]):.3f}, {math.exp(c['ci95'][1]):.3f}] | {c['p_holm']:.3g} "
+                  f"| {_low_ev(groups, (c['arm'], c['reference']), by_run)} |"
                   for c in compare(model, pairs, None)]
     return lines
 
@@ -542,7 +549,7 @@ def _decomposition(groups, rows, model, b, draws_of) -> list[str]:
         _, se = model.contrast(i, b)
         parts = decompose(per_seed(i), reference, se)
         if parts is not None:
-            table.append((g, parts))
+            table.append((i, g, parts))
     if not table:
         return ["", "No variance decomposition: it needs two or more seeds shared with the reference arm, each with "
                     "its bootstrap draws."]
@@ -554,14 +561,15 @@ def _decomposition(groups, rows, model, b, draws_of) -> list[str]:
              "seeds. Document noise that every seed shares does not shrink with seeds; seed noise does not shrink with "
              "documents (evaluate/report/variance.py).", "",
              "| arm | seeds | sd from seeds | sd from documents | documents' share | of which shared by seeds (sd) "
-             "| halve with seeds per arm | halve with documents |", "|---|---|---|---|---|---|---|---|"]
-    for g, p in table:
+             "| halve with seeds per arm | halve with documents | flags |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, g, p in table:
         seeds = f"{p['seeds_to_halve']}" if p["seeds_to_halve"] is not None else "not by seeds alone"
         docs = f"{p['documents_to_halve']:.1f}x" if p["documents_to_halve"] is not None else "not by documents alone"
         lines.append(f"| {g['label']} | {p['seeds']} | {math.sqrt(p['seed_variance']):.4f} | "
                      f"{math.sqrt(p['document_variance']):.4f} | {p['document_share']:.0%} | "
-                     f"{math.sqrt(p['shared_document_variance']):.4f} | {seeds} | {docs} |")
-    share = float(np.mean([p["document_share"] for _, p in table]))
+                     f"{math.sqrt(p['shared_document_variance']):.4f} | {seeds} | {docs} | "
+                     f"{_low_ev(groups, (i, b), by_run)} |")
+    share = float(np.mean([p["document_share"] for _, _, p in table]))
     lines += ["", f"On average documents carry {share:.0%} of the variance of a difference: "
                   + ("buy documents first." if share > 0.5 else "buy seeds first.")]
     return lines
