@@ -30,7 +30,7 @@ from train.errors import TrainError
 from train.runs import RUN_NAME, resolve_run
 
 from . import inputs
-from .identity import REPLICATE_KEYS, arm, collapse_duplicates, replicate
+from .identity import arm, collapse_duplicates, replicate
 from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
 from .twoway import compare, fit
 from .variance import decompose
@@ -65,7 +65,6 @@ SETTING_KEYS = ("trainer", "arch", "k", "l1", "target_l0", "ortho", "ortho_weigh
 """The options an arm's label names. An arm is every run whose resolved config differs only in seed and
 data order; where two arms share these, the options they differ in are added to the label."""
 FIXED_K = ("topk", "batchtopk")
-EVALS = inputs.EVALS
 EQUIVALENCE_MARGIN = 0.02
 EV_THRESHOLD = 0.5
 
