@@ -376,7 +376,7 @@ def _arm_flags(g: dict, by_run: dict) -> str:
 def _headline(groups, rows, arm_scores, primary_name, ev_threshold) -> list[str]:
     by_run = {r["run"]: r for r in rows}
     lines = ["## Headline", "",
-             f"Per arm (runs that differ only in seed): the mean over its seeds of L0 and held-out explained variance "
+             f"Per arm (runs whose configs differ only in seed and data order): the mean over its seeds of L0 and held-out explained variance "
              f"(EV), and of the primary score, {primary_name} (forget-loss increase, nats), with its 95% interval "
              "(a bootstrap over seeds and over measurement documents shared by every run), beside the same score "
              f"of the controls (random features through the same retain filter; the top-r features). An EV below "
