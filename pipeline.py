@@ -158,6 +158,10 @@ def train(
     target_l0_gain: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_gain"))] = None,
     target_l0_rate: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_rate"))] = None,
     target_l0_ramp: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_ramp"))] = None,
+    routed_latents: Annotated[Optional[int], typer.Option(help=_tdoc("routed_latents"))] = None,
+    routing: Annotated[Optional[str], typer.Option(help=_tdoc("routing"))] = None,
+    supervised_latents: Annotated[Optional[int], typer.Option(help=_tdoc("supervised_latents"))] = None,
+    supervision_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("supervision_coeff"))] = None,
     lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"))] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"))] = None,
     lr_decay_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("lr_decay_fraction"))] = None,
@@ -199,7 +203,8 @@ def train(
                      aux_coeff=aux_coeff, l0_coeff=l0_coeff, bandwidth=bandwidth, threshold_init=threshold_init,
                      batchtopk_threshold_lr=batchtopk_threshold_lr, target_l0=target_l0,
                      target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate,
-                     target_l0_ramp=target_l0_ramp, wandb=wandb)
+                     target_l0_ramp=target_l0_ramp, wandb=wandb, routed_latents=routed_latents, routing=routing,
+                     supervised_latents=supervised_latents, supervision_coeff=supervision_coeff)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
                           dask=dask):
         typer.echo(line)
