@@ -259,3 +259,19 @@ def test_every_architecture_class_honours_the_block():
     with pytest.raises(TrainError, match="does not apply label blocks"):
         t.base_loss(batches(1)[0], 32)
     assert LabelBlock.from_config(TrainConfig(), 48) is None
+
+
+def test_cli_refusals_are_one_line_before_any_run_directory(tiny_store, tmp_path, monkeypatch, capsys):
+    cases = [(("--routed-latents", "200"), "error: routed_latents 200 is more than the SAE's 96 latents (dict_size); "
+                                           "choose routed_latents <= dict_size"),
+             (("--arch", "topk", "--k", "32", "--routed-latents", "80"),
+              "error: topk keeps k = 32 latents per token, more than the 16 a safe row may use beside 80 routed "
+              "latents; choose k <= dict_size - routed_latents"),
+             (("--routed-latents", "4", "--supervised-latents", "4"),
+              "error: invalid training config: config: routed_latents and supervised_latents are two kinds of label "
+              "block; an SAE has at most one: set one of them to 0")]
+    for extra, message in cases:
+        assert cli(monkeypatch, train_args(tiny_store, tmp_path / "runs", *extra)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and [line for line in err.splitlines() if line.strip()] == [message]
+        assert not (tmp_path / "runs" / "run_1").exists()
