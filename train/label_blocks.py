@@ -122,11 +122,7 @@ class BlockStep:
         self.block_pre = pre[:, self.block.start:]
         if self.block.kind != "routed":
             return pre
-        safe, in_block = self._masks(pre.shape, pre.device)
-        masked = pre.masked_fill(safe & in_block, torch.finfo(pre.dtype).min)
-        if self.block.routing == "gradient":
-            masked = torch.where(~safe & ~in_block, masked.detach(), masked)
-        return masked
+        return _MaskBlock.apply(pre, self.n_dangerous, self.block.start, self.block.routing == "gradient")
 
     def per_latent(self, param: torch.Tensor, batch: int) -> torch.Tensor:
         """A per-latent parameter (d_sae,) used elementwise on the code (JumpReLU's threshold): under
@@ -145,8 +141,7 @@ class BlockStep:
         self.decoded = True
         if not self.routes_gradient:
             return decode_rows(W_dec, slice(None))
-        in_block = (torch.arange(W_dec.shape[0], device=W_dec.device) >= self.block.start)[:, None]
-        routed = torch.where(in_block, W_dec, W_dec.detach())
+        routed = _BlockRowsOnly.apply(W_dec, self.block.start)
         return torch.cat([decode_rows(routed, slice(0, self.n_dangerous)),
                           decode_rows(W_dec, slice(self.n_dangerous, None))])
 
@@ -164,3 +159,39 @@ class BlockStep:
         if self.block_pre is None or (self.routes_gradient and not self.decoded):
             raise TrainError(f"architecture {architecture!r} does not apply label blocks in its training step; "
                              "train it without routed_latents / supervised_latents")
+
+
+class _MaskBlock(torch.autograd.Function):
+    """Routed pre-activations: the block on safe rows (rows >= n) set to the dtype's lowest number,
+    without a gradient; with `detach_others`, no gradient either to the other latents on dangerous rows.
+    Slices of a fixed shape rather than boolean masks: one copy forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, n: int, start: int, detach_others: bool) -> torch.Tensor:
+        ctx.n, ctx.start, ctx.detach_others = n, start, detach_others
+        out = pre.clone()
+        out[n:, start:] = torch.finfo(pre.dtype).min
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        grad[ctx.n:, ctx.start:] = 0
+        if ctx.detach_others:
+            grad[:ctx.n, :ctx.start] = 0
+        return grad, None, None, None
+
+
+class _BlockRowsOnly(torch.autograd.Function):
+    """The decoder weight as it is, whose gradient reaches only the block's rows (rows >= start)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, start: int) -> torch.Tensor:
+        ctx.start = start
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        grad[:ctx.start] = 0
+        return grad, None
