@@ -222,6 +222,10 @@ def eval_(
     heldout_tokens: Annotated[Optional[int], typer.Option(help=_edoc("heldout_tokens"))] = None,
     select_from: Annotated[Optional[str], typer.Option(help=_edoc("select_from"))] = None,
     select_tokens: Annotated[Optional[int], typer.Option(help=_edoc("select_tokens"))] = None,
+    select: Annotated[Optional[str], typer.Option(help=_edoc("select"))] = None,
+    clamp: Annotated[Optional[str], typer.Option(help=_edoc("clamp"))] = None,
+    gate_quantile: Annotated[Optional[float], typer.Option(help=_edoc("gate_quantile"))] = None,
+    gate_scope: Annotated[Optional[str], typer.Option(help=_edoc("gate_scope"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_edoc("batch_size"))] = None,
     retain_thresholds: Annotated[Optional[list[float]], typer.Option("--retain-threshold", help=_edoc("retain_thresholds"))] = None,
     n_features: Annotated[Optional[list[int]], typer.Option("--n-features", help=_edoc("n_features"))] = None,
@@ -275,7 +279,8 @@ def eval_(
                      saebench_llm_dtype=saebench_llm_dtype, saebench_dataset_size=saebench_dataset_size,
                      saebench_seq_len=saebench_seq_len, saebench_baseline_min=saebench_baseline_min,
                      saebench_core_dataset=saebench_core_dataset, saebench_core_context=saebench_core_context,
-                     saebench_core_batches=saebench_core_batches)
+                     saebench_core_batches=saebench_core_batches, select=select, clamp=clamp,
+                     gate_quantile=gate_quantile, gate_scope=gate_scope)
     for line in run_eval(runs, runs_dir, config, overrides, saebench=saebench, shards=shards):
         typer.echo(line)
 
