@@ -133,16 +133,23 @@ class BlockStep:
         safe, in_block = self._masks(torch.Size((batch, param.shape[0])), param.device)
         return torch.where(~safe & ~in_block, param.detach(), param)
 
-    def decode(self, decode_rows: Callable[[torch.Tensor, slice], torch.Tensor], W_dec: torch.Tensor) -> torch.Tensor:
-        """The batch's reconstruction. `decode_rows(W, rows)`: the reconstruction of the batch's `rows`
-        (a slice) decoded with decoder weight W. Under `gradient` routing the dangerous rows decode with
-        a W_dec whose rows outside the block are detached: those latents still reconstruct there, but
-        their decoder rows learn from safe rows alone."""
+    def decode(self, decode_rows: Callable[[torch.Tensor, slice], torch.Tensor], W_dec: torch.Tensor,
+               code: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        """The batch's reconstruction. `decode_rows(W, rows)`: the reconstruction of the batch's `rows` (a
+        slice) decoded with decoder weight W; `code(rows)`: those rows' dense code (rows, d_sae), read only
+        under `gradient` routing.
+
+        Under `gradient` routing the dangerous rows decode with W_dec detached, so that no decoder row
+        learns from them through the decode (which then skips that weight gradient), and the block's rows
+        get theirs from a narrow product, the block's code on those rows times its decoder rows, added as
+        (B - B.detach()): exactly zero in value, the block's decoder gradient in the backward pass."""
         self.decoded = True
         if not self.routes_gradient:
             return decode_rows(W_dec, slice(None))
-        routed = _BlockRowsOnly.apply(W_dec, self.block.start)
-        return torch.cat([decode_rows(routed, slice(0, self.n_dangerous)),
+        dangerous, start = slice(0, self.n_dangerous), self.block.start
+        x_dangerous = decode_rows(W_dec.detach(), dangerous)
+        block = code(dangerous)[:, start:].detach() @ W_dec[start:]
+        return torch.cat([x_dangerous + (block - block.detach()).to(x_dangerous.dtype),
                           decode_rows(W_dec, slice(self.n_dangerous, None))])
 
     def losses(self) -> dict[str, torch.Tensor]:
@@ -180,18 +187,3 @@ class _MaskBlock(torch.autograd.Function):
         if ctx.detach_others:
             grad[:ctx.n, :ctx.start] = 0
         return grad, None, None, None
-
-
-class _BlockRowsOnly(torch.autograd.Function):
-    """The decoder weight as it is, whose gradient reaches only the block's rows (rows >= start)."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, start: int) -> torch.Tensor:
-        ctx.start = start
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        grad[:ctx.start] = 0
-        return grad, None

@@ -73,7 +73,12 @@ def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor | None, w
     def decode_rows(w, rows):
         return decode_topk(values[rows], indices[rows], w, no_bias)
 
-    error = (decode_rows(w_dec, slice(None)) if labels is None else labels.decode(decode_rows, w_dec)).float() - residual
+    def code(rows):
+        return torch.zeros(values[rows].shape[0], w_dec.shape[0], dtype=values.dtype,
+                           device=values.device).scatter(1, indices[rows], values[rows])
+
+    error = (decode_rows(w_dec, slice(None)) if labels is None
+             else labels.decode(decode_rows, w_dec, code)).float() - residual
     variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
     loss = error.pow(2).sum(dim=-1).mean() / variance
     return (dead.sum() / aux_k).clamp(max=1.0) * loss.nan_to_num(0.0)

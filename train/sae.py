@@ -99,7 +99,7 @@ class SAE(nn.Module):
         (train/label_blocks.py `BlockStep`), or None; an architecture honours it by computing its
         pre-activations with `training_pre_acts` and decoding with `training_decode`."""
         f = self.activation(self.training_pre_acts(x, labels))
-        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels)
+        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels, lambda rows: f[rows])
         return TrainingOutput(x_hat, f, sparsity=l1(f))
 
     def training_pre_acts(self, x: torch.Tensor, labels=None) -> torch.Tensor:
@@ -107,10 +107,12 @@ class SAE(nn.Module):
         pre = self.pre_acts(x)
         return pre if labels is None else labels.pre_acts(pre)
 
-    def training_decode(self, decode_rows, labels=None) -> torch.Tensor:
+    def training_decode(self, decode_rows, labels=None, code=None) -> torch.Tensor:
         """The training batch's reconstruction: `decode_rows(W, rows)` decodes the batch's `rows` (a
-        slice) with decoder weight W; the step's label block may decode row groups with different W."""
-        return decode_rows(self.W_dec, slice(None)) if labels is None else labels.decode(decode_rows, self.W_dec)
+        slice) with decoder weight W; the step's label block may decode row groups differently, reading
+        `code(rows)`, those rows' dense code (train/label_blocks.py `BlockStep.decode`)."""
+        return (decode_rows(self.W_dec, slice(None)) if labels is None
+                else labels.decode(decode_rows, self.W_dec, code))
 
     @torch.no_grad()
     def after_step(self, f: torch.Tensor, applied: torch.Tensor | None = None) -> None:

@@ -50,10 +50,10 @@ class BatchTopKSAE(SAE):
         pre = self.training_pre_acts(x, labels)
         acts = torch.relu(pre).flatten()
         values, indices = acts.topk(min(self.k * len(pre), acts.numel()), sorted=False)
+        f = torch.zeros_like(acts).scatter(-1, indices, values).view(pre.shape)
         # the chosen decoder rows of each token, not the dense code (train/sparse_decode.py)
         x_hat = self.training_decode(lambda W, rows: _decode_rows(values, indices, len(pre), W, self.b_dec, rows),
-                                     labels)
-        f = torch.zeros_like(acts).scatter(-1, indices, values).view(pre.shape)
+                                     labels, lambda rows: f[rows])
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
             out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k, labels)
