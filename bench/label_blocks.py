@@ -83,8 +83,8 @@ def main() -> None:
             for name in names[1:]:
                 ratios = [s / s0 for s, s0 in zip(seconds[name], base)]
                 wall_ratio = statistics.median(w / w0 for w, w0 in zip(walls[name], base_wall))
-                print(f"| {arch} | {d_sae} ({size:g}x) | {name} | {statistics.median(ratios):.3f} | {min(ratios):.3f} | "
-                      f"{max(ratios):.3f} | {wall_ratio:.3f} | {statistics.median(base):.3f} "
+                print(f"| {arch} | {d_sae} ({size:g}x) | {name} | {statistics.median(ratios):.3f} | "
+                      f"{min(ratios):.3f} | {max(ratios):.3f} | {wall_ratio:.3f} | {statistics.median(base):.3f} "
                       f"({statistics.median(base_wall):.3f}) |", flush=True)
 
 

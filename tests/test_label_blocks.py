@@ -27,8 +27,8 @@ def batches(n: int, rows: int = 64, seed: int = 0) -> list[torch.Tensor]:
     """Stratified-looking batches: the first half (the dangerous rows) shifted along a direction."""
     g = torch.Generator().manual_seed(seed)
     shift = torch.randn(D_IN, generator=g) * 2
-    return [torch.randn(rows, D_IN, generator=g) + torch.cat([torch.ones(rows // 2, 1), torch.zeros(rows // 2, 1)]) * shift
-            for _ in range(n)]
+    dangerous = torch.cat([torch.ones(rows // 2, 1), torch.zeros(rows // 2, 1)])
+    return [torch.randn(rows, D_IN, generator=g) + dangerous * shift for _ in range(n)]
 
 
 def trainer(arch: str, trainer_name: str = "baseline", **options):

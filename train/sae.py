@@ -99,7 +99,8 @@ class SAE(nn.Module):
         (train/label_blocks.py `BlockStep`), or None; an architecture honours it by computing its
         pre-activations with `training_pre_acts` and decoding with `training_decode`."""
         f = self.activation(self.training_pre_acts(x, labels))
-        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels, lambda rows: f[rows])
+        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels,
+                                     lambda rows: f[rows])
         return TrainingOutput(x_hat, f, sparsity=l1(f))
 
     def training_pre_acts(self, x: torch.Tensor, labels=None) -> torch.Tensor:

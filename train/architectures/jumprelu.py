@@ -87,7 +87,8 @@ class JumpReLUSAE(SAE):
         if labels is not None:  # per token under gradient routing (label_blocks.BlockStep.per_latent)
             threshold = labels.per_latent(threshold, len(pre))
         f = _JumpReLU.apply(pre, threshold, self.bandwidth)
-        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels, lambda rows: f[rows])
+        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels,
+                                     lambda rows: f[rows])
         return TrainingOutput(x_hat, f, sparsity=step_l0(pre, threshold, self.bandwidth))
 
     @torch.no_grad()
