@@ -219,7 +219,7 @@ ROUTED = ("--arch", "topk", "--k", "8", "--routed-latents", "16", "--routing", "
           "--dead-after-tokens", "640")
 
 
-def test_a_routed_run_resumes_bit_for_bit_records_its_block_and_loads_in_sae_lens(tiny_store, tmp_path, monkeypatch):
+def test_a_routed_run_resumes_bit_for_bit_trains_in_lockstep_records_its_block_and_loads_in_sae_lens(tiny_store, tmp_path, monkeypatch):
     from train.trainers.base import Trainer
 
     assert cli(monkeypatch, train_args(tiny_store, tmp_path / "a", *ROUTED)) == 0
@@ -243,6 +243,15 @@ def test_a_routed_run_resumes_bit_for_bit_records_its_block_and_loads_in_sae_len
     assert torch.equal(f_ours > 0, f_theirs > 0)
     assert torch.allclose(f_theirs, f_ours, atol=1e-5, rtol=1e-5)
     assert (f_ours[:, 80:] > 0).any()  # nothing is masked at inference
+
+    # in a lockstep sweep beside an SAE without a block, it trains as it did alone
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base:\n  trainer: ratio\n  arch: topk\n  k: 8\n  ortho: 0.01\n  dead_after_tokens: 640\n"
+                     "grid:\n  - routed_latents: [0]\n  - routed_latents: [16]\n    routing: [gradient]\n")
+    assert cli(monkeypatch, [*train_args(tiny_store, tmp_path / "c"), "--sweep", str(sweep)]) == 0
+    assert len(json.loads((tmp_path / "c" / "run_2" / "train_config.json").read_text())["lockstep_group"]) == 2
+    assert_same_weights(run, tmp_path / "c" / "run_2")
+    assert "label_block" not in json.loads((tmp_path / "c" / "run_1" / "cfg.json").read_text())["metadata"]
 
 
 def test_every_architecture_class_honours_the_block():
