@@ -158,6 +158,10 @@ def train(
     target_l0_gain: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_gain"))] = None,
     target_l0_rate: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_rate"))] = None,
     target_l0_ramp: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_ramp"))] = None,
+    routed_latents: Annotated[Optional[int], typer.Option(help=_tdoc("routed_latents"))] = None,
+    routing: Annotated[Optional[str], typer.Option(help=_tdoc("routing"))] = None,
+    supervised_latents: Annotated[Optional[int], typer.Option(help=_tdoc("supervised_latents"))] = None,
+    supervision_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("supervision_coeff"))] = None,
     lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"))] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"))] = None,
     lr_decay_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("lr_decay_fraction"))] = None,
@@ -199,7 +203,8 @@ def train(
                      aux_coeff=aux_coeff, l0_coeff=l0_coeff, bandwidth=bandwidth, threshold_init=threshold_init,
                      batchtopk_threshold_lr=batchtopk_threshold_lr, target_l0=target_l0,
                      target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate,
-                     target_l0_ramp=target_l0_ramp, wandb=wandb)
+                     target_l0_ramp=target_l0_ramp, wandb=wandb, routed_latents=routed_latents, routing=routing,
+                     supervised_latents=supervised_latents, supervision_coeff=supervision_coeff)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
                           dask=dask):
         typer.echo(line)
@@ -217,6 +222,10 @@ def eval_(
     heldout_tokens: Annotated[Optional[int], typer.Option(help=_edoc("heldout_tokens"))] = None,
     select_from: Annotated[Optional[str], typer.Option(help=_edoc("select_from"))] = None,
     select_tokens: Annotated[Optional[int], typer.Option(help=_edoc("select_tokens"))] = None,
+    select: Annotated[Optional[str], typer.Option(help=_edoc("select"))] = None,
+    clamp: Annotated[Optional[str], typer.Option(help=_edoc("clamp"))] = None,
+    gate_quantile: Annotated[Optional[float], typer.Option(help=_edoc("gate_quantile"))] = None,
+    gate_scope: Annotated[Optional[str], typer.Option(help=_edoc("gate_scope"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_edoc("batch_size"))] = None,
     retain_thresholds: Annotated[Optional[list[float]], typer.Option("--retain-threshold", help=_edoc("retain_thresholds"))] = None,
     n_features: Annotated[Optional[list[int]], typer.Option("--n-features", help=_edoc("n_features"))] = None,
@@ -270,7 +279,8 @@ def eval_(
                      saebench_llm_dtype=saebench_llm_dtype, saebench_dataset_size=saebench_dataset_size,
                      saebench_seq_len=saebench_seq_len, saebench_baseline_min=saebench_baseline_min,
                      saebench_core_dataset=saebench_core_dataset, saebench_core_context=saebench_core_context,
-                     saebench_core_batches=saebench_core_batches)
+                     saebench_core_batches=saebench_core_batches, select=select, clamp=clamp,
+                     gate_quantile=gate_quantile, gate_scope=gate_scope)
     for line in run_eval(runs, runs_dir, config, overrides, saebench=saebench, shards=shards):
         typer.echo(line)
 

@@ -8,6 +8,7 @@ from train.errors import TrainError
 from train.runs import resolve_run
 
 from .config import load_config
+from .unlearning.features import label_block
 
 
 def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: dict,
@@ -38,8 +39,18 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
     from .runner import evaluate_targets, run_target
 
     targets = [run_target(name, runs_dir, shards) for name in runs]  # every SAE and store checked first
+    for t in targets:
+        t.out_dir = t.out_dir.with_name(eval_dir_name(cfg))
+        if cfg.select == "block":
+            label_block(t.sae_dir)  # refused before any work if it has none
     for t, results in evaluate_targets(targets, cfg, progress=lambda line: print(line, file=sys.stderr)):
         yield summary(t.name, results, cfg)
+
+
+def eval_dir_name(cfg) -> str:
+    """`eval` for SAEBench's selection with the static clamp; `eval-<select>-<clamp>` for the others, so
+    that one SAE keeps every way it was measured side by side."""
+    return "eval" if (cfg.select, cfg.clamp) == ("saebench", "static") else f"eval-{cfg.select}-{cfg.clamp}"
 
 
 def _ci(score: dict) -> str:

@@ -30,6 +30,24 @@ class EvalConfig(BaseModel):
     L on the held-out selection documents."""
     select_tokens: int = Field(100_000, gt=0)
     """With `select_from: store`: rows per label read from the store (fewer if it holds fewer)."""
+    select: Literal["saebench", "block"] = "saebench"
+    """Which features the method clamps: `saebench` (SAEBench's rule: among features under the retain
+    threshold, the N most frequent on forget text) or `block` (the SAE's trained label block, routed or
+    supervised, from its cfg.json: all of it where N is at least its size, else the N of it that fire
+    most on dangerous selection tokens; no retain filter). The controls are SAEBench's either way.
+    Written to `eval/` for `saebench` with the static clamp, else `eval-<select>-<clamp>/`, so one run
+    keeps every way it was measured."""
+    clamp: Literal["static", "conditional"] = "static"
+    """`static`: the selected features are clamped wherever they fire (SAEBench). `conditional`: only where
+    a gate is open (Dynamic SAE Guardrails, Muhamed et al. 2025): at a token, the fraction of the window's
+    tokens so far on which any selected feature fired exceeds `gate_quantile` of that fraction on the
+    store's retain rows (needs `select_from: store`)."""
+    gate_quantile: float = Field(0.95, gt=0, lt=1)
+    """`conditional`: the gate's threshold, as a quantile of the firing fraction over the retain side of
+    the selection data."""
+    gate_scope: Literal["causal", "sequence"] = "causal"
+    """`conditional`: `causal` (the fraction over the window's tokens up to the current one) or `sequence`
+    (DSG's: over the whole window; it looks ahead, so a token's clamp depends on the text after it)."""
     batch_size: int = Field(4, gt=0)
     """Documents per forward pass (the logits of a 262k-token vocabulary are large)."""
     retain_thresholds: list[float] = Field(default_factory=lambda: [0.001, 0.01])
@@ -131,6 +149,9 @@ class EvalConfig(BaseModel):
             raise ValueError("multiplier_range must be two increasing positive numbers")
         if self.multipliers is not None and any(m <= 0 for m in self.multipliers):
             raise ValueError("multipliers must be positive")
+        if self.clamp == "conditional" and self.select_from != "store":
+            raise ValueError("clamp conditional sets its gate's threshold on the store's retain rows: it needs "
+                             "select_from store")
         if self.multipliers == []:
             self.multipliers = None
         return self

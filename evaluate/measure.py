@@ -17,6 +17,7 @@ from .core.metrics import CoreAccumulator
 from .heldout import HeldOut
 from .splice import SplicedModel, kl_to_clean, next_token_loss
 from .unlearning.features import clamp_encoded
+from .unlearning.gate import gated_keep
 
 
 @dataclass
@@ -72,12 +73,13 @@ def measure(loaded, sae, heldout: HeldOut, interventions: list[dict], batch_size
                     per[i, rows] = clean[rows]
                     continue
                 f_sel = f[..., fi]
-                changed = (f_sel > 0).any(-1) & keep  # the positions the clamp edits
+                edit = gated_keep(f_sel, keep, setting)  # `keep`, or where a conditional clamp's gate is open
+                changed = (f_sel > 0).any(-1) & edit  # the positions the clamp edits
                 loss = clean[rows].copy()
                 docs = changed.any(1)
                 if docs.any():
                     c = docs.nonzero().flatten()
-                    edited = clamp_encoded(hf[c], f_sel[c], w_dec[fi], setting["multiplier"], keep[c]).to(h.dtype)
+                    edited = clamp_encoded(hf[c], f_sel[c], w_dec[fi], setting["multiplier"], edit[c]).to(h.dtype)
                     per_target = spliced.losses_with_block_output(ids[c], edited, keep[c], clean_loss[c], changed[c])
                     loss[c.cpu().numpy()] = per_target.sum(1).double().cpu().numpy()
                 per[i, rows] = loss

@@ -35,7 +35,9 @@ from .measure import measure
 from .resume import eval_key, finished, save_grid, saved_grid
 from .unlearning.scoring import score_unlearning
 from .specialization.metrics import specialization
-from .unlearning.features import random_features, score, select_features, top_r_features
+from .unlearning.features import (block_features, label_block, random_features, score, select_features,
+                                  top_r_features)
+from .unlearning.gate import attach_gates
 
 
 @dataclass
@@ -106,12 +108,14 @@ def _prepare(t: Target, context: dict, cfg: EvalConfig) -> None:
         stats = firing.from_heldout(loaded, sae, context["select"], cfg.batch_size, desc=t.name)
     rates = stats.rates()
     families, interventions = [], []
+    block = label_block(t.sae_dir) if cfg.select == "block" else None
     rng = np.random.default_rng(cfg.seed)
     for threshold in cfg.retain_thresholds:
         for n in cfg.n_features:
             family = (threshold, n)
             families.append(family)
-            chosen = {"method": [select_features(rates["forget_rate"], rates["retain_rate"], threshold, n)]}
+            chosen = {"method": [block_features(block, rates["forget_rate"], n) if block else
+                                 select_features(rates["forget_rate"], rates["retain_rate"], threshold, n)]}
             if "random" in cfg.controls:
                 chosen["random"] = [random_features(rates["forget_rate"], rates["retain_rate"], threshold, n, rng)
                                     for _ in range(cfg.control_repeats)]
@@ -121,6 +125,9 @@ def _prepare(t: Target, context: dict, cfg: EvalConfig) -> None:
                 for repeat, feats in enumerate(draws):
                     interventions.append({"group": group, "repeat": repeat, "retain_threshold": threshold,
                                           "n_features": n, "features": [int(i) for i in feats]})
+    if cfg.clamp == "conditional":
+        attach_gates(interventions, context["store"], sae, cfg.select_tokens, cfg.gate_quantile, cfg.gate_scope,
+                     loaded.device, desc=t.name)
     results = {}
     if "specialization" in cfg.suite:
         selected = {f"thr{s['retain_threshold']}_n{s['n_features']}": s["features"] for s in interventions

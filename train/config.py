@@ -97,6 +97,20 @@ class TrainConfig(BaseModel):
     target_l0_rate: float = Field(0.02, gt=0, le=1)
     """`target_l0`: the controller's integral rate per step (how fast a lasting error moves the
     coefficient: at most a factor e^rate per step)."""
+    routed_latents: int = Field(0, ge=0)
+    """Route the SAE's last N latents to dangerous text (gradient routing, Cloud et al. 2024): during
+    training they may not fire on safe rows (masked before the activation; for `topk`/`batchtopk` before
+    the top-k choice). At inference nothing is masked; cfg.json records the block. 0: none. Any
+    architecture and trainer but `seed_halves`; not with `supervised_latents`."""
+    routing: Literal["activation", "gradient"] = "activation"
+    """`routed_latents`: `activation` (the mask alone) or `gradient` (also, on dangerous rows, the other
+    latents fire and reconstruct detached: their encoder and decoder learn from safe rows alone)."""
+    supervised_latents: int = Field(0, ge=0)
+    """Tie the SAE's last N latents to the label (G-SAE, Härle et al. 2025): a binary cross-entropy term
+    between each row's largest block pre-activation, as a logit, and its dangerous label, weighted by
+    `supervision_coeff`. cfg.json records the block. 0: none."""
+    supervision_coeff: float = Field(0.1, gt=0)
+    """`supervised_latents`: weight of the block's cross-entropy term."""
     lr: float = Field(3e-4, gt=0)
     """Adam learning rate."""
     warmup_steps: int = Field(1000, ge=0)
@@ -185,6 +199,19 @@ class TrainConfig(BaseModel):
             if getattr(self, coefficient) == 0:
                 raise PydanticCustomError("target_l0", "target_l0 scales {option} multiplicatively, so it must "
                                           "start above 0", {"option": coefficient})
+        return self
+
+    @model_validator(mode="after")
+    def _check_label_blocks(self):
+        if self.routed_latents and self.supervised_latents:
+            raise PydanticCustomError("routed_latents", "routed_latents and supervised_latents are two kinds of "
+                                      "label block; an SAE has at most one: set one of them to 0", {})
+        if self.routing != "activation" and not self.routed_latents:
+            raise PydanticCustomError("routing", "routing {routing} needs routed_latents > 0 (there is no block "
+                                      "to route)", {"routing": self.routing})
+        if (self.routed_latents or self.supervised_latents) and self.trainer == "seed_halves":
+            raise PydanticCustomError("trainer", "seed_halves shuffles each batch's rows, so a step no longer "
+                                      "knows which are dangerous: label blocks cannot train with it", {})
         return self
 
     def group_key(self) -> tuple:

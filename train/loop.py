@@ -29,6 +29,7 @@ from harvest.store import ShardStore, store_fingerprint
 from .checkpointing import CheckpointJob, CheckpointWriter
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
+from .label_blocks import RECORD_KEY
 from .loader import ShardLoader
 from .memory import check_fits
 from .precision import resolve_autocast
@@ -285,7 +286,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
                 continue
             save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
                             keep_previous=len(trainers) > 1)
-            trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
+            trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store, trainer))
             final = {
                 "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
                 "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "arch": c.arch, "sparsity_penalty": c.l1,
@@ -333,8 +334,9 @@ def _checkpoint_step(run_dir: Path) -> str:
     return f"checkpoint at {saved}" if saved.exists() else "no checkpoint yet"
 
 
-def _sae_metadata(store: ShardStore) -> dict:
+def _sae_metadata(store: ShardStore, trainer: Trainer) -> dict:
     a = store.attrs
-    return {"model_name": a["model"]["id"], "hook_name": a["hook_name"], "hook_head_index": None,
+    block = {RECORD_KEY: trainer.label_block.record()} if trainer.label_block is not None else {}
+    return {**block, "model_name": a["model"]["id"], "hook_name": a["hook_name"], "hook_head_index": None,
             "prepend_bos": True, "context_size": a["context_length"], "dataset_path": str(store.path),
             "exclude_special_tokens": True, "sae_lens_training_version": None}

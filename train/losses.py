@@ -1,4 +1,5 @@
-"""Loss terms: reconstruction, sparsity, AuxK, and the ratio-ranked decoder orthogonality penalty.
+"""Loss terms: reconstruction, sparsity, AuxK, the supervised block's cross-entropy and the ratio-ranked
+decoder orthogonality penalty.
 
 Ratio weights (DESIGN.md): in a batch, `a_d[i]` and `a_s[i]` are feature i's mean activation on the
 dangerous and on the safe rows, and `r_i = a_d / (a_d + a_s)`. A feature silent on both groups has
@@ -49,7 +50,7 @@ def l1(f: torch.Tensor) -> torch.Tensor:
 
 
 def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor | None, w_dec: torch.Tensor,
-         aux_k: int) -> torch.Tensor:
+         aux_k: int, labels=None) -> torch.Tensor:
     """AuxK (Gao et al. 2024, appendix A.2): the top `aux_k` dead features' activations (relu of
     their pre-activations) reconstruct the residual x - x_hat, without the decoder bias; the squared
     error is divided by the residual's variance, and scaled by min(dead / aux_k, 1) when few are dead
@@ -65,11 +66,38 @@ def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor | None, w
     residual = residual.detach().float()
     k = min(aux_k, dead.shape[0])
     values, indices = torch.where(dead[None], pre, -torch.inf).topk(k, dim=-1, sorted=False)
-    # from the chosen decoder rows, without the decoder bias (train/sparse_decode.py)
-    error = decode_topk(values.relu(), indices, w_dec, w_dec.new_zeros(w_dec.shape[1])).float() - residual
+    # from the chosen decoder rows, without the decoder bias (train/sparse_decode.py); through the
+    # step's label block if any (gradient routing decodes dangerous rows with detached shared rows)
+    values, no_bias = values.relu(), w_dec.new_zeros(w_dec.shape[1])
+
+    def decode_rows(w, rows):
+        return decode_topk(values[rows], indices[rows], w, no_bias)
+
+    def code(rows):
+        return torch.zeros(values[rows].shape[0], w_dec.shape[0], dtype=values.dtype,
+                           device=values.device).scatter(1, indices[rows], values[rows])
+
+    error = (decode_rows(w_dec, slice(None)) if labels is None
+             else labels.decode(decode_rows, w_dec, code)).float() - residual
     variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
     loss = error.pow(2).sum(dim=-1).mean() / variance
     return (dead.sum() / aux_k).clamp(max=1.0) * loss.nan_to_num(0.0)
+
+
+def block_supervision(block_pre: torch.Tensor, n_dangerous: int) -> torch.Tensor:
+    """The supervised block's term (G-SAE, Härle et al. 2025): the mean over the batch of the binary
+    cross-entropy between each row's block score and its label (1 for the first `n_dangerous` rows,
+    the stratified batch's dangerous ones, 0 for the rest).
+
+    The score of a row is the block's largest pre-activation, read as a logit. The largest rather
+    than a sum or mean: the label asks whether the row is dangerous, which any one latent of the
+    block may answer, so each latent is free to specialise and the others are not pushed up with it;
+    and a pre-activation rather than the activation, so that a silent block still has a gradient
+    (a ReLU or top-k output would be 0 on most rows, its logit stuck at 0). G-SAE ties each latent to
+    its own concept; with one concept (dangerous) the block's max is the one-score form of that."""
+    score = block_pre.float().amax(dim=-1)
+    labels = (torch.arange(len(score), device=score.device) < n_dangerous).float()
+    return torch.nn.functional.binary_cross_entropy_with_logits(score, labels)
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:

@@ -93,11 +93,27 @@ class SAE(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None, labels=None) -> TrainingOutput:
         """The forward pass of a training step. `dead`: the features counted dead (for AuxK), or None
-        where the trainer knows on the host that none can be."""
-        x_hat, f = self(x)
+        where the trainer knows on the host that none can be. `labels`: the step's label block
+        (train/label_blocks.py `BlockStep`), or None; an architecture honours it by computing its
+        pre-activations with `training_pre_acts` and decoding with `training_decode`."""
+        f = self.activation(self.training_pre_acts(x, labels))
+        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels,
+                                     lambda rows: f[rows])
         return TrainingOutput(x_hat, f, sparsity=l1(f))
+
+    def training_pre_acts(self, x: torch.Tensor, labels=None) -> torch.Tensor:
+        """The pre-activations of a training batch (batch, d_sae), through the step's label block if any."""
+        pre = self.pre_acts(x)
+        return pre if labels is None else labels.pre_acts(pre)
+
+    def training_decode(self, decode_rows, labels=None, code=None) -> torch.Tensor:
+        """The training batch's reconstruction: `decode_rows(W, rows)` decodes the batch's `rows` (a
+        slice) with decoder weight W; the step's label block may decode row groups differently, reading
+        `code(rows)`, those rows' dense code (train/label_blocks.py `BlockStep.decode`)."""
+        return (decode_rows(self.W_dec, slice(None)) if labels is None
+                else labels.decode(decode_rows, self.W_dec, code))
 
     @torch.no_grad()
     def after_step(self, f: torch.Tensor, applied: torch.Tensor | None = None) -> None:

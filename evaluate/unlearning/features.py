@@ -27,6 +27,33 @@ def select_features(forget_rate: np.ndarray, retain_rate: np.ndarray, threshold:
     return order[: min(n, int(ok.sum()))]
 
 
+def label_block(sae_dir) -> dict:
+    """The label block an SAE was trained with (cfg.json `metadata.label_block`), for `select: block`."""
+    import json
+    from pathlib import Path
+
+    from train.errors import TrainError
+    from train.label_blocks import RECORD_KEY
+    from train.sae import CONFIG_FILE
+
+    cfg = json.loads((Path(sae_dir) / CONFIG_FILE).read_text())
+    block = cfg.get("metadata", {}).get(RECORD_KEY)
+    if not block:
+        raise TrainError(f"{sae_dir} was trained without a label block (no metadata.{RECORD_KEY} in its cfg.json), "
+                         "so select block has nothing to clamp: train it with --routed-latents or "
+                         "--supervised-latents, or use select saebench")
+    return block
+
+
+def block_features(block: dict, forget_rate: np.ndarray, n: int) -> np.ndarray:
+    """A trained label block's latents (cfg.json `metadata.label_block`): all of them when `n` is at
+    least the block's size, else the `n` that fire most often on forget (dangerous) selection tokens.
+    No retain filter: the block is known, not selected."""
+    latents = np.arange(block["first"], block["first"] + block["size"])
+    order = np.argsort(-forget_rate[latents], kind="stable")
+    return np.sort(latents[order[: min(n, len(latents))]])
+
+
 def random_features(forget_rate: np.ndarray, retain_rate: np.ndarray, threshold: float, n: int,
                     rng: np.random.Generator) -> np.ndarray:
     pool = np.flatnonzero(eligible(forget_rate, retain_rate, threshold))

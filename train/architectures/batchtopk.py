@@ -46,16 +46,17 @@ class BatchTopKSAE(SAE):
         values, indices = flat.topk(min(self.k * acts.shape[:-1].numel(), flat.numel()), sorted=False)
         return torch.zeros_like(flat).scatter_(-1, indices, values).reshape(acts.shape)
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
-        pre = self.pre_acts(x)
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None, labels=None) -> TrainingOutput:
+        pre = self.training_pre_acts(x, labels)
         acts = torch.relu(pre).flatten()
         values, indices = acts.topk(min(self.k * len(pre), acts.numel()), sorted=False)
-        # the chosen decoder rows of each token, not the dense code (train/sparse_decode.py)
-        x_hat = decode_sparse_rows(values, indices, len(pre), self.W_dec, self.b_dec)
         f = torch.zeros_like(acts).scatter(-1, indices, values).view(pre.shape)
+        # the chosen decoder rows of each token, not the dense code (train/sparse_decode.py)
+        x_hat = self.training_decode(lambda W, rows: _decode_rows(values, indices, len(pre), W, self.b_dec, rows),
+                                     labels, lambda rows: f[rows])
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
-            out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k)
+            out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k, labels)
         return out
 
     @torch.no_grad()
@@ -84,3 +85,15 @@ class BatchTopKSAE(SAE):
         super().divide_input_scale(scale)
         if self.topk_threshold > 0:
             self.topk_threshold /= scale
+
+
+def _decode_rows(values: torch.Tensor, flat_indices: torch.Tensor, tokens: int, W_dec: torch.Tensor,
+                 b_dec: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The reconstruction of the tokens `rows` from the batch's chosen (flat index, value) pairs: the
+    pairs of other tokens weigh 0 (a fixed shape; which pairs are whose is known only on the device)."""
+    if rows == slice(None):
+        return decode_sparse_rows(values, flat_indices, tokens, W_dec, b_dec)
+    start, stop, _ = rows.indices(tokens)
+    d_sae = W_dec.shape[0]
+    mine = (flat_indices >= start * d_sae) & (flat_indices < stop * d_sae)
+    return decode_sparse_rows(torch.where(mine, values, 0.0), flat_indices, tokens, W_dec, b_dec)[rows]

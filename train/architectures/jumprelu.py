@@ -21,6 +21,11 @@ def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
+def _sum_to(grad: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """The threshold's gradient summed over the batch, unless the threshold was given per token."""
+    return grad if threshold.dim() == grad.dim() else grad.sum(dim=0)
+
+
 class _JumpReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, threshold, bandwidth):
@@ -33,7 +38,7 @@ class _JumpReLU(torch.autograd.Function):
         pre, threshold = ctx.saved_tensors
         pre_grad = (pre > threshold).to(grad.dtype) * grad
         threshold_grad = -(threshold / ctx.bandwidth) * _rectangle((pre - threshold) / ctx.bandwidth) * grad
-        return pre_grad, threshold_grad.sum(dim=0), None
+        return pre_grad, _sum_to(threshold_grad, threshold), None
 
 
 class _Step(torch.autograd.Function):
@@ -47,7 +52,7 @@ class _Step(torch.autograd.Function):
     def backward(ctx, grad):
         pre, threshold = ctx.saved_tensors
         threshold_grad = -(1.0 / ctx.bandwidth) * _rectangle((pre - threshold) / ctx.bandwidth) * grad
-        return None, threshold_grad.sum(dim=0), None
+        return None, _sum_to(threshold_grad, threshold), None
 
 
 def step_l0(pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
@@ -76,11 +81,15 @@ class JumpReLUSAE(SAE):
         # SAELens: relu(pre) * (pre > threshold), the same for a threshold >= 0
         return torch.relu(pre) * (pre > self.threshold).to(pre.dtype)
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
-        pre = self.pre_acts(x)
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None, labels=None) -> TrainingOutput:
+        pre = self.training_pre_acts(x, labels)
         threshold = self.threshold.to(pre.dtype)
+        if labels is not None:  # per token under gradient routing (label_blocks.BlockStep.per_latent)
+            threshold = labels.per_latent(threshold, len(pre))
         f = _JumpReLU.apply(pre, threshold, self.bandwidth)
-        return TrainingOutput(self.decode(f), f, sparsity=step_l0(pre, threshold, self.bandwidth))
+        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels,
+                                     lambda rows: f[rows])
+        return TrainingOutput(x_hat, f, sparsity=step_l0(pre, threshold, self.bandwidth))
 
     @torch.no_grad()
     def after_step(self, f: torch.Tensor, applied: torch.Tensor | None = None) -> None:

@@ -44,16 +44,17 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
-        pre = self.pre_acts(x)
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None, labels=None) -> TrainingOutput:
+        pre = self.training_pre_acts(x, labels)
         values, indices = pre.topk(self.k, dim=-1, sorted=False)
         values = values.relu()
-        # the k chosen decoder rows per token, not the dense code (train/sparse_decode.py)
-        x_hat = decode_topk(values, indices, self.W_dec, self.b_dec)
         f = torch.zeros_like(pre).scatter(-1, indices, values)
+        # the k chosen decoder rows per token, not the dense code (train/sparse_decode.py)
+        x_hat = self.training_decode(lambda W, rows: decode_topk(values[rows], indices[rows], W, self.b_dec), labels,
+                                     lambda rows: f[rows])
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
-            out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k)
+            out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k, labels)
         return out
 
     def saelens_config(self) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from ..architectures import build_sae
 from ..config import TrainConfig
+from ..label_blocks import LabelBlock
 from ..losses import reconstruction
 from ..precision import allow_tf32, resolve_autocast
 from ..sae import SAE
@@ -35,6 +36,8 @@ class Trainer:
         """bf16 autocast of the SAE's matmuls: TrainConfig.autocast, by hardware when unset."""
         allow_tf32(device)
         self.sae = build_sae(cfg, d_in, device)
+        self.label_block = LabelBlock.from_config(cfg, self.sae.d_sae)
+        """The routed or supervised block (train/label_blocks.py), or None."""
         self.sparsity_coeff = float(getattr(cfg, self.sae.sparsity_option)) if self.sae.sparsity_option else 0.0
         """The weight of the architecture's sparsity term (`l1`, `l0_coeff`); `target_l0` adapts it."""
         self.controller = (SparsityController(self.sparsity_coeff, cfg.target_l0, cfg.target_l0_gain, cfg.target_l0_rate,
@@ -87,10 +90,18 @@ class Trainer:
             return None
         return self.tokens_since_fired >= self.cfg.dead_after_tokens
 
-    def base_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    def base_loss(self, x: torch.Tensor, n_dangerous: int | None = None) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """Reconstruction + the sparsity coefficient x the architecture's sparsity term + its
-        auxiliary losses; the terms for metrics.jsonl; the features."""
-        out = self.sae.training_forward(x, self.dead_features())
+        auxiliary losses (+ the label block's terms, which need the batch's `n_dangerous`); the terms
+        for metrics.jsonl; the features."""
+        if self.label_block is None:
+            out = self.sae.training_forward(x, self.dead_features())
+            block_terms = {}
+        else:
+            labels = self.label_block.for_step(n_dangerous)
+            out = self.sae.training_forward(x, self.dead_features(), labels)
+            labels.check_applied(self.sae.architecture)
+            block_terms = labels.losses()
         recon = reconstruction(x, out.x_hat, self.cfg.recon)
         loss, terms = recon, {"recon": recon}
         if out.sparsity is not None:
@@ -101,6 +112,9 @@ class Trainer:
             terms[self.sae.sparsity_name] = out.sparsity
         for name, value in out.auxiliary.items():
             loss = loss + value
+            terms[name] = value
+        for name, (value, weight) in block_terms.items():
+            loss = loss + weight * value
             terms[name] = value
         return loss, terms, out.f
 

@@ -7,4 +7,4 @@ class BaselineTrainer(Trainer):
     name = "baseline"
 
     def loss(self, x, n_dangerous):
-        return self.base_loss(x)
+        return self.base_loss(x, n_dangerous)

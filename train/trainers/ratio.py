@@ -35,7 +35,7 @@ class RatioTrainer(Trainer):
         """On the device: the most weighted rows left out of a step's term since the last logging step."""
 
     def loss(self, x, n_dangerous):
-        loss, terms, f = self.base_loss(x)
+        loss, terms, f = self.base_loss(x, n_dangerous)
         if self.cfg.ortho == 0:  # lambda_2 = 0: the base loss, without computing a term it would zero
             return loss, terms, f
         cfg = self.cfg

@@ -22,7 +22,7 @@ class SeedCoactivationTrainer(Trainer):
                              f"seed_coactivation needs dict_size == d_model ({d_in}), as in the seed")
 
     def loss(self, x, n_dangerous):
-        loss, terms, f = self.base_loss(x)
+        loss, terms, f = self.base_loss(x, n_dangerous)
         w = self.sae.W_dec / self.sae.W_dec.norm(dim=0, keepdim=True)
         dot = torch.abs(w.T @ w)
         f_norm = f / (f.norm(dim=0, keepdim=True) + 1e-6)
