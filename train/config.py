@@ -149,7 +149,8 @@ class TrainConfig(BaseModel):
     CUDA the matmuls left in float32 run as TF32 either way. `true` on a CPU without native bf16 is
     refused; `false` keeps float32 (TF32 on CUDA)."""
     resident: bool | None = None
-    """Load the whole store onto the device once. Default: when it fits in half the free GPU memory."""
+    """Load the whole store onto the device once. Default: when the store (bf16) and one step's buffers
+    take at most 90% of the GPU memory left free once the SAEs and their Adam state are allocated."""
     log_every: int = Field(50, gt=0)
     """Steps between rows of metrics.jsonl."""
     checkpoint_every: int = Field(500, gt=0)
