@@ -93,8 +93,6 @@ def run(out: Path, *, dry_run: bool, only: list[str], config: Path) -> int:
         for index, section in enumerate(SECTIONS, start=1):
             if section not in only and not (section == "ceilings" and not peaks):
                 continue
-            if section in ("train", "lockstep", "loader") and store_path is None:
-                continue  # no store: the harvest section was left out
             report = Report(f"{stamp} · {device.type.upper()} · {mode} · {section}", machine)
             began = time.perf_counter()
             if section == "ceilings":
@@ -230,9 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder the sections' files are written to")
     p.add_argument("--dry-run", action="store_true", help="on the CPU at toy sizes (the tests' check)")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                   help="these sections (ceilings always run; train, lockstep and loader read harvest's store)")
     p.add_argument("--config", type=Path, default=Path("configs/gemma-2-2b.yaml"))
     args = p.parse_args(argv)
+    if {"train", "lockstep", "loader"} & set(args.only) and "harvest" not in args.only:
+        print("error: --only train, lockstep and loader train from the harvest section's store: add harvest",
+              file=sys.stderr)
+        return 2
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device visible to torch; --dry-run runs on the CPU", file=sys.stderr)
         return 2
