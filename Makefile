@@ -81,7 +81,7 @@ clean-venv:
 	rm -rf $(VENV) $(SAEBENCH_VENV)
 
 # Wheels for the GPU machine (Python 3.12, with its own CUDA torch, transformers, typer and numpy):
-# what `pipeline bench` needs beyond those, into .whl/ (ignored), carried there for bench/gpu.sh.
+# what bench/gpu.sh needs beyond those, into .whl/ (ignored; gpu.sh installs from it when present).
 GPU_WHEELS := zarr==3.1.6 numcodecs==0.16.6 donfig==0.8.1.post1 google-crc32c==1.9.0 pydantic==2.14.4 \
 	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 dill==0.4.1
 gpu-wheels:

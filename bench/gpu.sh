@@ -1,45 +1,59 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU, against that GPU's measured ceilings (bf16 matmul, device copy, pinned
-# host-to-device copy): a Gemma-2-2b-shaped model with random weights (its cost per token is the real
-# model's; nothing is downloaded) harvesting layer 19 from random token ids, then training from that
-# store at d_sae = d_in, 4 x, 8 x and 16384, device-resident and streamed.
+# Every GPU benchmark in one call of at most 8 minutes on one H100 from a fresh machine (set-up included),
+# sections in order of value, each section's table written to its own file as it finishes, so that a run
+# killed at its limit keeps what it measured (bench/gpu.py says what each section measures):
+#   01-ceilings  02-harvest (Gemma-2-2b-shaped random model, layer 19)  03-train (relu and topk, d_sae 16384,
+#   batch 4096, resident and streamed)  04-lockstep (K = 1, 4, 8 at d_sae 16384)  05-loader  06-profile
+#   (one CUDA-profiled step per architecture: device waits, kernel against host time; a non-logging step
+#   that waits makes the script exit 3).
 #
-# What is measured is what the pipeline does by default: the window length and windows per forward of
-# configs/gemma-2-2b.yaml, its auto dtype (bf16 on CUDA), `pipeline train`'s batch size and its default
-# autocast (whatever TrainConfig says), nothing forced on for the benchmark.
+#   bench/gpu.sh [OUT_DIR]              # from the repository root on the GPU machine; OUT_DIR defaults to
+#                                       # $OUT (the device tool's folder), else bench/gpu-out (ignored)
+#   WHEELS=.whl bench/gpu.sh "$OUT"     # offline: the wheels `make gpu-wheels` put in .whl/ (the default
+#                                       # when .whl/ exists)
+#   bench/gpu.sh --dry-run OUT_DIR      # the same sections on the CPU at toy sizes (tests/test_gpu_bench.py)
 #
-#   bench/gpu.sh                # from the repository root, on the GPU machine
-#   WHEELS=.whl bench/gpu.sh    # offline: the wheels `make gpu-wheels` put in .whl/
-#
-# It needs only what `pipeline bench` imports: the machine's own torch (with CUDA), transformers
-# (>= 4.56, with its tqdm, pyyaml and safetensors), typer and numpy, plus zarr, numcodecs, google-crc32c
-# and pydantic, which WHEELS provides. The wheels are unpacked beside the machine's packages and put
-# after them on the path, so its CUDA torch and transformers are the ones used; accelerate and dask
-# (which the benchmark never imports) are not needed.
-#
-# Extra arguments go to `pipeline bench`. The dated tables are appended to bench/RESULTS.md.
+# Its first line says what it found: python, torch and its CUDA, transformers, the GPU, the wheels used.
+# It needs the machine's own torch (with CUDA), transformers (>= 4.56, with its tqdm, pyyaml and
+# safetensors) and numpy, plus zarr, numcodecs, google-crc32c and pydantic, which WHEELS provides. The
+# wheels are unpacked beside the machine's packages and put after them on the path, so its CUDA torch
+# and transformers are the ones used. Nothing is downloaded: the model has random weights (its cost per
+# token is the real model's) and reads random token ids.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SITE=${SITE:-/tmp/ratio-sae-site}
+DRY=()
+MODE=gpu
+if [ "${1:-}" = "--dry-run" ]; then DRY=(--dry-run); MODE=dry; shift; fi
+OUT_DIR=${1:-${OUT:-bench/gpu-out}}
+if [ -z "${WHEELS+set}" ] && [ -d .whl ]; then WHEELS=.whl; fi
+WHEELS=${WHEELS:-}
+started=$SECONDS
 
-if [ -n "${WHEELS:-}" ]; then
+wheels="none"
+if [ -n "$WHEELS" ]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
+    wheels="$(ls "$WHEELS"/*.whl | wc -l | tr -d ' ') from $WHEELS"
 fi
 
-# Run Python with the unpacked wheels after the machine's own packages on sys.path (PYTHONPATH would
-# put them before, and a wheel could shadow the machine's CUDA build of something).
+# Python with the unpacked wheels after the machine's own packages on sys.path (PYTHONPATH would put
+# them before, and a wheel could shadow the machine's CUDA build of something); `-m module` or a path.
 run_python() {
     "$PYTHON" -c 'import runpy, sys
 sys.path.append(sys.argv.pop(1))
 sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")' "$SITE" "$@"
+if sys.argv[0] == "-m":
+    sys.argv.pop(0)
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")' "$SITE" "$@"
 }
 
 check=$(mktemp)
 trap 'rm -f "$check"' EXIT
-cat >"$check" <<'EOF'
-import importlib, sys
+cat >"$check" <<'PY'
+import importlib, platform, sys
 from importlib import metadata
 
 def version(dist):
@@ -48,7 +62,8 @@ def version(dist):
     except metadata.PackageNotFoundError:
         return None
 
-needed = {"torch": "torch", "transformers": "transformers", "typer": "typer", "numpy": "numpy", "yaml": "pyyaml",
+dry, wheels = sys.argv[1] == "dry", sys.argv[2]
+needed = {"torch": "torch", "transformers": "transformers", "numpy": "numpy", "yaml": "pyyaml",
           "tqdm": "tqdm", "safetensors": "safetensors", "zarr": "zarr", "numcodecs": "numcodecs",
           "google_crc32c": "google-crc32c", "pydantic": "pydantic"}
 floors = {"transformers": (4, 56), "zarr": (3, 1), "pydantic": (2, 7), "torch": (2, 4)}
@@ -62,15 +77,26 @@ for module, dist in needed.items():
     have, floor = version(dist), floors.get(dist)
     if floor and have and have < floor:
         problems.append(f"{dist}: {metadata.version(dist)} found, >= {'.'.join(map(str, floor))} needed")
-if problems:
-    sys.exit("missing or too old (give WHEELS=<dir> from `make gpu-wheels`, or pip install them):\n  "
-             + "\n  ".join(problems))
 import torch
-if not torch.cuda.is_available():
-    sys.exit(f"no CUDA device visible to torch {torch.__version__}")
-EOF
-run_python "$check"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    gpu = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, compute {props.major}.{props.minor})"
+else:
+    gpu = "no CUDA device"
+transformers = metadata.version("transformers") if version("transformers") else "missing"
+print(f"gpu.sh found: python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"transformers {transformers}, {gpu}, {torch.cuda.device_count()} GPU(s); wheels: {wheels}"
+      + ("; dry run on the CPU" if dry else ""), flush=True)
+if problems:
+    sys.exit("error: missing or too old (give WHEELS=<dir> from `make gpu-wheels`, or pip install them):\n  "
+             + "\n  ".join(problems))
+if not dry and not torch.cuda.is_available():
+    sys.exit(f"error: no CUDA device visible to torch {torch.__version__}")
+PY
+run_python "$check" "$MODE" "$wheels"
 
-run_python pipeline.py bench --device cuda --config configs/gemma-2-2b.yaml --model random:gemma-2-2b \
-    --windows 2048 --steps 50 --repeats 3 --sizes 1,4,8 --lockstep 1,4,8 --no-peers "$@"
+mkdir -p "$OUT_DIR"
+status=0
+run_python -m bench.gpu --out "$OUT_DIR" "${DRY[@]}" || status=$?
+echo "gpu.sh: $((SECONDS - started)) s in all; tables in $OUT_DIR (exit $status)"
+exit $status

@@ -26,6 +26,7 @@ number of processes.
 
 import gc
 import importlib.metadata
+import os
 import shutil
 import signal
 import sys
@@ -253,8 +254,21 @@ def _open_or_create(path: Path, cfg: HarvestConfig, d_model: int, rows_total: in
                       codec=cfg.codec, clevel=cfg.clevel, attrs=attrs)
 
 
-WRITER_THREADS = 4
-"""Threads compressing and writing chunks at once."""
+WRITER_THREADS: int | None = None
+"""Threads compressing and writing chunks at once; None: `writer_threads()`, by the host's cores."""
+MIN_WRITER_THREADS, MAX_WRITER_THREADS = 4, 32
+
+
+def writer_threads() -> int:
+    """This process's share of the cores it may run on (the processes of a launch on this host,
+    LOCAL_WORLD_SIZE, share them), less one for the forward loop; at least 4, the count used before it
+    scaled (compression and writing release the GIL and wait on the disk, so a 2-core host runs 4 well),
+    at most 32. A GPU's forward of a 2B model produces bf16 rows faster than 4 threads compress them
+    (docs/scaling.md: about 8 cores per GPU)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(MIN_WRITER_THREADS, min(MAX_WRITER_THREADS, cores // processes - 1))
 QUEUE_BATCHES = 4
 """Forwarded batches waiting for the writers before the forward waits for them (pinned host memory)."""
 COMMIT_EVERY = 8
@@ -279,7 +293,7 @@ def _run(store: ShardStore, plan: Plan | StreamedPlan, block_output: BlockOutput
     bar = tqdm(total=done_before + rows_mine, initial=done_before, unit="tok", unit_scale=True, dynamic_ncols=True,
                desc="harvest" if team.alone else f"harvest (main of {team.size} processes)",
                disable=not (progress and team.is_main), mininterval=1.0)
-    writer = ChunkWriter(store, ledger, threads=WRITER_THREADS, queue_batches=QUEUE_BATCHES,
+    writer = ChunkWriter(store, ledger, threads=WRITER_THREADS or writer_threads(), queue_batches=QUEUE_BATCHES,
                          commit_every=COMMIT_EVERY, progress=bar.update)
     names = [u.spec.name for u in plan.sources]
     batches = plan.batches(batch_size)

@@ -45,6 +45,17 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in (" amx_bf16", " avx512_bf16"))
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores (compute capability 8.0, Ampere, and later; every ROCm device torch supports) on
+    `device` itself: `torch.cuda.is_bf16_supported()` asks about the current device, which on a machine
+    of mixed GPUs need not be the one asked for."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         from accelerate import PartialState
@@ -65,7 +76,7 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     if requested == "bfloat16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float32
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 

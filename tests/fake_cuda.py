@@ -146,3 +146,31 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current_device)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         return self
+
+
+class CudaTensorsOnCpu(torch.overrides.TorchFunctionMode):
+    """Inside it, a factory call that names a CUDA device (`torch.zeros(..., device="cuda")`, a module's
+    parameters built on `cuda:1`) makes its tensor on the CPU: with `FakeCuda.install`, an object whose
+    device is CUDA (a trainer, a loader) can be built and run on a machine without one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def fake_cuda_devices(monkeypatch, capabilities: list[tuple[int, int]], free_bytes: int = 80 << 30) -> None:
+    """Pretend `len(capabilities)` CUDA devices exist, device i of compute capability capabilities[i],
+    each with `free_bytes` free."""
+    def index(device=None) -> int:
+        if device is None:
+            return 0
+        device = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        return device.index or 0
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[index(device)])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_bytes, free_bytes))

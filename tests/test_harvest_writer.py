@@ -1,5 +1,6 @@
 """The harvest's forward runs ahead of slow writers, and what it writes does not depend on their pace."""
 
+import os
 import threading
 import time
 
@@ -79,3 +80,13 @@ def test_a_failed_write_commits_the_chunks_before_it_and_stops_the_forward(tmp_p
     store = ShardStore.open(tmp_path / "store")
     assert store.rows_committed == 3 * CHUNK_ROWS
     assert forward.calls < len(plan.input_ids) // BATCH  # it stopped before the end
+
+
+def test_writer_threads_scale_with_the_cores_of_this_process(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, threads in ((2, 4), (16, 15), (128, 32)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert harvester.writer_threads() == threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight harvest processes on this host share its cores
+    assert harvester.writer_threads() == 7

@@ -157,13 +157,14 @@ class TrainConfig(BaseModel):
     device: str = "auto"
     """`auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`."""
     autocast: bool | None = None
-    """bf16 autocast of the SAE's matmuls (parameters, optimiser state, losses and the ratio term stay
-    float32). Default: by hardware, on where bf16 is native (a CUDA GPU with bf16 tensor cores, a CPU
+    """bf16 autocast of the SAE's matmuls and of the ratio term's Gram blocks (parameters, optimiser state,
+    losses and the term's sums stay float32). Default: by hardware, on where bf16 is native (a CUDA GPU with bf16 tensor cores, a CPU
     with AMX or AVX-512-BF16), off elsewhere (an AVX2 CPU runs bf16 ~100x slower than float32); on
     CUDA the matmuls left in float32 run as TF32 either way. `true` on a CPU without native bf16 is
     refused; `false` keeps float32 (TF32 on CUDA)."""
     resident: bool | None = None
-    """Load the whole store onto the device once. Default: when it fits in half the free GPU memory."""
+    """Load the whole store onto the device once. Default: when the store (bf16) and one step's buffers
+    take at most 90% of the GPU memory left free once the SAEs and their Adam state are allocated."""
     log_every: int = Field(50, gt=0)
     """Steps between rows of metrics.jsonl."""
     checkpoint_every: int = Field(500, gt=0)

@@ -59,9 +59,8 @@ def connect(address: str):
         # where dask would start every worker with OMP_NUM_THREADS=1 (meant for numpy tasks). Remote
         # workers keep the OMP_NUM_THREADS they were started with.
         torch_threads = str(max(1, (os.cpu_count() or 1) // workers))
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          env={"OMP_NUM_THREADS": torch_threads, "MKL_NUM_THREADS": torch_threads}) as cluster, \
-                Client(cluster) as client:
+        env = {"OMP_NUM_THREADS": torch_threads, "MKL_NUM_THREADS": torch_threads}
+        with _local_cluster(workers, env) as cluster, Client(cluster) as client:
             yield client
         return
     try:
@@ -70,6 +69,39 @@ def connect(address: str):
         raise TrainError(f"cannot reach the dask scheduler at {address!r}: {exc}") from None
     with client:
         yield client
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries: its own CUDA_VISIBLE_DEVICES, or
+    every device torch counts (which asks the driver without creating a CUDA context)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip() and not d.strip().startswith("-")]
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def _local_cluster(workers: int, env: dict[str, str]):
+    """`local:N`: N worker processes on this machine, each with one task thread. With GPUs, each worker
+    sees its own (round-robin past the number of GPUs) as its only device, `cuda` in it, and advertises
+    the resource GPU=1 so that a group holds it while it trains: through dask-cuda's LocalCUDACluster
+    where it is installed, else by setting CUDA_VISIBLE_DEVICES in each worker's environment before
+    it starts (torch reads it when CUDA is first used)."""
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+
+    gpus = visible_gpus()
+    if not gpus:
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0", env=env)
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        LocalCUDACluster = None
+    if LocalCUDACluster is not None and workers <= len(gpus):
+        return LocalCUDACluster(n_workers=workers, threads_per_worker=1, CUDA_VISIBLE_DEVICES=gpus[:workers],
+                                dashboard_address=":0", resources={"GPU": 1}, env=env)
+    specs = {i: {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
+                                          "env": {**env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}}}
+             for i in range(workers)}
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
 
 
 def train_on_dask(groups: list[list[TrainConfig]], address: str) -> Iterator[GroupOutcome]:

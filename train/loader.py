@@ -37,6 +37,11 @@ import torch
 from harvest.store import ShardStore
 
 
+RESIDENT_SHARE = 0.9
+"""Of the free device memory, what the resident store and a step may take: the rest is headroom for the
+caching allocator's fragmentation and what the memory count leaves out (cuBLAS workspaces, kernels)."""
+
+
 @dataclass
 class Batch:
     step: int
@@ -60,7 +65,7 @@ class _Window:
 class ShardLoader:
     def __init__(self, store: ShardStore, *, batch_size: int, dangerous_fraction: float = 0.5, seed: int = 0,
                  window_chunks: int = 32, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 resident: bool | None = None, decode_threads: int | None = None):
+                 resident: bool | None = None, decode_threads: int | None = None, reserve_bytes: int = 0):
         self.store = store
         self.batch_size = batch_size
         self.n_dangerous = round(batch_size * dangerous_fraction)
@@ -77,6 +82,8 @@ class ShardLoader:
         self.is_dangerous = np.isin(store.read("label"), dangerous_sources)
         if self.is_dangerous.all() or not self.is_dangerous.any():
             raise ValueError(f"the store at {store.path} must hold both dangerous and safe rows")
+        self.reserve_bytes = reserve_bytes
+        """Device memory the trainers still need beyond what they hold (a step's activations)."""
         self.resident = self._fits_on_device() if resident is None else resident
         self._resident_acts: torch.Tensor | None = None
         self.decode_threads = decode_threads or min(8, os.cpu_count() or 1)
@@ -276,9 +283,16 @@ class ShardLoader:
             offset += min((c + 1) * self.chunk_rows, self.rows) - c * self.chunk_rows
         return futures
 
+    def resident_bytes(self) -> int:
+        """Device memory of the resident mode: the store in bf16, and two gathered batches in the trainer's dtype."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.rows * self.store.d_model * 2 + 2 * self.batch_size * self.store.d_model * itemsize
+
     def _fits_on_device(self) -> bool:
-        """Load the store onto the GPU when it takes under half of the free memory."""
+        """Load the store onto the GPU when it, with `reserve_bytes` set aside, takes at most RESIDENT_SHARE of
+        the free memory. Built after the trainers, whose parameters, gradients and Adam moments already
+        hold their memory (train/memory.py), so that what is free is what is left to the data and a step."""
         if self.device.type != "cuda":
             return False
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.rows * self.store.d_model * 2 < free // 2
+        return self.resident_bytes() + self.reserve_bytes <= RESIDENT_SHARE * free

@@ -31,7 +31,7 @@ from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .label_blocks import RECORD_KEY
 from .loader import ShardLoader
-from .memory import check_fits
+from .memory import check_fits, group_step_bytes
 from .precision import resolve_autocast
 from .runs import (MetricsLog, checkpoint_step, group_record, holds_nothing, interrupted, load_checkpoint, new_run_dir,
                    run_lock, save_checkpoint, write_json)
@@ -106,7 +106,7 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
     if cfg0.batch_size > store.rows_committed:
         raise TrainError(f"--batch-size {cfg0.batch_size} is larger than the store at {store.path} "
                          f"({store.rows_committed:,} rows): choose at most {store.rows_committed:,}")
-    check_fits(d_model, [c.dict_size or d_model for c in cfgs], device)
+    check_fits(d_model, cfgs, device)
     trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
     if any(c.wandb for c in cfgs):
         require_wandb()  # before any run directory is made
@@ -202,7 +202,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
     failed: list[str | None] = [None] * len(trainers)
     loader = ShardLoader(store, batch_size=cfg0.batch_size, dangerous_fraction=cfg0.dangerous_fraction,
                          seed=cfg0.data_seed, window_chunks=cfg0.window_chunks, device=device,
-                         resident=cfg0.resident)
+                         resident=cfg0.resident, reserve_bytes=group_step_bytes(d_model, cfgs, device))
     mean, mean_norm = _sample_statistics(loader)
     store_mean, store_mean_norm = _store_statistics(store, cfgs, device)
     for trainer in trainers:

@@ -17,8 +17,10 @@ Weights carry no gradient.
     L_ortho = sum over i != j of s_i s_j |w_i . w_j|     (w: unit decoder rows)
 
 (`sum`, the seed's), or that divided by the sum over i != j of s_i s_j (`mean`: a weighted mean
-|cos|, so that lambda_2 means the same at every width). Computed in float32, in square blocks, so
-that no d_sae x d_sae matrix is ever held, forward or backward.
+|cos|, so that lambda_2 means the same at every width). Computed in square blocks, so that no
+d_sae x d_sae matrix is ever held, forward or backward: the rows normalised, the sums and the
+gradient in float32; the Gram blocks and the gradient's sign products in float32 (TF32 on CUDA) or,
+under bf16 autocast, from bf16 unit rows with float32 accumulation (GRAM_BF16_TERM_TOLERANCE).
 
 Every shape in a training step here is fixed by the batch and the SAE, never by the data (how many
 features fired, how many are dead, how many are weighted): on CUDA a data-dependent shape makes the
@@ -192,6 +194,17 @@ def ratio_weights(f: torch.Tensor, dangerous: Labels, weighting: str = "rank", *
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
 
 
+GRAM_BF16_TERM_TOLERANCE = 1e-4
+"""The bf16 Gram blocks' term against the float32 one: |term - term32| / term32 stays below this
+(measured 6e-6 to 2e-5 on the demo store, tests/test_ratio_bf16.py; `python -m bench.ratio_term --store`)."""
+GRAM_BF16_GRAD_COSINE = 0.998
+"""... and the cosine of its gradient with the float32 one stays above this (measured 0.9990-0.9996).
+The gradient of |w_i . w_j| is sign(w_i . w_j) w_j: for the pairs whose cosine is within bf16's
+rounding of 0 (|cos| < 4e-4 on the demo store, 0.07% of pairs; TF32, the float32 path's arithmetic
+on CUDA, flips 0.01%) the sign, a subgradient at the kink, comes out either way, so the gradients
+differ by a few percent in norm, in directions that average out."""
+
+
 class _PairwiseAbsCosine(torch.autograd.Function):
     """sum_{i != j} s_i s_j |w_i . w_j| over the rows of w, in square blocks of `block` rows.
 
@@ -200,31 +213,37 @@ class _PairwiseAbsCosine(torch.autograd.Function):
     only scales. With s folded into matrix-vector and matrix-matrix products, nothing of size
     block x block is built but the Gram block and its signs; the term costs about 3 n^2 d FLOP
     instead of the 4 n^2 d of a full Gram matrix and its gradient. `w` and `s` come in the
-    accumulation dtype (float32, or float64 for float64 inputs), cast once by the caller.
+    accumulation dtype (float32, or float64 for float64 inputs), cast once by the caller. With
+    `gram_dtype` (bf16), the Gram blocks and the sign products run on `w` and `s w` cast once to it
+    (float32 accumulation inside the matmul, each block's result rounded to it once), and everything
+    summed across blocks stays in the accumulation dtype; the sign matrix is exact in bf16.
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor, block: int, gram_dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
         total = torch.zeros((), dtype=w.dtype, device=w.device)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(w) if need_grad else None
         weighted = s[:, None] * w
+        low = gram_dtype or w.dtype
+        w_low, weighted_low = w.to(low), weighted.to(low)
         starts = range(0, w.shape[0], block)
         for a in starts:
             rows_a = slice(a, a + block)
             for b in (b for b in starts if b >= a):
                 rows_b = slice(b, b + block)
-                gram = w[rows_a] @ w[rows_b].T
+                gram = (w_low[rows_a] @ w_low[rows_b].T).to(w.dtype)
                 if a == b:
                     gram.fill_diagonal_(0)  # a row with itself is not a pair
-                sign = torch.sign(gram) if need_grad else None
+                sign = torch.sign(gram).to(low) if need_grad else None
                 gram.abs_()
                 pairs = s[rows_a] @ (gram @ s[rows_b])
                 total += pairs if a == b else 2 * pairs  # an off-diagonal block stands for its transpose too
                 if need_grad:
-                    grad[rows_a] += sign @ weighted[rows_b]
+                    grad[rows_a] += sign @ weighted_low[rows_b]
                     if a != b:
-                        grad[rows_b] += sign.T @ weighted[rows_a]
+                        grad[rows_b] += sign.T @ weighted_low[rows_a]
         if need_grad:
             # d/dw_k = 2 s_k sum_{j != k} s_j sign(w_k . w_j) w_j  (each unordered pair counts twice)
             grad *= 2 * s[:, None]
@@ -234,12 +253,15 @@ class _PairwiseAbsCosine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None
+        return grad * grad_out, None, None, None
 
 
 def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048,
-                        normalize: str = "sum", capacity: int | None = None) -> torch.Tensor:
-    """L_ortho over the unit decoder rows, in float32 whatever the autocast (TF32 matmuls on CUDA).
+                        normalize: str = "sum", capacity: int | None = None,
+                        gram_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """L_ortho over the unit decoder rows, in float32 whatever the autocast (TF32 matmuls on CUDA),
+    except the Gram blocks and sign products, which run in `gram_dtype` where given (bf16: within
+    GRAM_BF16_TERM_TOLERANCE of float32, at the bf16 matmul rate, twice TF32's on an H100).
 
     With fixed shapes: a row of weight 0 is in pairs whose terms are 0 and gets no gradient, so the
     result is that of the weighted rows alone (up to the order of the float sums), and the step never
@@ -256,7 +278,7 @@ def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048,
         w = w_dec.to(torch.promote_types(w_dec.dtype, torch.float32))
         w = w / w.norm(dim=1, keepdim=True)
         s = s.to(w.dtype)
-        total = _PairwiseAbsCosine.apply(w, s, block)
+        total = _PairwiseAbsCosine.apply(w, s, block, gram_dtype)
         if normalize == "mean":
             pairs = s.sum() ** 2 - (s * s).sum()  # sum over i != j of s_i s_j
             total = total / torch.where(pairs > 0, pairs, 1.0)  # no pair: the sum is 0 already

@@ -45,6 +45,7 @@ class Trainer:
                            if cfg.target_l0 is not None else None)
         # fused: one kernel per step on CUDA, and the `found_inf` skip without a host read
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, fused=True)
+        self._allocate_adam_state()
         self.total_steps: int | None = None
         """The run's length, from `plan`: the decay's end."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
@@ -58,6 +59,16 @@ class Trainer:
         dead), without asking the device. Grows by the batch each step; read exactly on logging steps."""
         self._nonfinite_at = torch.full((), -1, dtype=torch.long, device=device)
         """On the device: the step whose loss was first non-finite, -1 while none was."""
+
+    def _allocate_adam_state(self) -> None:
+        """Adam's moments and step count now, as torch.optim.Adam (fused) makes them at its first step: the
+        same zeros, so the steps are the same bit for bit, but the memory is held from here on, and the
+        loader's device-resident decision, made after the trainers are built, sees it taken."""
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                self.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                           "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                           "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
     def lr_factor(self, step: int) -> float:
         """The learning rate of step `step` over `lr`: the linear warm-up, then 1, then the linear decay."""

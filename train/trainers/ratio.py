@@ -44,8 +44,9 @@ class RatioTrainer(Trainer):
             generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step_count + 7)
         _, s = ratio_weights(f.detach(), n_dangerous, cfg.ortho_weighting, top_r=cfg.ortho_top_r,
                              min_count=cfg.ortho_min_count, generator=generator)
+        # under bf16 autocast the term's Gram blocks run in bf16 too (float32 sums; train/losses.py)
         ortho = ratio_orthogonality(self.sae.W_dec, s, block=self.ortho_block, normalize=cfg.ortho_normalize,
-                                    capacity=self.ortho_capacity)
+                                    capacity=self.ortho_capacity, gram_dtype=torch.bfloat16 if self.autocast else None)
         weighted = (s > 0).sum()
         terms["ortho"] = ortho
         terms["ranked"] = weighted
