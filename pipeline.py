@@ -154,6 +154,8 @@ def train(
     bandwidth: Annotated[Optional[float], typer.Option(help=_tdoc("bandwidth"))] = None,
     threshold_init: Annotated[Optional[float], typer.Option(help=_tdoc("threshold_init"))] = None,
     batchtopk_threshold_lr: Annotated[Optional[float], typer.Option(help=_tdoc("batchtopk_threshold_lr"))] = None,
+    matryoshka_groups: Annotated[Optional[list[float]], typer.Option(help=_tdoc("matryoshka_groups"))] = None,
+    matryoshka_weights: Annotated[Optional[list[float]], typer.Option(help=_tdoc("matryoshka_weights"))] = None,
     target_l0: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0"))] = None,
     target_l0_gain: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_gain"))] = None,
     target_l0_rate: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_rate"))] = None,
@@ -200,6 +202,7 @@ def train(
                      batchtopk_threshold_lr=batchtopk_threshold_lr, target_l0=target_l0,
                      target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate,
                      target_l0_ramp=target_l0_ramp, wandb=wandb)
+    overrides.update(matryoshka_groups=matryoshka_groups or None, matryoshka_weights=matryoshka_weights or None)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
                           dask=dask):
         typer.echo(line)
