@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from train.architectures import MatryoshkaSAE
 from train.architectures import matryoshka as matryoshka_module
@@ -101,6 +102,8 @@ def test_a_ratio_run_resumes_bit_for_bit_and_sae_lens_loads_it(tiny_store, tmp_p
     assert cli(monkeypatch, ["train", "--resume", str(tmp_path / "b" / "run_1"), "--no-progress"]) == 0
     run = tmp_path / "a" / "run_1"
     assert_same_weights(run, tmp_path / "b" / "run_1")
+    sparsity = [load_file(r / "sparsity.safetensors")["sparsity"] for r in (run, tmp_path / "b" / "run_1")]
+    assert torch.equal(*sparsity)  # the resumed run's file too
     assert json.loads((run / "train_config.json").read_text())["matryoshka_groups"] == [0.25, 0.75]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["matryoshka"] > 0 and "ortho" in r and "auxk" in r for r in logged)
