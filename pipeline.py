@@ -1,6 +1,7 @@
 """The `pipeline` command: parses flags and dispatches to the stages. No work happens here."""
 
 import errno
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,18 +27,56 @@ _PATH_PROBLEMS = {
 """OSErrors that name a path the user gave and can fix: one line, exit 2 (bad input), not "unexpected"."""
 
 
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!\bvs)\.(?=\s+[A-Z`]|\s*$)")
+_DEFAULT_SENTENCE = re.compile(r"\bDefault: (.+?)(?<!e\.g)(?<!i\.e)\.(?=\s+[A-Z`]|\s*$)")
+
+def _without_asides(text: str) -> str:
+    """`text` without its parenthesised asides (a bracket after a space; `rank(r_i)` stays)."""
+    kept, depth = [], 0
+    for i, char in enumerate(text):
+        # an aside opens after a space, but not after an operator: `a_d / (a_d + a_s)` stays
+        if char == "(" and (depth or i == 0 or (text[i - 1] == " " and text[i - 2:i - 1] not in "/*+-=")):
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            kept.append(char)
+    return re.sub(r"\s+([,.;:])", r"\1", " ".join("".join(kept).split()))
+
+
+def _brief(model, field: str) -> str:
+    """An option's --help: the first sentence of its config field's description without its asides, and
+    the field's default (the bracket escaped from rich markup); the reference pages (docs/reference/)
+    carry every word."""
+    info = model.model_fields[field]
+    text = " ".join((info.description or "").split())
+    end = _SENTENCE_END.search(text)
+    brief = _without_asides(text[:end.start() + 1] if end else text)
+    default = info.get_default(call_default_factory=True)
+    if default is None:
+        stated = _DEFAULT_SENTENCE.search(text)
+        shown = _without_asides(stated.group(1)).split(";")[0] if stated else None
+    elif isinstance(default, bool):
+        shown = "true" if default else "false"
+    elif isinstance(default, (list, tuple)):
+        shown = ", ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in default)
+    else:
+        shown = f"{default:.6g}" if isinstance(default, float) else str(default)
+    return f"{brief} \\[default: {shown}]" if shown else brief
+
+
 def _doc(field: str) -> str:
-    return HarvestConfig.model_fields[field].description or ""
+    return _brief(HarvestConfig, field)
 
 
 def _edoc(field: str) -> str:
     from evaluate.config import EvalConfig
 
-    return EvalConfig.model_fields[field].description or ""
+    return _brief(EvalConfig, field)
 
 
 def _tdoc(field: str) -> str:
-    return TrainConfig.model_fields[field].description or ""
+    return _brief(TrainConfig, field)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -45,8 +84,28 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _version() -> str:
+    """The checkout's own version (pyproject.toml) where there is one, else the installed package's."""
+    pyproject = Path(__file__).resolve().parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+    from importlib.metadata import version
+
+    return version("ratio-sae")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ratio-sae {_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+         version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None):
     _DEBUG["on"] = debug
 
 

@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = "relu"
     """SAE architecture (docs/architectures.md): `relu` (the seed's SAE, sparsity by `l1`), `topk` (the
     `k` largest pre-activations per token, Gao et al. 2024), `batchtopk` (the top `k` x batch over the
-    batch, Bussmann et al. 2024; saved as a JumpReLU SAE with the threshold it learnt) or `jumprelu`
+    batch, Bussmann et al. 2024; saved as a JumpReLU SAE with the threshold it learnt), `jumprelu`
     (learnt per-feature thresholds and an L0 term, Rajamanoharan et al. 2024) or `matryoshka` (BatchTopK
     whose nested prefixes of the dictionary each reconstruct the input, Bussmann et al. 2025; saved as
     a JumpReLU SAE, as SAELens does). Every trainer and the ratio penalty work with each."""
