@@ -416,7 +416,7 @@ def bench(
     arch_sizes: Annotated[str, typer.Option(help="Dictionary sizes of the architecture rows (archs), in multiples of d_in, comma-separated.")] = "4,16",
     k: Annotated[int, typer.Option(help="Active latents per token of the TopK and BatchTopK rows, ours and the peers'.")] = 32,
     heldout_batches: Annotated[int, typer.Option(help="Batches held out of training, for the architecture rows' explained variance and L0.")] = 4,
-    only: Annotated[str, typer.Option(help="Benchmarks to run, comma-separated: harvest, train, lockstep, loader, archs, syncs.")] = "harvest,train,lockstep,loader,archs,syncs",
+    only: Annotated[str, typer.Option(help="Benchmarks to run, comma-separated: harvest, train, lockstep, loader, archs, matryoshka, syncs.")] = "harvest,train,lockstep,loader,archs,matryoshka,syncs",
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also run SAELens and dictionary_learning in their environment.")] = True,
     peer_python: Annotated[Path, typer.Option(help="Python of the peers' environment.")] = Path(".venv-saebench/bin/python"),
     results: Annotated[Optional[Path], typer.Option(help="Markdown file the dated tables are appended to.")] = Path("bench/RESULTS.md"),
