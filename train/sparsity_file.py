@@ -20,8 +20,9 @@ SPARSITY_FILE = "sparsity.safetensors"
 SPARSITY_KEY = "sparsity"
 EPSILON = 1e-10
 """SAELens' epsilon: a feature that never fired has log10 rate -10."""
-WINDOW_TOKENS = 1 << 20
-"""At most this many of the run's last training tokens are read for the rates."""
+WINDOW_TOKENS = 1 << 17
+"""At most this many of the run's last training tokens are read for the rates (a forward pass over 131k
+tokens: a few percent of the demo's training time; SAELens counts over millions, while training)."""
 
 
 @torch.no_grad()
