@@ -222,7 +222,7 @@ def test_the_demo_numbers_of_readme_and_index_match_configs():
     assert f"L0 {facts['l0']:g}" in paragraph
     assert f"block {facts['layer']}," in paragraph
     assert f"{round(facts['tokens'] / 1000)}k tokens" in paragraph
-    stated = {name: re.findall(r"make demo[^.]*? in ([\d.]+) minutes", text)
+    stated = {name: re.findall(r"make demo[^.]*? in (?:about )?([\d.]+) minutes", text)
               for name, text in (("README.md", readme), ("docs/index.md", index))}
     assert stated["README.md"], "the README states how long `make demo` takes"
     for name, minutes in stated.items():
