@@ -233,7 +233,8 @@ def _every_command(cli, configs: dict[str, str]) -> str:
     out = ["Commands with a page of their own (usage, arguments and every option):", ""]
     for name in (n for n in cli.commands if n in configs):
         summary = " ".join(inspect.cleandoc(cli.commands[name].help or "").split("\n\n")[0].split())
-        out.append(f"- [`pipeline {name}`]({configs[name]}): {summary}")
+        # the id keeps the command table's `#pipeline-NAME` link landing here, one click from the page
+        out.append(f"- [`pipeline {name}`]({configs[name]}){{#pipeline-{name}}}: {summary}")
     out.append("")
     for name in (n for n in cli.commands if n not in configs):
         out += [f"## `pipeline {name}`", "", _command(cli, name, None), ""]
