@@ -345,7 +345,7 @@ def eval_(
 def _bdoc(field: str) -> str:
     from evaluate.browser.config import BrowseConfig
 
-    return BrowseConfig.model_fields[field].description or ""
+    return _brief(BrowseConfig, field)
 
 
 @app.command()
