@@ -10,7 +10,7 @@ SAEBENCH_VENV := .venv-saebench
 .PHONY: demo study test docs saebench-env peers-env clean-venv gpu-wheels
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
-# harvest once, train a baseline and a ratio-ranked SAE at matched L0 in lockstep from the cache, evaluate them
+# harvest once, train a baseline and a ratio-ranked TopK SAE at equal L0 in lockstep from the cache, evaluate them
 # (unlearning, core, specialisation) and write reports/demo/report.md.
 demo: $(VENV)/.installed
 	$(VENV)/bin/pipeline harvest --config configs/demo.yaml

@@ -1,6 +1,7 @@
 """The `pipeline` command: parses flags and dispatches to the stages. No work happens here."""
 
 import errno
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -26,18 +27,61 @@ _PATH_PROBLEMS = {
 """OSErrors that name a path the user gave and can fix: one line, exit 2 (bad input), not "unexpected"."""
 
 
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!\bvs)\.(?=\s+[A-Z`]|\s*$)")
+_DEFAULT_SENTENCE = re.compile(r"\bDefault: (.+?)(?<!e\.g)(?<!i\.e)\.(?=\s+[A-Z`]|\s*$)")
+
+# `train --help`'s panels
+_DATA, _SAE, _PENALTY, _LABELS, _SCHEDULE, _RUN, _SPEED = ("Model and data", "SAE", "Penalty", "Label blocks",
+                                                           "Schedule", "Run control", "Speed")
+
+
+def _without_asides(text: str) -> str:
+    """`text` without its parenthesised asides (a bracket after a space; `rank(r_i)` stays)."""
+    kept, depth = [], 0
+    for i, char in enumerate(text):
+        # an aside opens after a space, but not after an operator: `a_d / (a_d + a_s)` stays
+        if char == "(" and (depth or i == 0 or (text[i - 1] == " " and text[i - 2:i - 1] not in "/*+-=")):
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif not depth:
+            kept.append(char)
+    return re.sub(r"\s+([,.;:])", r"\1", " ".join("".join(kept).split()))
+
+
+def _brief(model, field: str) -> str:
+    """An option's --help: the first sentence of its config field's description without its asides, and
+    the field's default (the bracket escaped from rich markup); the reference pages (docs/reference/)
+    carry every word."""
+    info = model.model_fields[field]
+    text = " ".join((info.description or "").split())
+    end = _SENTENCE_END.search(text)
+    brief = _without_asides(text[:end.start() + 1] if end else text)
+    default = info.get_default(call_default_factory=True)
+    if default is None:
+        stated = _DEFAULT_SENTENCE.search(text)
+        shown = _without_asides(stated.group(1)).split(";")[0] if stated else None
+    elif isinstance(default, bool):
+        shown = "true" if default else "false"
+    elif isinstance(default, (list, tuple)):
+        shown = ", ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in default)
+    else:
+        shown = f"{default:.6g}" if isinstance(default, float) else str(default)
+    return f"{brief} \\[default: {shown}]" if shown else brief
+
+
 def _doc(field: str) -> str:
-    return HarvestConfig.model_fields[field].description or ""
+    return _brief(HarvestConfig, field)
 
 
 def _edoc(field: str) -> str:
     from evaluate.config import EvalConfig
 
-    return EvalConfig.model_fields[field].description or ""
+    return _brief(EvalConfig, field)
 
 
 def _tdoc(field: str) -> str:
-    return TrainConfig.model_fields[field].description or ""
+    return _brief(TrainConfig, field)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -45,8 +89,28 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _version() -> str:
+    """The checkout's own version (pyproject.toml) where there is one, else the installed package's."""
+    pyproject = Path(__file__).resolve().parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+    from importlib.metadata import version
+
+    return version("ratio-sae")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ratio-sae {_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False):
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+         version: Annotated[Optional[bool], typer.Option("--version", callback=_print_version, is_eager=True,
+                                                          help="Print the version and exit.")] = None):
     _DEBUG["on"] = debug
 
 
@@ -134,60 +198,62 @@ def stats(
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option(help="YAML config (e.g. configs/seed/run_3.yaml); flags override it.")] = None,
-    sweep: Annotated[Optional[Path], typer.Option(help="Sweep YAML (base: options, grid: option -> values); each group of runs that shares its batches trains in lockstep.")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue a stopped run (run_N or its directory), with the rest of its lockstep group.")] = None,
-    dask: Annotated[Optional[str], typer.Option(help="Train the sweep's lockstep groups on a dask.distributed cluster, one group per worker: a scheduler address (tcp://host:8786) or local:N (N worker processes here).")] = None,
-    shards: Annotated[Optional[Path], typer.Option(help=_tdoc("shards"))] = None,
-    trainer: Annotated[Optional[str], typer.Option(help=_tdoc("trainer"))] = None,
-    arch: Annotated[Optional[str], typer.Option(help=_tdoc("arch"))] = None,
-    ortho: Annotated[Optional[float], typer.Option(help=_tdoc("ortho"))] = None,
-    ortho_weighting: Annotated[Optional[str], typer.Option(help=_tdoc("ortho_weighting"))] = None,
-    ortho_top_r: Annotated[Optional[float], typer.Option(help=_tdoc("ortho_top_r"))] = None,
-    ortho_min_count: Annotated[Optional[int], typer.Option(help=_tdoc("ortho_min_count"))] = None,
-    ortho_normalize: Annotated[Optional[str], typer.Option(help=_tdoc("ortho_normalize"))] = None,
-    l1: Annotated[Optional[float], typer.Option(help=_tdoc("l1"))] = None,
-    k: Annotated[Optional[int], typer.Option(help=_tdoc("k"))] = None,
-    aux_k: Annotated[Optional[int], typer.Option(help=_tdoc("aux_k"))] = None,
-    aux_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("aux_coeff"))] = None,
-    l0_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("l0_coeff"))] = None,
-    bandwidth: Annotated[Optional[float], typer.Option(help=_tdoc("bandwidth"))] = None,
-    threshold_init: Annotated[Optional[float], typer.Option(help=_tdoc("threshold_init"))] = None,
-    batchtopk_threshold_lr: Annotated[Optional[float], typer.Option(help=_tdoc("batchtopk_threshold_lr"))] = None,
-    target_l0: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0"))] = None,
-    target_l0_gain: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_gain"))] = None,
-    target_l0_rate: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_rate"))] = None,
-    target_l0_ramp: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_ramp"))] = None,
-    routed_latents: Annotated[Optional[int], typer.Option(help=_tdoc("routed_latents"))] = None,
-    routing: Annotated[Optional[str], typer.Option(help=_tdoc("routing"))] = None,
-    supervised_latents: Annotated[Optional[int], typer.Option(help=_tdoc("supervised_latents"))] = None,
-    supervision_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("supervision_coeff"))] = None,
-    lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"))] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"))] = None,
-    lr_decay_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("lr_decay_fraction"))] = None,
-    dict_size: Annotated[Optional[int], typer.Option(help=_tdoc("dict_size"))] = None,
-    tokens: Annotated[Optional[int], typer.Option(help=_tdoc("tokens"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=_tdoc("batch_size"))] = None,
-    dangerous_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("dangerous_fraction"))] = None,
-    seed: Annotated[Optional[int], typer.Option(help=_tdoc("seed"))] = None,
-    data_seed: Annotated[Optional[int], typer.Option(help=_tdoc("data_seed"))] = None,
-    recon: Annotated[Optional[str], typer.Option(help=_tdoc("recon"))] = None,
-    b_dec_init: Annotated[Optional[str], typer.Option(help=_tdoc("b_dec_init"))] = None,
-    normalize: Annotated[Optional[str], typer.Option(help=_tdoc("normalize"))] = None,
-    window_chunks: Annotated[Optional[int], typer.Option(help=_tdoc("window_chunks"))] = None,
-    ortho_block: Annotated[Optional[int], typer.Option(help=_tdoc("ortho_block"))] = None,
-    device: Annotated[Optional[str], typer.Option(help=_tdoc("device"))] = None,
-    autocast: Annotated[Optional[bool], typer.Option("--autocast/--no-autocast", help=_tdoc("autocast"))] = None,
-    resident: Annotated[Optional[bool], typer.Option("--resident/--streamed", help=_tdoc("resident"))] = None,
-    log_every: Annotated[Optional[int], typer.Option(help=_tdoc("log_every"))] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help=_tdoc("checkpoint_every"))] = None,
-    dead_after_tokens: Annotated[Optional[int], typer.Option(help=_tdoc("dead_after_tokens"))] = None,
-    runs_dir: Annotated[Optional[Path], typer.Option(help=_tdoc("runs_dir"))] = None,
-    wandb: Annotated[Optional[str], typer.Option(help=_tdoc("wandb"))] = None,
-    halves_split: Annotated[Optional[int], typer.Option(help=_tdoc("halves_split"))] = None,
-    coact_weight: Annotated[Optional[str], typer.Option(help=_tdoc("coact_weight"))] = None,
-    ortho_lr_warmup: Annotated[Optional[bool], typer.Option("--ortho-lr-warmup", help=_tdoc("ortho_lr_warmup"))] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (e.g. configs/seed/run_3.yaml); flags override it.", rich_help_panel=_RUN)] = None,
+    sweep: Annotated[Optional[Path], typer.Option(help="Sweep YAML (base: options, grid: option -> values); each group of runs that shares its batches trains in lockstep.", rich_help_panel=_RUN)] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue a stopped run (run_N or its directory), with the rest of its lockstep group.", rich_help_panel=_RUN)] = None,
+    dask: Annotated[Optional[str], typer.Option(help="Train the sweep's lockstep groups on a dask.distributed cluster, one group per worker: a scheduler address (tcp://host:8786) or local:N (N worker processes here).", rich_help_panel=_RUN)] = None,
+    shards: Annotated[Optional[Path], typer.Option(help=_tdoc("shards"), rich_help_panel=_DATA)] = None,
+    trainer: Annotated[Optional[str], typer.Option(help=_tdoc("trainer"), rich_help_panel=_PENALTY)] = None,
+    arch: Annotated[Optional[str], typer.Option(help=_tdoc("arch"), rich_help_panel=_SAE)] = None,
+    ortho: Annotated[Optional[float], typer.Option(help=_tdoc("ortho"), rich_help_panel=_PENALTY)] = None,
+    ortho_weighting: Annotated[Optional[str], typer.Option(help=_tdoc("ortho_weighting"), rich_help_panel=_PENALTY)] = None,
+    ortho_top_r: Annotated[Optional[float], typer.Option(help=_tdoc("ortho_top_r"), rich_help_panel=_PENALTY)] = None,
+    ortho_min_count: Annotated[Optional[int], typer.Option(help=_tdoc("ortho_min_count"), rich_help_panel=_PENALTY)] = None,
+    ortho_normalize: Annotated[Optional[str], typer.Option(help=_tdoc("ortho_normalize"), rich_help_panel=_PENALTY)] = None,
+    l1: Annotated[Optional[float], typer.Option(help=_tdoc("l1"), rich_help_panel=_PENALTY)] = None,
+    k: Annotated[Optional[int], typer.Option(help=_tdoc("k"), rich_help_panel=_SAE)] = None,
+    aux_k: Annotated[Optional[int], typer.Option(help=_tdoc("aux_k"), rich_help_panel=_SAE)] = None,
+    aux_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("aux_coeff"), rich_help_panel=_SAE)] = None,
+    l0_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("l0_coeff"), rich_help_panel=_PENALTY)] = None,
+    bandwidth: Annotated[Optional[float], typer.Option(help=_tdoc("bandwidth"), rich_help_panel=_SAE)] = None,
+    threshold_init: Annotated[Optional[float], typer.Option(help=_tdoc("threshold_init"), rich_help_panel=_SAE)] = None,
+    batchtopk_threshold_lr: Annotated[Optional[float], typer.Option(help=_tdoc("batchtopk_threshold_lr"), rich_help_panel=_SAE)] = None,
+    matryoshka_groups: Annotated[Optional[list[float]], typer.Option(help=_tdoc("matryoshka_groups"), rich_help_panel=_SAE)] = None,
+    matryoshka_weights: Annotated[Optional[list[float]], typer.Option(help=_tdoc("matryoshka_weights"), rich_help_panel=_SAE)] = None,
+    target_l0: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0"), rich_help_panel=_PENALTY)] = None,
+    target_l0_gain: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_gain"), rich_help_panel=_PENALTY)] = None,
+    target_l0_rate: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_rate"), rich_help_panel=_PENALTY)] = None,
+    target_l0_ramp: Annotated[Optional[float], typer.Option(help=_tdoc("target_l0_ramp"), rich_help_panel=_PENALTY)] = None,
+    routed_latents: Annotated[Optional[int], typer.Option(help=_tdoc("routed_latents"), rich_help_panel=_LABELS)] = None,
+    routing: Annotated[Optional[str], typer.Option(help=_tdoc("routing"), rich_help_panel=_LABELS)] = None,
+    supervised_latents: Annotated[Optional[int], typer.Option(help=_tdoc("supervised_latents"), rich_help_panel=_LABELS)] = None,
+    supervision_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("supervision_coeff"), rich_help_panel=_LABELS)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"), rich_help_panel=_SCHEDULE)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"), rich_help_panel=_SCHEDULE)] = None,
+    lr_decay_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("lr_decay_fraction"), rich_help_panel=_SCHEDULE)] = None,
+    dict_size: Annotated[Optional[int], typer.Option(help=_tdoc("dict_size"), rich_help_panel=_SAE)] = None,
+    tokens: Annotated[Optional[int], typer.Option(help=_tdoc("tokens"), rich_help_panel=_DATA)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_tdoc("batch_size"), rich_help_panel=_DATA)] = None,
+    dangerous_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("dangerous_fraction"), rich_help_panel=_DATA)] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_tdoc("seed"), rich_help_panel=_SAE)] = None,
+    data_seed: Annotated[Optional[int], typer.Option(help=_tdoc("data_seed"), rich_help_panel=_DATA)] = None,
+    recon: Annotated[Optional[str], typer.Option(help=_tdoc("recon"), rich_help_panel=_SAE)] = None,
+    b_dec_init: Annotated[Optional[str], typer.Option(help=_tdoc("b_dec_init"), rich_help_panel=_DATA)] = None,
+    normalize: Annotated[Optional[str], typer.Option(help=_tdoc("normalize"), rich_help_panel=_DATA)] = None,
+    window_chunks: Annotated[Optional[int], typer.Option(help=_tdoc("window_chunks"), rich_help_panel=_SPEED)] = None,
+    ortho_block: Annotated[Optional[int], typer.Option(help=_tdoc("ortho_block"), rich_help_panel=_SPEED)] = None,
+    device: Annotated[Optional[str], typer.Option(help=_tdoc("device"), rich_help_panel=_SPEED)] = None,
+    autocast: Annotated[Optional[bool], typer.Option("--autocast/--no-autocast", help=_tdoc("autocast"), rich_help_panel=_SPEED)] = None,
+    resident: Annotated[Optional[bool], typer.Option("--resident/--streamed", help=_tdoc("resident"), rich_help_panel=_SPEED)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help=_tdoc("log_every"), rich_help_panel=_RUN)] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help=_tdoc("checkpoint_every"), rich_help_panel=_RUN)] = None,
+    dead_after_tokens: Annotated[Optional[int], typer.Option(help=_tdoc("dead_after_tokens"), rich_help_panel=_SAE)] = None,
+    runs_dir: Annotated[Optional[Path], typer.Option(help=_tdoc("runs_dir"), rich_help_panel=_RUN)] = None,
+    wandb: Annotated[Optional[str], typer.Option(help=_tdoc("wandb"), rich_help_panel=_RUN)] = None,
+    halves_split: Annotated[Optional[int], typer.Option(help=_tdoc("halves_split"), rich_help_panel=_PENALTY)] = None,
+    coact_weight: Annotated[Optional[str], typer.Option(help=_tdoc("coact_weight"), rich_help_panel=_PENALTY)] = None,
+    ortho_lr_warmup: Annotated[Optional[bool], typer.Option("--ortho-lr-warmup", help=_tdoc("ortho_lr_warmup"), rich_help_panel=_PENALTY)] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.", rich_help_panel=_RUN)] = True,
 ):
     """Train SAEs on a shard store: one run (`--ortho 0.001`), a preset (`--config`), or a sweep in lockstep."""
     from train.cli import run_train
@@ -205,6 +271,7 @@ def train(
                      target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate,
                      target_l0_ramp=target_l0_ramp, wandb=wandb, routed_latents=routed_latents, routing=routing,
                      supervised_latents=supervised_latents, supervision_coeff=supervision_coeff)
+    overrides.update(matryoshka_groups=matryoshka_groups or None, matryoshka_weights=matryoshka_weights or None)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
                           dask=dask):
         typer.echo(line)
@@ -288,7 +355,7 @@ def eval_(
 def _bdoc(field: str) -> str:
     from evaluate.browser.config import BrowseConfig
 
-    return BrowseConfig.model_fields[field].description or ""
+    return _brief(BrowseConfig, field)
 
 
 @app.command()
@@ -369,7 +436,7 @@ def bench(
     arch_sizes: Annotated[str, typer.Option(help="Dictionary sizes of the architecture rows (archs), in multiples of d_in, comma-separated.")] = "4,16",
     k: Annotated[int, typer.Option(help="Active latents per token of the TopK and BatchTopK rows, ours and the peers'.")] = 32,
     heldout_batches: Annotated[int, typer.Option(help="Batches held out of training, for the architecture rows' explained variance and L0.")] = 4,
-    only: Annotated[str, typer.Option(help="Benchmarks to run, comma-separated: harvest, train, lockstep, loader, archs, syncs.")] = "harvest,train,lockstep,loader,archs,syncs",
+    only: Annotated[str, typer.Option(help="Benchmarks to run, comma-separated: harvest, train, lockstep, loader, archs, matryoshka, syncs.")] = "harvest,train,lockstep,loader,archs,matryoshka,syncs",
     peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also run SAELens and dictionary_learning in their environment.")] = True,
     peer_python: Annotated[Path, typer.Option(help="Python of the peers' environment.")] = Path(".venv-saebench/bin/python"),
     results: Annotated[Optional[Path], typer.Option(help="Markdown file the dated tables are appended to.")] = Path("bench/RESULTS.md"),

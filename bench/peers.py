@@ -20,10 +20,12 @@ handed the HF model and tokenizer: by name alone it fetches the weights from the
 
 train: a peer's SAE training step on fp32 batches already in memory (contiguous slices of acts.npy), a fresh
 SAE per repeat, 3 untimed warm-up steps, then `--steps` timed ones: tokens/s = steps * batch / time.
-`--arch standard` (ReLU + L1), `topk` or `batchtopk`, with `--k` active latents per token:
+`--arch standard` (ReLU + L1), `topk`, `batchtopk` or `matryoshka`, with `--k` active latents per token:
 - dictionary_learning: `StandardTrainer.update` (ConstrainedAdam: gradient projection and decoder
   renormalisation every step), `TopKTrainer.update` and `BatchTopKTrainer.update` (Adam, AuxK, gradient
   projection, clipping, renormalisation; geometric-median b_dec at step 0, in the warm-up, their own);
+  `MatryoshkaBatchTopKTrainer.update` likewise, with ratio-sae's default groups and every prefix's loss
+  weighted 1 (ratio-sae's default);
 - SAELens: `SAETrainer.step` on a `StandardTrainingSAE` or a `TopKTrainingSAE` (Adam, gradient clipping,
   dead-feature statistics), the per-step work of its `fit()` without the LM and without wandb;
   `--sparse-activations` turns on its COO activations and sparse decoder product.
@@ -55,6 +57,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 WARMUP_STEPS = 3
+MATRYOSHKA_GROUPS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32)
+"""ratio-sae's default `matryoshka_groups` (this script imports nothing from the project)."""
 MAX_SHARD_BYTES = 2e9  # SAELens' default buffer_size_gb: its HF datasets writer has trouble above 2 GB
 
 
@@ -154,6 +158,7 @@ def harvest(args) -> None:
 def dictionary_learning_trainer(arch: str, d_in: int, d_sae: int, steps: int, seed: int, lr: float | None, k: int,
                                 b_dec: torch.Tensor):
     from dictionary_learning.trainers import BatchTopKTrainer, StandardTrainer, TopKTrainer
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
 
     common = dict(steps=steps, activation_dim=d_in, dict_size=d_sae, layer=0, lm_name="peers-bench", warmup_steps=0,
                   seed=seed, device="cpu", **({"lr": lr} if lr is not None else {}))
@@ -162,7 +167,13 @@ def dictionary_learning_trainer(arch: str, d_in: int, d_sae: int, steps: int, se
         with torch.no_grad():
             trainer.ae.bias.copy_(b_dec)
         return trainer.update, lambda x: trainer.ae(x, output_features=True)
-    trainer = (TopKTrainer if arch == "topk" else BatchTopKTrainer)(k=k, **common)
+    if arch == "matryoshka":
+        # ratio-sae's default groups, each prefix's loss weighted 1 as ratio-sae's default (dictionary_learning's
+        # own default, 1/n each, is the same loss divided by n against its AuxK)
+        trainer = MatryoshkaBatchTopKTrainer(k=k, group_fractions=list(MATRYOSHKA_GROUPS),
+                                             group_weights=[1.0] * len(MATRYOSHKA_GROUPS), **common)
+    else:
+        trainer = (TopKTrainer if arch == "topk" else BatchTopKTrainer)(k=k, **common)
     # Its forward applies the inference threshold, which BatchTopK learns only from step 1000 on: before that,
     # the batch's own top k x batch (training-mode encoding), as in training.
     encode = (lambda x: trainer.ae.encode(x)) if arch == "topk" else (lambda x: trainer.ae.encode(x, use_threshold=False))
@@ -217,6 +228,7 @@ PEER_NAMES = {
     ("dictionary_learning", "standard"): "StandardTrainer",
     ("dictionary_learning", "topk"): "TopKTrainer",
     ("dictionary_learning", "batchtopk"): "BatchTopKTrainer",
+    ("dictionary_learning", "matryoshka"): "MatryoshkaBatchTopKTrainer",
     ("sae_lens", "standard"): "StandardTrainingSAE + SAETrainer.step",
     ("sae_lens", "topk"): "TopKTrainingSAE + SAETrainer.step",
 }
@@ -290,7 +302,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--peer", choices=["dictionary_learning", "sae_lens"], required=True)
-    t.add_argument("--arch", choices=["standard", "topk", "batchtopk"], default="standard")
+    t.add_argument("--arch", choices=["standard", "topk", "batchtopk", "matryoshka"], default="standard")
     t.add_argument("--k", type=int, default=32, help="active latents per token (topk, batchtopk)")
     t.add_argument("--lr", type=float, default=None, help="Adam learning rate; default: the peer's own")
     t.add_argument("--sparse-activations", action="store_true",

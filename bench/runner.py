@@ -22,8 +22,8 @@ from .models import bench_model
 from .results import Measurement, Report
 
 PEERS_SCRIPT = Path(__file__).resolve().parent / "peers.py"
-SECTIONS = ("harvest", "train", "lockstep", "loader", "archs", "syncs")
-STORE_SECTIONS = {"train", "lockstep", "loader", "archs"}
+SECTIONS = ("harvest", "train", "lockstep", "loader", "archs", "matryoshka", "syncs")
+STORE_SECTIONS = {"train", "lockstep", "loader", "archs", "matryoshka"}
 """The sections that train from a shard store (`syncs` makes its own tiny batches)."""
 
 
@@ -122,6 +122,8 @@ def run_bench(cfg: BenchConfig) -> Report:
             train.run_lockstep(report, store, steps=cfg.steps, lockstep=cfg.lockstep, **common)
         if "archs" in cfg.only:
             _architectures(report, cfg, store, work)
+        if "matryoshka" in cfg.only:
+            _matryoshka(report, cfg, store, work)
         if "loader" in cfg.only:
             train.run_loader(report, store, **common, work_dir=work,
                              pinned_gbps=peaks["pinned_h2d"].median if "pinned_h2d" in peaks else None)
@@ -277,6 +279,45 @@ def _architectures(report: Report, cfg: BenchConfig, store: ShardStore, work: Pa
             peer_measured[peer] = (m, statistics.median(evs))
         _compare(report, d, d_sae, cfg.k, measured, peer_measured)
         train.time_decode_routes(report, d, d_sae, cfg.k, cfg.train_batch, cfg.repeats)
+
+
+def _matryoshka(report: Report, cfg: BenchConfig, store: ShardStore, work: Path) -> None:
+    """Our Matryoshka BatchTopK SAE against dictionary_learning's MatryoshkaBatchTopKTrainer on the same batches
+    (the same default groups, every prefix's loss weighted 1, the same lr, no warm-up): tokens/s, then EV and L0
+    on the same held-out rows after the same tokens. Repeats interleaved, as the architecture rows."""
+    d = store.d_model
+    data = train.arch_data(store, cfg.train_batch, cfg.steps, cfg.heldout_batches, work)
+    tokens = len(data.batches) * cfg.train_batch
+    lr = TrainConfig.model_fields["lr"].default
+    options = dict(trainer="baseline", arch="matryoshka", k=cfg.k, warmup_steps=0, ortho=0.0)
+    setting = f"batch {cfg.train_batch}, {cfg.steps} steps timed after {train.ARCH_WARMUP_STEPS}, lr {lr:g}"
+    for d_sae in sorted({round(m * d) for m in cfg.arch_sizes}):
+        ours, theirs = [], []
+        for seed in range(cfg.repeats):
+            ours.append(train.train_arch(options, d, d_sae, data, seed))
+            if cfg.peers and (not theirs or "error" not in theirs[-1]):
+                theirs += _peer(cfg, ["train", "--acts", str(data.acts_file), "--d-sae", str(d_sae), "--batch-size",
+                                      str(cfg.train_batch), "--steps", str(cfg.steps), "--repeats", "1", "--peer",
+                                      "dictionary_learning", "--arch", "matryoshka", "--k", str(cfg.k), "--lr",
+                                      f"{lr:g}", "--heldout", str(len(data.heldout))])[-1:]
+        width = f"{d_sae / d:g} x d_in"
+        mine = Measurement("matryoshka", f"matryoshka k {cfg.k}, d_sae {d_sae} ({width})", [r[0] for r in ours],
+                           note=_quality_note([r[1] for r in ours], [r[2] for r in ours], tokens) + f"; {setting}")
+        report.measurements.append(mine)
+        failed = next((r for r in theirs if "error" in r or "tok_per_s" not in r), None)
+        if not cfg.peers:
+            continue
+        if failed is not None or not theirs:
+            report.ratio(f"dictionary_learning matryoshka, d_sae {d_sae}", None,
+                         note=(failed or {}).get("error", "no figure")[:200])
+            continue
+        evs = [r["explained_variance"]["median"] for r in theirs]
+        peer = Measurement("peers", f"{theirs[0]['peer']}, d_sae {d_sae}", [r["tok_per_s"] for r in theirs],
+                           note=_quality_note(evs, [r["l0"]["median"] for r in theirs], theirs[0]["trained_tokens"]))
+        report.measurements.append(peer)
+        report.ratio(f"matryoshka / {peer.name}", mine.median / peer.median)
+        report.ratio(f"matryoshka EV - {peer.name} EV", statistics.median(r[1] for r in ours) - statistics.median(evs),
+                     at_least=-0.02)
 
 
 def _quality_note(evs: list[float], l0s: list[float], tokens: int) -> str:

@@ -56,7 +56,7 @@ def compute_stats(store: ShardStore, scheduler: str | None = None, progress: boo
     for name in ("acts", "label", "doc"):
         store.check_chunk_files(name, 0, rows)  # dask, reading Zarr directly, would take a lost chunk as zeros
     try:
-        with _scheduler(scheduler) as (where, compute_on), _progress_bar(progress and scheduler is None):
+        with _scheduler(scheduler) as (where, compute_on), _progress_bar(progress and scheduler is None, rows):
             values = dict(zip(lazy, dask.compute(*lazy.values(), scheduler=compute_on)))
     except HarvestError:
         raise
@@ -102,13 +102,30 @@ def _scheduler(address: str | None):
 
 
 @contextmanager
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool, rows: int = 0):
+    """The tqdm bar every other command draws, in tokens: dask's tasks as they finish, each counting an
+    equal share of the rows (an estimate of the rows read; the tasks are per chunk and alike in size)."""
     if not enabled:
         yield
         return
-    from dask.diagnostics import ProgressBar
+    from dask.callbacks import Callback
+    from tqdm import tqdm
 
-    with ProgressBar(minimum=1.0, out=sys.stderr):
+    class TokenBar(Callback):
+        def _start_state(self, dsk, state):
+            tasks = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
+            self.share = rows / max(tasks, 1)
+            self.bar = tqdm(total=rows, unit="tok", unit_scale=True, desc="stats", dynamic_ncols=True,
+                            mininterval=1.0, file=sys.stderr)
+
+        def _posttask(self, key, result, dsk, state, worker_id):
+            self.bar.update(self.share)
+
+        def _finish(self, dsk, state, errored):
+            self.bar.n = self.bar.total if not errored else self.bar.n
+            self.bar.close()
+
+    with TokenBar():
         yield
 
 
@@ -239,8 +256,11 @@ def _notice(message: str) -> None:
 def run_stats(path: Path, out: Path | None = None, scheduler: str | None = None, progress: bool = True) -> str:
     """Compute, save and describe; returns the summary for the terminal."""
     store = ShardStore.open(path)
-    stats = compute_stats(store, scheduler=scheduler, progress=progress)
     out = Path(out) if out is not None else store.path / STATS_FILE
+    if progress:
+        print(f"Statistics of the {store.rows_committed:,} committed rows of {store.path}, to be written to {out}",
+              file=sys.stderr)
+    stats = compute_stats(store, scheduler=scheduler, progress=progress)
     try:
         write_stats(stats, out)
     except OSError as exc:

@@ -170,7 +170,8 @@ def test_architecture_refusals_are_one_line_before_any_run_directory(tiny_store,
                                                   "topk fixes L0 with k"),
         (["--target-l0", "10", "--l1", "0"], "target_l0 scales l1 multiplicatively, so it must start above 0"),
         (["--arch", "batchtopk", "--k", "200"], "k 200 is more than the SAE's 96 features (dict_size)"),
-        (["--arch", "tpok"], "arch: Input should be 'relu', 'topk', 'batchtopk' or 'jumprelu' (did you mean 'topk'?)"),
+        (["--arch", "tpok"], "arch: Input should be 'relu', 'topk', 'batchtopk', 'jumprelu' or 'matryoshka' "
+                               "(did you mean 'topk'?)"),
         (["--ortho-normalize", "avg"], "ortho_normalize: Input should be 'sum' or 'mean'"),
     ]
     for extra, words in cases:

@@ -109,15 +109,15 @@ def test_auxk_equals_a_plain_reference():
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_every_architecture_saves_and_loads_bit_exactly(arch, tmp_path):
-    cfg = TrainConfig(arch=arch, dict_size=24, k=5, seed=4)
+    cfg = TrainConfig(arch=arch, dict_size=24, k=5, seed=4, matryoshka_groups=[0.25, 0.75])
     sae = ARCHITECTURES[arch].from_config(cfg, 8, "cpu")
     with_random_biases(sae)
-    if arch == "batchtopk":
+    if arch in ("batchtopk", "matryoshka"):
         sae.after_step(sae.training_forward(torch.randn(32, 8), torch.zeros(24, dtype=torch.bool)).f)
     saved = sae.for_inference()
     saved.save(tmp_path, metadata={"hook_name": "blocks.2.hook_resid_post"})
     loaded = SAE.load(tmp_path)
-    assert type(loaded) is type(saved) and loaded.architecture == ("jumprelu" if arch == "batchtopk" else arch)
+    assert type(loaded) is type(saved) and loaded.architecture == ("jumprelu" if arch in ("batchtopk", "matryoshka") else arch)
     assert loaded.state_dict().keys() == saved.state_dict().keys()
     for name, tensor in saved.state_dict().items():
         assert torch.equal(tensor, loaded.state_dict()[name]), name
@@ -129,7 +129,8 @@ def test_every_architecture_saves_and_loads_bit_exactly(arch, tmp_path):
 def test_the_input_scale_folds_into_every_architecture(arch):
     from train.trainers.baseline import BaselineTrainer
 
-    trainer = BaselineTrainer(TrainConfig(arch=arch, normalize="expected_norm", dict_size=24, k=5), 8,
+    trainer = BaselineTrainer(TrainConfig(arch=arch, normalize="expected_norm", dict_size=24, k=5,
+                                          matryoshka_groups=[0.25, 0.75]), 8,
                               torch.device("cpu"))
     x = torch.randn(64, 8) * 50 + 3
     trainer.init_from_sample(x.mean(dim=0), float(x.norm(dim=1).mean()))
@@ -137,8 +138,12 @@ def test_the_input_scale_folds_into_every_architecture(arch):
     if arch == "jumprelu":
         with torch.no_grad():
             trainer.sae.threshold.uniform_(0, 0.5)
-    if arch == "batchtopk":
-        trainer.sae.after_step(trainer.sae.training_forward(x * trainer.input_scale, trainer.tokens_since_fired > 0).f)
+    if arch in ("batchtopk", "matryoshka"):
+        # the threshold is the smallest activation kept in the rows it learns from: compared on other rows,
+        # so that no activation sits exactly on it (where rounding decides the side)
+        trainer.sae.after_step(trainer.sae.training_forward(x[32:] * trainer.input_scale,
+                                                            trainer.tokens_since_fired > 0).f)
+        x = x[:32]
     inner = trainer.sae.for_inference()
     raw = trainer.sae_for_raw_inputs()
     with torch.no_grad():

@@ -16,7 +16,7 @@ def test_quick_bench_runs_every_benchmark_and_appends_a_dated_table(monkeypatch,
     assert run_cli(monkeypatch, args) == 0
     text = results.read_text()
     assert text.startswith("# Benchmark results")
-    for section in ("ceilings", "harvest", "train", "lockstep", "loader", "archs", "syncs"):
+    for section in ("ceilings", "harvest", "train", "lockstep", "loader", "archs", "matryoshka", "syncs"):
         assert f"| {section} |" in text, section
     for ratio in ("harvest / bare forward", "harvest / naive full forward", "ratio overhead over baseline",
                   "per-SAE cost K=2 / K=1", "loader / straight Zarr reading, uncompressed",

@@ -189,3 +189,41 @@ def test_readme_is_short_names_the_two_commands_first_and_links_to_files_that_ex
             assert (ROOT / target).exists(), f"README links to {target}, which does not exist"
     image = ROOT / "docs" / "img" / "unlearning-tradeoff.png"
     assert image.stat().st_size < 100_000
+
+
+def _demo_facts() -> dict:
+    """What configs/ and the Makefile say the demo does."""
+    import yaml
+
+    from train.config import load_sweep
+
+    sweep = load_sweep(ROOT / "configs" / "sweeps" / "demo.yaml", {})
+    harvest = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    budget = re.search(r"fits in (\d+) minutes", (ROOT / "configs" / "demo.yaml").read_text())
+    makefile = (ROOT / "Makefile").read_text().split("\ndemo:")[1].split("\n\n")[0]
+    l0s = {c.k if c.arch in ("topk", "batchtopk", "matryoshka") else c.target_l0 for c in sweep}
+    return {"saes": len(sweep), "l0": l0s.pop() if len(l0s) == 1 else None, "tokens": harvest["tokens"],
+            "layer": harvest["layer"], "minutes": int(budget.group(1)),
+            "evaluated": int(re.search(r"tail -(\d+)", makefile).group(1))}
+
+
+def test_the_demo_numbers_of_readme_and_index_match_configs():
+    facts = _demo_facts()
+    assert facts["evaluated"] == facts["saes"]  # `make demo` evaluates every SAE its sweep trains
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    index = " ".join((ROOT / "docs" / "index.md").read_text(encoding="utf-8").split())
+    for name, text in (("README.md", readme), ("docs/index.md", index)):
+        demo_line = re.search(r"make demo # ([^`]*?)(?= make test)", text).group(1)
+        counts = [int(n) for n in re.findall(r"(\d+) SAEs", demo_line)]
+        assert counts == [facts["saes"]], (name, demo_line)
+    paragraph = readme.split("`make demo` runs")[1].split("![")[0]
+    runs = sorted({int(n) for n in re.findall(r"runs/run_(\d+)", paragraph)})
+    assert runs == list(range(1, facts["saes"] + 1)), runs
+    assert f"L0 {facts['l0']:g}" in paragraph
+    assert f"block {facts['layer']}," in paragraph
+    assert f"{round(facts['tokens'] / 1000)}k tokens" in paragraph
+    stated = {name: re.findall(r"make demo[^.]*? in (?:about )?([\d.]+) minutes", text)
+              for name, text in (("README.md", readme), ("docs/index.md", index))}
+    assert stated["README.md"], "the README states how long `make demo` takes"
+    for name, minutes in stated.items():
+        assert all(float(m) <= facts["minutes"] for m in minutes), (name, minutes)

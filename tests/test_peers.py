@@ -18,7 +18,7 @@ MODULE = {"sae_lens": "sae_lens", "dictionary_learning": "dictionary_learning"}
 
 @pytest.mark.parametrize("peer,arch", [("sae_lens", "standard"), ("dictionary_learning", "standard"),
                                        ("sae_lens", "topk"), ("dictionary_learning", "topk"),
-                                       ("dictionary_learning", "batchtopk")])
+                                       ("dictionary_learning", "batchtopk"), ("dictionary_learning", "matryoshka")])
 def test_peer_trainer_reports_tokens_per_second_and_quality(peer, arch, tmp_path):
     if importlib.util.find_spec(MODULE[peer]) is None:
         pytest.skip(f"{peer} is not installed here (make peers-env)")

@@ -4,7 +4,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import TrainConfig, load_config, load_sweep
+from .config import FIXED_L0_ARCHS, TrainConfig, load_config, load_sweep
 from .errors import TrainError
 from .loop import RunResult, train_group
 from .runs import checkpoint_step, lockstep_group, resolve_run
@@ -55,7 +55,7 @@ def _summary(r: RunResult) -> str:
     if r.failed:
         return f"{r.run_dir}: FAILED, {r.failed}"
     m = r.final["final_metrics"]
-    sparsity = f"k {r.cfg.k}" if r.cfg.arch in ("topk", "batchtopk") else f"sparsity coeff {r.final['sparsity_coeff']:.4g}"
+    sparsity = f"k {r.cfg.k}" if r.cfg.arch in FIXED_L0_ARCHS else f"sparsity coeff {r.final['sparsity_coeff']:.4g}"
     return (f"{r.run_dir}: {r.cfg.arch} {r.cfg.trainer} d_sae {r.final['dict_size']} ortho {r.cfg.ortho} {sparsity}, "
             f"{r.steps} steps; loss {m.get('loss', float('nan')):.4g}, recon {m.get('recon', float('nan')):.4g}, "
             f"L0 {m.get('l0', float('nan')):.1f}, dead {int(m.get('dead', 0))}; "

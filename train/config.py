@@ -17,8 +17,8 @@ from harvest.config import booleans_are_not_numbers, closest, closest_file, desc
 from .errors import TrainError
 
 TRAINERS = ("baseline", "ratio", "seed_halves", "seed_coactivation")
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
-FIXED_L0_ARCHS = ("topk", "batchtopk")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+FIXED_L0_ARCHS = ("topk", "batchtopk", "matryoshka")
 LOADER_KEYS = ("shards", "batch_size", "dangerous_fraction", "data_seed", "tokens", "window_chunks", "device",
                "resident")
 """Runs that agree on these can share every batch: a sweep trains each such group in lockstep."""
@@ -34,12 +34,13 @@ class TrainConfig(BaseModel):
     """`baseline` (the seed's run 0), `ratio` (ratio-ranked orthogonality with true labels), or the seed's
     own variants `seed_halves` (runs 1-4) and `seed_coactivation` (runs 5-10), bugs included; see
     configs/seed/."""
-    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = "relu"
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = "relu"
     """SAE architecture (docs/architectures.md): `relu` (the seed's SAE, sparsity by `l1`), `topk` (the
     `k` largest pre-activations per token, Gao et al. 2024), `batchtopk` (the top `k` x batch over the
-    batch, Bussmann et al. 2024; saved as a JumpReLU SAE with the threshold it learnt) or `jumprelu`
-    (learnt per-feature thresholds and an L0 term, Rajamanoharan et al. 2024). Every trainer and the
-    ratio penalty work with each."""
+    batch, Bussmann et al. 2024; saved as a JumpReLU SAE with the threshold it learnt), `jumprelu`
+    (learnt per-feature thresholds and an L0 term, Rajamanoharan et al. 2024) or `matryoshka` (BatchTopK
+    whose nested prefixes of the dictionary each reconstruct the input, Bussmann et al. 2025; saved as
+    a JumpReLU SAE, as SAELens does). Every trainer and the ratio penalty work with each."""
     ortho: float = Field(0.001, ge=0)
     """lambda_2, weight of the orthogonality term (ratio and seed trainers); 0 turns the ratio term off."""
     ortho_weighting: Literal["rank", "top", "uniform", "shuffled"] = "rank"
@@ -60,7 +61,7 @@ class TrainConfig(BaseModel):
     l1: float = Field(0.04, ge=0)
     """lambda_1, weight of mean ||f||_1 (`relu`; the starting value when `target_l0` adapts it)."""
     k: int = Field(32, gt=0)
-    """`topk`: features kept per token; `batchtopk`: per token on average over the batch."""
+    """`topk`: features kept per token; `batchtopk`, `matryoshka`: per token on average over the batch."""
     aux_k: int | None = Field(None, gt=0)
     """`topk`, `batchtopk`: dead features in the AuxK loss per token. Default: d_in / 2 (Gao et al.'s
     heuristic, as SAELens, sparsify and dictionary_learning use)."""
@@ -77,7 +78,17 @@ class TrainConfig(BaseModel):
     """`jumprelu`: initial threshold of every feature (SAELens' default)."""
     batchtopk_threshold_lr: float = Field(0.01, gt=0, le=1)
     """`batchtopk`: rate of the moving average that learns the inference threshold from each batch's
-    smallest kept activation (SAELens' `topk_threshold_lr`)."""
+    smallest kept activation (SAELens' `topk_threshold_lr`); `matryoshka` too."""
+    matryoshka_groups: list[float] = Field(default_factory=lambda: [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32],
+                                           min_length=1)
+    """`matryoshka`: the sizes of the nested groups, as fractions of dict_size summing to 1, innermost
+    first (dictionary_learning's `group_fractions`; its demo's 1/32, 1/16, 1/8, 1/4, 17/32 by default).
+    Group i has int(fraction x dict_size) features, the last the rest; prefix i (groups 1..i) is
+    trained to reconstruct the input alone. On the command line: repeat the flag, one per group."""
+    matryoshka_weights: list[float] | None = None
+    """`matryoshka`: the weight of each prefix's reconstruction loss, one per group (the last is the
+    whole SAE's). Default: 1 each, SAELens' sum; dictionary_learning's default 1/n each is the same
+    loss scaled down, its AuxK and any ratio term then n times heavier."""
     target_l0: float | None = Field(None, gt=0)
     """`relu`, `jumprelu`: adapt the sparsity coefficient (`l1`, `l0_coeff`: their value is the start)
     during training so that L0 ends near this many features per token. A PI controller on the log of
@@ -190,6 +201,8 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _resolve_and_check(self):
+        if self.arch == "matryoshka":
+            _check_matryoshka(self.matryoshka_groups, self.matryoshka_weights)
         if self.recon is None:
             self.recon = "l2" if self.arch == "relu" else "mse"
         if self.target_l0 is not None:
@@ -217,6 +230,19 @@ class TrainConfig(BaseModel):
 
     def group_key(self) -> tuple:
         return tuple(str(getattr(self, k)) for k in LOADER_KEYS)
+
+
+def _check_matryoshka(groups: list[float], weights: list[float] | None) -> None:
+    if min(groups) <= 0:
+        raise PydanticCustomError("matryoshka_groups", "matryoshka_groups must be fractions of dict_size above 0")
+    if abs(sum(groups) - 1) > 1e-6:
+        raise PydanticCustomError("matryoshka_groups", "matryoshka_groups must sum to 1 (they sum to {total})",
+                                  {"total": round(sum(groups), 6)})
+    if weights is not None and len(weights) != len(groups):
+        raise PydanticCustomError("matryoshka_weights", "matryoshka_weights needs one weight per group: {n} "
+                                  "weights for {groups} groups", {"n": len(weights), "groups": len(groups)})
+    if weights is not None and min(weights) < 0:
+        raise PydanticCustomError("matryoshka_weights", "matryoshka_weights must be >= 0")
 
 
 def validate(data: dict[str, Any], where: str, model: type[BaseModel] | None = None):

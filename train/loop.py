@@ -35,6 +35,7 @@ from .memory import check_fits, group_step_bytes
 from .precision import resolve_autocast
 from .runs import (MetricsLog, checkpoint_step, group_record, holds_nothing, interrupted, load_checkpoint, new_run_dir,
                    run_lock, save_checkpoint, write_json)
+from .sparsity_file import WINDOW_TOKENS, firing_rates, write_sparsity
 from .tracking import open_wandb_runs, require_wandb
 from .trainers import TRAINERS, Trainer
 
@@ -277,6 +278,10 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
         writer.wait()
         bar.close()
         seconds = time.perf_counter() - began
+        saved = {i: trainer.sae_for_raw_inputs() for i, trainer in enumerate(trainers) if not failed[i]}
+        window = min(steps, max(1, WINDOW_TOKENS // cfg0.batch_size))  # the run's last batches
+        rates = dict(zip(saved, firing_rates(list(saved.values()),
+                                             (b.x for b in loader.iterate(steps - window, window))))) if saved else {}
         results = []
         for i, (trainer, run_dir, c) in enumerate(zip(trainers, run_dirs, cfgs)):
             if not failed[i]:
@@ -286,7 +291,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
                 continue
             save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
                             keep_previous=len(trainers) > 1)
-            trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store, trainer))
+            saved[i].save(run_dir, metadata=_sae_metadata(store, trainer))
+            write_sparsity(run_dir, rates[i])
             final = {
                 "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
                 "dict_size": trainer.sae.d_sae, "learning_rate": c.lr, "arch": c.arch, "sparsity_penalty": c.l1,

@@ -1,7 +1,7 @@
 """The run directory: the on-disk contract between train and eval (DESIGN.md, "The run directory").
 
-runs/run_<N>/ holds train_config.json, sae_weights.safetensors + cfg.json (SAELens), metrics.jsonl,
-final_info.json and checkpoint/. Checkpoints are whole directories `checkpoint/step_<K>/`, made
+runs/run_<N>/ holds train_config.json, sae_weights.safetensors + cfg.json + sparsity.safetensors
+(SAELens), metrics.jsonl, final_info.json and checkpoint/. Checkpoints are whole directories `checkpoint/step_<K>/`, made
 current by rewriting `checkpoint/latest.json` (an atomic rename), so a kill at any moment leaves the
 previous checkpoint usable. A run directory is trained by one process at a time (`run_lock`).
 

@@ -228,15 +228,16 @@ def _commands(cli) -> str:
 
 
 def _every_command(cli, configs: dict[str, str]) -> str:
-    """A section per command; those with a config page of their own link to it instead of repeating it."""
-    out = []
-    for name in cli.commands:
-        out += [f"## `pipeline {name}`", ""]
-        if name in configs:
-            summary = inspect.cleandoc(cli.commands[name].help or "").split("\n\n")[0]
-            out += [summary, "", f"Usage, arguments and every option: [pipeline {name}]({configs[name]}).", ""]
-        else:
-            out += [_command(cli, name, None), ""]
+    """A section per command; those with a config page of their own are a line each, linking to it, and no
+    section (a section would put them in the navigation a second time, beside their own page)."""
+    out = ["Commands with a page of their own (usage, arguments and every option):", ""]
+    for name in (n for n in cli.commands if n in configs):
+        summary = " ".join(inspect.cleandoc(cli.commands[name].help or "").split("\n\n")[0].split())
+        # the id keeps the command table's `#pipeline-NAME` link landing here, one click from the page
+        out.append(f"- [`pipeline {name}`]({configs[name]}){{#pipeline-{name}}}: {summary}")
+    out.append("")
+    for name in (n for n in cli.commands if n not in configs):
+        out += [f"## `pipeline {name}`", "", _command(cli, name, None), ""]
     return "\n".join(out)
 
 
