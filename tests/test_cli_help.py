@@ -13,7 +13,7 @@ from train.config import TrainConfig
 from .test_harvest import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-PANELS = ("Model and data", "SAE", "Penalty", "Schedule", "Run control", "Speed")
+PANELS = ("Model and data", "SAE", "Penalty", "Label blocks", "Schedule", "Run control", "Speed")
 
 
 def test_version_prints_the_project_version(monkeypatch, capsys):

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from pydantic import ValidationError
 import torch
 
 from train.architectures import ARCHITECTURES
@@ -284,3 +285,17 @@ def test_cli_refusals_are_one_line_before_any_run_directory(tiny_store, tmp_path
         err = capsys.readouterr().err
         assert "Traceback" not in err and [line for line in err.splitlines() if line.strip()] == [message]
         assert not (tmp_path / "runs" / "run_1").exists()
+
+
+def test_matryoshka_takes_the_activation_mask_and_supervision_and_refuses_gradient_routing(monkeypatch):
+    seen = record_features(monkeypatch)
+    t = trainer("matryoshka", "ratio", ortho=0.01, routed_latents=N_BLOCK)
+    for x in batches(6):
+        t.step(x, 32, log=False)
+    start = D_SAE - N_BLOCK
+    assert len(seen) == 6 and not any((f[n:, start:] != 0).any() for f, n in seen)
+    assert any((f[:n, start:] > 0).any() for f, n in seen)
+    supervised = trainer("matryoshka", supervised_latents=N_BLOCK, supervision_coeff=0.1)
+    supervised.step(batches(1)[0], 32, log=False)
+    with pytest.raises(ValidationError, match="matryoshka's nested decode"):
+        TrainConfig(arch="matryoshka", routed_latents=N_BLOCK, routing="gradient", dict_size=D_SAE)

@@ -223,6 +223,10 @@ class TrainConfig(BaseModel):
         if self.routing != "activation" and not self.routed_latents:
             raise PydanticCustomError("routing", "routing {routing} needs routed_latents > 0 (there is no block "
                                       "to route)", {"routing": self.routing})
+        if self.routing == "gradient" and self.arch == "matryoshka":
+            raise PydanticCustomError("routing", "routing gradient decodes dangerous rows through a detached "
+                                      "decoder, which matryoshka's nested decode does not do: use routing "
+                                      "activation with matryoshka", {})
         if (self.routed_latents or self.supervised_latents) and self.trainer == "seed_halves":
             raise PydanticCustomError("trainer", "seed_halves shuffles each batch's rows, so a step no longer "
                                       "knows which are dangerous: label blocks cannot train with it", {})

@@ -89,8 +89,10 @@ class MatryoshkaSAE(BatchTopKSAE):
         offsets = torch.searchsorted(bags, torch.arange(tokens * n + 1, device=bags.device))
         return GatheredRowsSum.apply(values[order], latents, offsets, self.W_dec).view(tokens, n, self.d_in)
 
-    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None) -> TrainingOutput:
-        pre = self.pre_acts(x)
+    def training_forward(self, x: torch.Tensor, dead: torch.Tensor | None, labels=None) -> TrainingOutput:
+        # A label block reaches the pre-activations (routed mask, supervision); gradient routing's
+        # detached decode of dangerous rows is refused for this architecture (train/config.py).
+        pre = self.training_pre_acts(x, labels)
         acts = torch.relu(pre).flatten()
         values, indices = acts.topk(min(self.k * len(pre), acts.numel()), sorted=False)
         prefixes = self.group_contributions(values, indices, len(pre)).cumsum(dim=1) + self.b_dec
@@ -102,6 +104,6 @@ class MatryoshkaSAE(BatchTopKSAE):
             nested = nested + (self.weights[-1] - 1) * reconstruction(x, x_hat, self.recon)
         out.auxiliary["matryoshka"] = nested if torch.is_tensor(nested) else x_hat.new_zeros((), dtype=torch.float32)
         if self.aux_coeff > 0:
-            out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k)
+            out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k, labels)
         return out
 
