@@ -283,8 +283,9 @@ def _bdoc(field: str) -> str:
 
 @app.command()
 def browse(
-    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory.")],
+    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory; with --shards, also a SAELens-format SAE directory.")],
     runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    shards: Annotated[Optional[Path], typer.Option(help="The store the SAE reads: for a run, its own store where it has moved (default: the one it was trained on); for a SAELens directory, the store of its model and hook.")] = None,
     features: Annotated[Optional[str], typer.Option(help=_bdoc("features"))] = None,
     top: Annotated[Optional[int], typer.Option(help=_bdoc("top"))] = None,
     examples: Annotated[Optional[int], typer.Option(help=_bdoc("examples"))] = None,
@@ -294,18 +295,19 @@ def browse(
     after: Annotated[Optional[int], typer.Option(help=_bdoc("after"))] = None,
     neighbours: Annotated[Optional[int], typer.Option(help=_bdoc("neighbours"))] = None,
     lens_tokens: Annotated[Optional[int], typer.Option(help=_bdoc("lens_tokens"))] = None,
+    cofiring: Annotated[Optional[int], typer.Option(help=_bdoc("cofiring"))] = None,
     r_threshold: Annotated[Optional[float], typer.Option(help=_bdoc("r_threshold"))] = None,
     min_rate: Annotated[Optional[float], typer.Option(help=_bdoc("min_rate"))] = None,
     device: Annotated[Optional[str], typer.Option(help=_bdoc("device"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_bdoc("seed"))] = None,
     out: Annotated[Optional[Path], typer.Option(help=_bdoc("out"))] = None,
 ):
-    """A static feature browser of one run (its index.html opens from disk): each feature's top dangerous and safe contexts from the store, histograms, decoder neighbours, logit lens."""
+    """A static feature browser of one SAE (its index.html opens from disk): every live feature's top dangerous and safe contexts from the store, histograms, co-firing features, decoder neighbours, logit lens; a search over the tokens it fires on."""
     from evaluate.browser.main import run_browse
 
     options = dict(features=features, top=top, examples=examples, samples=samples, reservoir=reservoir,
-                   before=before, after=after, neighbours=neighbours, lens_tokens=lens_tokens,
-                   r_threshold=r_threshold, min_rate=min_rate, device=device, seed=seed, out=out)
+                   before=before, after=after, neighbours=neighbours, lens_tokens=lens_tokens, cofiring=cofiring,
+                   r_threshold=r_threshold, min_rate=min_rate, device=device, seed=seed, out=out, shards=shards)
     for line in run_browse(run, runs_dir, options):
         typer.echo(line)
 

@@ -15,7 +15,7 @@ from harvest.store import ShardStore
 from train.errors import TrainError
 from train.sae import SAE
 
-from ..runner import external_target, open_run_store
+from ..runner import external_target, open_run_store, trained_store_path
 
 
 @dataclass
@@ -46,10 +46,14 @@ def open_sae(name: str | Path, runs_dir: Path = Path("runs"), shards: Path | Non
         sae_dir, store, external = target.sae_dir, target.store, True
     else:
         sae_dir = resolve_run(str(name), runs_dir)
+        recorded = json.loads((sae_dir / "train_config.json").read_text())["shards"]
+        where = Path(shards) if shards is not None else trained_store_path(sae_dir, recorded)
+        # an incomplete store is said as such, before open_run_store finds its fingerprint changed
+        if ShardStore.exists(where) and not (partial := ShardStore.open(where)).complete:
+            raise TrainError(f"the store at {where} is incomplete ({partial.rows_committed:,} of "
+                             f"{partial.rows_total:,} rows committed): finish it with the same `pipeline harvest` "
+                             "command first")
         store, external = open_run_store(sae_dir, shards), False
-        if not store.complete:
-            raise TrainError(f"the store at {store.path} is incomplete ({store.rows_committed:,} of "
-                             f"{store.rows_total:,} rows committed): finish it with the same `pipeline harvest` first")
     sae = SAE.load(sae_dir, device=device).float().eval()
     return Opened(sae_dir.name, sae_dir, store, sae, read_unlearning(sae_dir), external)
 
