@@ -147,3 +147,19 @@ def test_an_unevaluated_run_needs_features(tiny_store, tmp_path, monkeypatch, ca
     shutil.copytree(trained, bare, ignore=shutil.ignore_patterns("eval"))
     assert run_cli(monkeypatch, ["generate", str(bare), "--prompt", "x", "--device", "cpu"]) == 2
     assert "has not been evaluated" in capsys.readouterr().err
+
+
+def test_an_activations_page_joins_the_runs_browser_and_stays(trained, monkeypatch, capsys):
+    write_eval(trained, [3, 7], 30.0)
+    assert run_cli(monkeypatch, ["browse", str(trained), "--features", "3,7", "--device", "cpu"]) == 0
+    assert run_cli(monkeypatch, ["activations", str(trained), "--text", PROMPT, "--device", "cpu",
+                                 "--dtype", "float32"]) == 0
+    assert "(listed in the run's browser)" in capsys.readouterr().out
+    browser = trained / "browser"
+    page = browser / "texts" / "virus-infection-host-cell-viral.html"
+    assert page.exists() and '"browser": true' in page.read_text()
+    listed = json.loads((browser / "texts" / "texts.json").read_text())
+    assert listed == [{"file": page.name, "title": PROMPT}]
+    assert (browser / "data" / "texts.js").read_text() == f"BROWSER.texts({json.dumps(listed)});\n"
+    assert run_cli(monkeypatch, ["browse", str(trained), "--features", "3", "--device", "cpu"]) == 0
+    assert page.exists() and json.loads((browser / "texts" / "texts.json").read_text()) == listed
