@@ -284,7 +284,10 @@ def run_target(name: str, runs_dir: Path, shards: Path | None) -> Target:
     if shards is not None and path.is_dir() and not (path / "train_config.json").is_file():
         return external_target(path, shards)
     run_dir = resolve_run(name, runs_dir)
-    return Target(name, run_dir, open_run_store(run_dir), run_dir / "eval")
+    # --shards stands in for a run's own store only where that one is not found (moved with the runs)
+    recorded = trained_store_path(run_dir, json.loads((run_dir / "train_config.json").read_text())["shards"])
+    moved = shards if shards is not None and not ShardStore.exists(recorded) else None
+    return Target(name, run_dir, open_run_store(run_dir, moved), run_dir / "eval")
 
 
 def external_target(sae_dir: Path, shards: Path) -> Target:

@@ -192,3 +192,16 @@ def test_nothing_is_cut_off_and_search_and_filter_explain(project, tmp_path, mon
     assert f"{highest:.3g}".rstrip("0").rstrip(".")[:3] in why.replace(",", "")
     errors = [e for e in chrome.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
+
+
+def test_eval_takes_shards_for_a_run_whose_store_moved(project, tmp_path, monkeypatch):
+    from evaluate.runner import run_target
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(project / "shards" / "tiny", moved)
+    runs = tmp_path / "runs"
+    shutil.copytree(project / "runs", runs)
+    monkeypatch.chdir(tmp_path)
+    assert run_target("run_1", runs, moved).store.path == moved
+    # where the recorded store is found, --shards (meant for SAELens directories beside it) is not used
+    assert run_target("run_1", project / "runs", moved).store.path.resolve() == (project / "shards" / "tiny").resolve()
