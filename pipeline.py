@@ -360,8 +360,9 @@ def _bdoc(field: str) -> str:
 
 @app.command()
 def browse(
-    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory.")],
+    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory; with --shards, also a SAELens-format SAE directory.")],
     runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    shards: Annotated[Optional[Path], typer.Option(help="The store the SAE reads: for a run, its own store where it has moved (default: the one it was trained on); for a SAELens directory, the store of its model and hook.")] = None,
     features: Annotated[Optional[str], typer.Option(help=_bdoc("features"))] = None,
     top: Annotated[Optional[int], typer.Option(help=_bdoc("top"))] = None,
     examples: Annotated[Optional[int], typer.Option(help=_bdoc("examples"))] = None,
@@ -371,19 +372,67 @@ def browse(
     after: Annotated[Optional[int], typer.Option(help=_bdoc("after"))] = None,
     neighbours: Annotated[Optional[int], typer.Option(help=_bdoc("neighbours"))] = None,
     lens_tokens: Annotated[Optional[int], typer.Option(help=_bdoc("lens_tokens"))] = None,
+    cofiring: Annotated[Optional[int], typer.Option(help=_bdoc("cofiring"))] = None,
     r_threshold: Annotated[Optional[float], typer.Option(help=_bdoc("r_threshold"))] = None,
     min_rate: Annotated[Optional[float], typer.Option(help=_bdoc("min_rate"))] = None,
     device: Annotated[Optional[str], typer.Option(help=_bdoc("device"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_bdoc("seed"))] = None,
     out: Annotated[Optional[Path], typer.Option(help=_bdoc("out"))] = None,
 ):
-    """A static feature browser of one run (its index.html opens from disk): each feature's top dangerous and safe contexts from the store, histograms, decoder neighbours, logit lens."""
+    """A static feature browser of one SAE (its index.html opens from disk): every live feature's top dangerous and safe contexts from the store, histograms, co-firing features, decoder neighbours, logit lens; a search over the tokens it fires on."""
     from evaluate.browser.main import run_browse
 
     options = dict(features=features, top=top, examples=examples, samples=samples, reservoir=reservoir,
-                   before=before, after=after, neighbours=neighbours, lens_tokens=lens_tokens,
-                   r_threshold=r_threshold, min_rate=min_rate, device=device, seed=seed, out=out)
+                   before=before, after=after, neighbours=neighbours, lens_tokens=lens_tokens, cofiring=cofiring,
+                   r_threshold=r_threshold, min_rate=min_rate, device=device, seed=seed, out=out, shards=shards)
     for line in run_browse(run, runs_dir, options):
+        typer.echo(line)
+
+
+@app.command()
+def generate(
+    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory; with --shards, also a SAELens-format SAE directory.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="A file of prompts, one a line.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    shards: Annotated[Optional[Path], typer.Option(help="The store the SAE reads (default: the run's own): its model and layer.")] = None,
+    features: Annotated[Optional[str], typer.Option(help="Comma-separated features to clamp (default: those of the eval's best setting, eval/unlearning.json).")] = None,
+    multiplier: Annotated[Optional[float], typer.Option(help="Clamp value: a firing feature is set to -multiplier (default: the eval's best setting's).")] = None,
+    clamp: Annotated[str, typer.Option(help="How the selection is clamped: always (the eval's clamp, wherever a selected feature fires).")] = "always",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 40,
+    temperature: Annotated[float, typer.Option(help="0: greedy; above 0: sampled at this temperature (the same seed for both columns).")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seeds the sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16 (auto: as the eval loads the model).")] = "auto",
+):
+    """The model's continuation of each prompt, without and with the SAE's selected features clamped, side by side."""
+    from evaluate.workbench.generate import run_generate
+
+    options = dict(prompt=prompt, prompts=prompts, shards=shards, features=features, multiplier=multiplier,
+                   clamp=clamp, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, device=device,
+                   dtype=dtype)
+    for line in run_generate(run, runs_dir, options):
+        typer.echo(line)
+
+
+@app.command()
+def activations(
+    run: Annotated[str, typer.Argument(help="The run: run_N, N, or a run directory; with --shards, also a SAELens-format SAE directory.")],
+    text: Annotated[Optional[str], typer.Option(help="The text to run through the model and the SAE.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="A file whose text to run instead.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run_N directories live.")] = Path("runs"),
+    shards: Annotated[Optional[Path], typer.Option(help="The store the SAE reads (default: the run's own): its model and layer.")] = None,
+    features: Annotated[Optional[str], typer.Option(help="Comma-separated features to show (default: those the eval selected; for an SAE not evaluated, the --top strongest on the text).")] = None,
+    top: Annotated[int, typer.Option(help="For an SAE not evaluated: how many of the features strongest on the text to show.")] = 10,
+    out: Annotated[Optional[Path], typer.Option(help="The HTML page (default: DIR/browser/texts/<text>.html, listed in the run's browser, where it has one; else DIR/activations/<text>.html).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16 (auto: as the eval loads the model).")] = "auto",
+):
+    """Token by token, the chosen features' activations on any text: in the terminal and as an HTML page."""
+    from evaluate.workbench.activations import run_activations
+
+    options = dict(text=text, file=file, shards=shards, features=features, top=top, out=out, device=device, dtype=dtype)
+    for line in run_activations(run, runs_dir, options):
         typer.echo(line)
 
 

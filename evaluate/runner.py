@@ -291,7 +291,10 @@ def run_target(name: str, runs_dir: Path, shards: Path | None) -> Target:
     if shards is not None and path.is_dir() and not (path / "train_config.json").is_file():
         return external_target(path, shards)
     run_dir = resolve_run(name, runs_dir)
-    return Target(name, run_dir, open_run_store(run_dir), run_dir / "eval")
+    # --shards stands in for a run's own store only where that one is not found (moved with the runs)
+    recorded = trained_store_path(run_dir, json.loads((run_dir / "train_config.json").read_text())["shards"])
+    moved = shards if shards is not None and not ShardStore.exists(recorded) else None
+    return Target(name, run_dir, open_run_store(run_dir, moved), run_dir / "eval")
 
 
 def external_target(sae_dir: Path, shards: Path) -> Target:
@@ -317,8 +320,22 @@ def external_target(sae_dir: Path, shards: Path) -> Target:
     return Target(sae_dir.name, sae_dir, store, sae_dir / "eval", external=True)
 
 
-def open_run_store(run_dir: Path) -> ShardStore:
-    """The store a finished run was trained on, refused if it no longer is that store.
+def trained_store_path(run_dir: Path, recorded: str) -> Path:
+    """Where the store a run records (`train_config.json`'s `shards`) is now. A relative path was
+    relative to the directory training ran in, usually the one holding the runs directory: when it
+    does not resolve from here, it is tried from there, so a run opens from any working directory."""
+    path = Path(recorded).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    for base in (run_dir.resolve().parent.parent, run_dir.resolve().parent.parent.parent):
+        if (base / path).exists():
+            return base / path
+    return path
+
+
+def open_run_store(run_dir: Path, shards: Path | None = None) -> ShardStore:
+    """The store a finished run was trained on (or `shards`, the same store elsewhere), refused if it
+    no longer is that store.
 
     The eval loads the model and layer the store names and draws held-out text around the store's
     documents: a store replaced since training (another model, layer or harvest) would score the SAE
@@ -327,10 +344,14 @@ def open_run_store(run_dir: Path) -> ShardStore:
     if not (run_dir / WEIGHTS_FILE).exists():
         raise TrainError(f"{run_dir} has no trained SAE yet ({WEIGHTS_FILE}); finish or resume it first")
     train_cfg = json.loads((run_dir / "train_config.json").read_text())
+    where = Path(shards) if shards is not None else trained_store_path(run_dir, train_cfg["shards"])
     try:
-        store = ShardStore.open(Path(train_cfg["shards"]))
+        store = ShardStore.open(where)
     except HarvestError as exc:
-        raise TrainError(f"{run_dir} was trained on {train_cfg['shards']}, which cannot be opened now: {exc}") from None
+        if shards is not None:
+            raise TrainError(f"--shards {shards} cannot be opened: {exc}") from None
+        raise TrainError(f"{run_dir} was trained on {train_cfg['shards']}, which cannot be opened now: {exc}; "
+                         "give its path with --shards") from None
     attrs = store.attrs
     sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     d_in = sae_cfg["d_in"]

@@ -36,12 +36,14 @@ def trained(tiny_store, tmp_path_factory):
 
 def feature_pages(site: Path) -> dict[int, dict]:
     pages = {}
+    chunk = site_index(site)["chunk"]
     for path in (site / "data" / "features").glob("*.js"):
-        text = path.read_text(encoding="utf-8")
-        head = "BROWSER.feature("
-        assert text.startswith(head) and text.rstrip().endswith(");")
-        feature, _, body = text[len(head):].rstrip()[:-2].partition(",")
-        pages[int(feature)] = json.loads(body)
+        for line in path.read_text(encoding="utf-8").splitlines():
+            head = "BROWSER.feature("
+            assert line.startswith(head) and line.endswith(");")
+            feature, _, body = line[len(head):-2].partition(",")
+            assert int(feature) // chunk == int(path.stem)  # in the chunk the page loads for it
+            pages[int(feature)] = json.loads(body)
     return pages
 
 

@@ -11,10 +11,10 @@ class BrowseConfig(BaseModel):
     features: str = "auto"
     """Which features get a page: `selected` (every feature an unlearning setting of `pipeline eval`
     clamped), `specific` (dangerous-specific on the store: r above --r-threshold and firing on at least
-    --min-rate of dangerous tokens), `top-r` (the --top live features of highest r), `all` (every
-    feature), or comma-separated feature indices (`3,17,250`); keywords and indices combine with
-    commas (`selected,top-r,42`). `auto`: `selected,top-r` for an evaluated run whose unlearning selected
-    some feature, `top-r` otherwise."""
+    --min-rate of dangerous tokens), `top-r` (the --top live features of highest r), `live` (every
+    feature that fires on the store), `all` (every feature), or comma-separated feature indices
+    (`3,17,250`); keywords and indices combine with commas (`selected,top-r,42`). `auto`:
+    `selected,live` for an evaluated run whose unlearning selected some feature, `live` otherwise."""
     top: int = Field(64, gt=0)
     """How many features `top-r` takes."""
     examples: int = Field(10, gt=0, le=200)
@@ -30,6 +30,9 @@ class BrowseConfig(BaseModel):
     """Tokens shown after it."""
     neighbours: int = Field(10, ge=0, le=100)
     """Decoder neighbours listed per feature: the features whose decoder rows have the largest |cos|."""
+    cofiring: int = Field(10, ge=0, le=100)
+    """Co-firing features listed per feature: those whose activations correlate most (Pearson, over
+    the store's rows) with its own; 0 skips the correlations."""
     lens_tokens: int = Field(10, ge=0, le=100)
     """Logit lens: tokens listed per direction (promoted, suppressed) through the unembedding."""
     r_threshold: float = Field(0.9, gt=0.5, le=1)

@@ -110,11 +110,12 @@ class _Bounded:
 
 @torch.inference_mode()
 def collect(store: ShardStore, sae: SAE, *, top_k: int, reservoir: int, seed: int, device,
-            progress=None) -> FeatureStats:
+            progress=None, observe=None) -> FeatureStats:
     """The pass over every committed row of the store (see the module docstring).
 
     Only the SAE's encoding of a chunk is dense; the rest works on its positive entries, as
     (group * d_sae + feature) columns, so the cost beyond the encoder's grows with L0, not d_sae.
+    `observe(f)`, where given, sees each chunk's encoding (rows, d_sae) too.
     """
     d_sae = sae.d_sae
     group_of = torch.as_tensor(group_of_source(store), device=device)
@@ -132,6 +133,8 @@ def collect(store: ShardStore, sae: SAE, *, top_k: int, reservoir: int, seed: in
         x = store.acts(start, stop).to(device=device, dtype=torch.float32)
         groups = group_of[torch.as_tensor(store.read("label", start, stop).astype(np.int64), device=device)]
         f = sae.encode(x).float()
+        if observe is not None:
+            observe(f)
         where = (f > 0).nonzero()
         values = f[where[:, 0], where[:, 1]]
         rows = where[:, 0] + start

@@ -1,9 +1,10 @@
-"""`pipeline browse`: a static feature browser for one run, built from its shard store.
+"""`pipeline browse`: a static feature browser for one SAE, built from its shard store.
 
-Reads the run (its SAE, `eval/unlearning.json` where it was evaluated) and the store it was trained
-on; runs the SAE over the store (`examples.collect`), rebuilds the chosen features' contexts
-(`examples.build_contexts`), adds decoder neighbours and the logit lens, and hands everything to
-`site.write_site`. No language-model forward pass anywhere.
+Reads the SAE (a run, or with --shards any SAELens directory, resolved as `pipeline eval` resolves
+it; its `eval/unlearning.json` where it was evaluated) and the store it reads; runs the SAE over the
+store (`examples.collect`, which also feeds the co-firing correlations), rebuilds the chosen
+features' contexts (`examples.build_contexts`), adds decoder neighbours and the logit lens, and
+hands everything to `site.write_site`. No language-model forward pass anywhere.
 """
 
 import json
@@ -16,34 +17,38 @@ import torch
 from harvest.model import resolve_device
 from harvest.store import ShardStore
 from train.errors import TrainError
-from train.runs import resolve_run
 from train.sae import CONFIG_FILE, SAE
 
+from .cofiring import CoFiring
 from .config import BrowseConfig
 from .examples import GROUPS, FeatureStats, build_contexts, choose_samples, collect, hist_edges
 from .logit_lens import load_unembedding, logit_lens, model_directory
-from .site import write_site
+from .site import CHUNK, write_site
 
-KEYWORDS = ("selected", "specific", "top-r", "all")
+KEYWORDS = ("selected", "specific", "top-r", "live", "all")
 
 
-def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print) -> Path:
-    """Write the browser of run `name`; returns the path of its index.html."""
-    run_dir = resolve_run(name, runs_dir)
-    store = _open_store(run_dir)
+def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print, shards: Path | None = None) -> Path:
+    """Write the browser of SAE `name` (a run; with `shards`, also a SAELens directory); returns the
+    path of its index.html."""
+    from ..workbench.load import open_sae
+
     device = resolve_device(cfg.device)
-    sae = SAE.load(run_dir, device=device).float().eval()
+    opened = open_sae(name, runs_dir, shards, device=device)
+    run_dir, store, sae = opened.sae_dir, opened.store, opened.sae
     keywords, indices = parse_features(cfg.features, sae.d_sae, run_dir)
     unlearning = read_unlearning(run_dir)
     if keywords == ["auto"]:
-        keywords = ["selected", "top-r"] if selected_features(unlearning) else ["top-r"]
+        keywords = ["selected", "live"] if selected_features(unlearning) else ["live"]
     if "selected" in keywords and unlearning is None:
         raise TrainError(f"{run_dir} has not been evaluated (no eval/unlearning.json): run `pipeline eval "
                          f"{run_dir.name}` first, or choose --features top-r")
     tokenizer, model_dir = _tokenizer(store)
 
     started = time.perf_counter()
-    stats = collect(store, sae, top_k=cfg.examples, reservoir=cfg.reservoir, seed=cfg.seed, device=device)
+    cofiring = CoFiring(sae.d_sae)
+    stats = collect(store, sae, top_k=cfg.examples, reservoir=cfg.reservoir, seed=cfg.seed, device=device,
+                    observe=cofiring.add if cfg.cofiring else None)
     pass_seconds = time.perf_counter() - started
     progress(f"{run_dir.name}: the SAE over {store.rows_committed:,} store rows in {pass_seconds:.1f} s")
     selected = selected_features(unlearning)
@@ -63,21 +68,23 @@ def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print) -> Path
     contexts = build_contexts(store, sae, examples, before=cfg.before, after=cfg.after, device=device)
     strings = decode_contexts(tokenizer, [c.tokens for c in contexts])
     neighbours = decoder_neighbours(sae.W_dec.detach(), shown, cfg.neighbours)
+    together = cofiring.top(shown, cfg.cofiring) if cfg.cofiring else [[] for _ in shown]
     lens = _lens(model_dir, sae, shown, cfg.lens_tokens, tokenizer, progress)
     seconds = time.perf_counter() - started
 
     sources = [s["name"] for s in store.attrs["sources"]]
-    features = {}
+    features, fired_on = {}, {}
     for i, feature in enumerate(shown):
-        page = {"id": feature, "top": {}, "samples": {}, "neighbours": neighbours[i],
+        page = {"id": feature, "top": {}, "samples": {}, "neighbours": neighbours[i], "cofiring": together[i],
                 "lens": lens[i] if lens is not None else None,
                 "settings": [k for k, s in enumerate((unlearning or {}).get("settings", [])) if feature in s.get("features", [])]}
         for group, (first, n_top, n_samples) in layout[i].items():
             made = [_context_json(contexts[k], strings[k], sources) for k in range(first, first + n_top + n_samples)]
             page["top"][group], page["samples"][group] = made[:n_top], made[n_top:]
         features[feature] = page
+        fired_on[feature] = list(dict.fromkeys(c["tokens"][c["at"]] for g in GROUPS for c in page["top"][g]))
     index = _index(run_dir, store, sae, stats, shown, selected, unlearning, cfg, keywords, lens is not None,
-                   {"pass": round(pass_seconds, 1), "total": round(seconds, 1)})
+                   {"pass": round(pass_seconds, 1), "total": round(seconds, 1)}, fired_on)
     out = cfg.out if cfg.out is not None else run_dir / "browser"
     path = write_site(out, index, features)
     progress(f"{run_dir.name}: {len(shown)} feature pages in {seconds:.1f} s: {path}")
@@ -85,20 +92,6 @@ def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print) -> Path
 
 
 # --- inputs ----------------------------------------------------------------------------------------
-
-
-def _open_store(run_dir: Path) -> ShardStore:
-    """The run's store, refused in one line if it is missing, incomplete or not the one trained on."""
-    from ..runner import open_run_store
-
-    config = run_dir / "train_config.json"
-    shards = Path(json.loads(config.read_text())["shards"])
-    if ShardStore.exists(shards):
-        store = ShardStore.open(shards)
-        if not store.complete:
-            raise TrainError(f"the store at {shards} is incomplete ({store.rows_committed:,} of {store.rows_total:,} "
-                             "rows committed): finish it with the same `pipeline harvest` command first")
-    return open_run_store(run_dir)
 
 
 def parse_features(spec: str, d_sae: int, run_dir: Path) -> tuple[list[str], list[int]]:
@@ -114,7 +107,7 @@ def parse_features(spec: str, d_sae: int, run_dir: Path) -> tuple[list[str], lis
                                  f"(0..{d_sae - 1})")
             indices.append(index)
         else:
-            raise TrainError(f"--features takes auto, selected, specific, top-r, all or feature indices, "
+            raise TrainError(f"--features takes auto, selected, specific, top-r, live, all or feature indices, "
                              f"comma-separated; got {part!r}")
     return keywords, indices
 
@@ -159,6 +152,8 @@ def choose_features(keywords: list[str], indices: list[int], stats: FeatureStats
             chosen += found.tolist()
         elif keyword == "top-r":
             chosen += ranked_by_r(stats)[: cfg.top].tolist()
+        elif keyword == "live":
+            chosen += np.flatnonzero(stats.fired.sum(0) > 0).tolist()
         elif keyword == "all":
             chosen += list(range(len(r)))
     chosen += indices
@@ -269,7 +264,8 @@ def _sparse_hist(counts: np.ndarray) -> dict:
 
 
 def _index(run_dir: Path, store: ShardStore, sae: SAE, stats: FeatureStats, shown: list[int], selected: list[int],
-           unlearning: dict | None, cfg: BrowseConfig, keywords: list[str], has_lens: bool, seconds: dict) -> dict:
+           unlearning: dict | None, cfg: BrowseConfig, keywords: list[str], has_lens: bool, seconds: dict,
+           fired_on: dict[int, list[str]]) -> dict:
     attrs = store.attrs
     r, rate, maxima = stats.r, stats.rate, stats.max
     rank = np.full(len(r), -1)
@@ -277,7 +273,8 @@ def _index(run_dir: Path, store: ShardStore, sae: SAE, stats: FeatureStats, show
     rank[ranked] = np.arange(1, len(ranked) + 1)
     specific = set(specific_features(stats, cfg.r_threshold, cfg.min_rate).tolist())
     selected_set = set(selected)
-    train_cfg = json.loads((run_dir / "train_config.json").read_text())
+    train_file = run_dir / "train_config.json"
+    train_cfg = json.loads(train_file.read_text()) if train_file.is_file() else {}
     sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
     settings = []
     best = (unlearning or {}).get("best_setting") or {}
@@ -291,7 +288,8 @@ def _index(run_dir: Path, store: ShardStore, sae: SAE, stats: FeatureStats, show
         rows.append({"id": feature, "r": _round(r[feature]), "rate_dangerous": _round(rate[0, feature]),
                      "rate_safe": _round(rate[1, feature]), "max": _round(float(maxima[:, feature].max())),
                      "rank": int(rank[feature]) if rank[feature] > 0 else None, "selected": feature in selected_set,
-                     "specific": feature in specific, "hist": _sparse_hist(stats.hist[:, feature])})
+                     "specific": feature in specific, "hist": _sparse_hist(stats.hist[:, feature]),
+                     "fired_on": fired_on.get(feature, [])})
     return {
         "run": run_dir.name, "run_dir": str(run_dir), "store": str(store.path), "rows": store.rows_committed,
         "tokens": {g: int(n) for g, n in zip(GROUPS, stats.tokens)},
@@ -305,7 +303,7 @@ def _index(run_dir: Path, store: ShardStore, sae: SAE, stats: FeatureStats, show
         "unlearning": None if unlearning is None else {"score": unlearning.get("score"),
                                                        "control_score": unlearning.get("control_score"),
                                                        "settings": settings},
-        "hist_edges": [round(float(e), 3) for e in hist_edges()],
+        "hist_edges": [round(float(e), 3) for e in hist_edges()], "chunk": CHUNK, "cofiring": cfg.cofiring,
         "all": {"r": [_round(v) for v in r], "rate_dangerous": [_round(v) for v in rate[0]],
                 "rate_safe": [_round(v) for v in rate[1]], "shown": sorted(shown)},
         "features": rows, "lens": has_lens,
@@ -319,8 +317,9 @@ def run_browse(name: str, runs_dir: Path, options: dict):
     """What `pipeline browse` does with its options: lines to print."""
     from train.config import validate
 
+    shards = options.pop("shards", None)
     cfg = validate({k: v for k, v in options.items() if v is not None}, "browse options", BrowseConfig)
     lines = []
-    path = browse(name, runs_dir, cfg, progress=lines.append)
+    path = browse(name, runs_dir, cfg, progress=lines.append, shards=shards)
     yield from lines
     yield f"open {path}"

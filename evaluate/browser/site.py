@@ -2,7 +2,12 @@
 
     index.html, browser.js, browser.css     copied from assets/
     data/index.js                           the run and one row per feature (BROWSER.index(...))
-    data/features/<id>.js                   one feature's contexts, neighbours, lens (BROWSER.feature(id, ...))
+    data/texts.js, texts/                   pages of `pipeline activations` added to it (BROWSER.texts(...))
+    data/features/<k>.js                    the pages of features k*CHUNK .. (k+1)*CHUNK-1: their contexts,
+                                            neighbours, co-firing, lens (one BROWSER.feature(id, ...) a line)
+
+Pages come in chunks so that a browser of every feature of a wide SAE stays a few hundred files, and
+the page loads only the chunk of the feature it opens.
 
 The data are scripts, not JSON files, because a page opened from file:// may load scripts beside it
 but may not fetch files. The site is written under a temporary name and renamed into place, so an
@@ -16,6 +21,8 @@ from importlib import resources
 from pathlib import Path
 
 ASSETS = ("index.html", "browser.js", "browser.css")
+CHUNK = 64
+"""Feature pages per data file."""
 
 
 def _clean(value):
@@ -44,9 +51,18 @@ def write_site(out: Path, index: dict, features: dict[int, dict]) -> Path:
         for name in ASSETS:
             (partial / name).write_bytes((assets / name).read_bytes())
         (partial / "data" / "index.js").write_text(_script("BROWSER.index", index), encoding="utf-8")
-        for feature, page in features.items():
-            (partial / "data" / "features" / f"{feature}.js").write_text(_script("BROWSER.feature", feature, page),
-                                                                          encoding="utf-8")
+        chunks: dict[int, list[str]] = {}
+        for feature, page in sorted(features.items()):
+            chunks.setdefault(feature // CHUNK, []).append(_script("BROWSER.feature", feature, page))
+        for k, lines in chunks.items():
+            (partial / "data" / "features" / f"{k}.js").write_text("".join(lines), encoding="utf-8")
+        texts = out / "texts"  # pages of `pipeline activations` added to the earlier browser stay listed
+        if texts.is_dir():
+            shutil.copytree(texts, partial / "texts")
+            if (out / "data" / "texts.js").exists():
+                shutil.copy2(out / "data" / "texts.js", partial / "data" / "texts.js")
+        if not (partial / "data" / "texts.js").exists():
+            (partial / "data" / "texts.js").write_text("BROWSER.texts([]);\n", encoding="utf-8")
         previous = out.with_name(out.name + ".previous")
         shutil.rmtree(previous, ignore_errors=True)
         if out.exists():

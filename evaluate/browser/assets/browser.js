@@ -4,7 +4,7 @@
 "use strict";
 
 var BROWSER = (function () {
-  var state = { index: null, byId: {}, shown: {}, pages: {}, current: null, sortKey: "r", sortDesc: true };
+  var state = { index: null, byId: {}, shown: {}, pages: {}, chunks: {}, current: null, sortKey: "r", sortDesc: true };
   var DANGEROUS = "#c0392b", SAFE = "#2e6fba";
 
   // --- small helpers ------------------------------------------------------------------------------
@@ -49,7 +49,9 @@ var BROWSER = (function () {
   // Activation histogram: dangerous bars up, safe bars down, on one count scale; log-spaced bins.
   function histogram(hist, width, height, axis) {
     var edges = state.index.hist_edges, n = hist.dangerous.length;
-    var root = svg("svg", { width: width, height: height, viewBox: "0 0 " + width + " " + height, "class": "hist" });
+    // with an axis (the feature's card) the drawing scales to its card's width, so no bar or label is cut off
+    var root = svg("svg", axis ? { viewBox: "0 0 " + width + " " + height, "class": "hist fit", preserveAspectRatio: "xMinYMin meet" }
+      : { width: width, height: height, viewBox: "0 0 " + width + " " + height, "class": "hist" });
     if (!n) return root;
     var pad = axis ? 16 : 0, plotH = height - pad, mid = plotH / 2;
     var peak = Math.max(1, Math.max.apply(null, hist.dangerous.concat(hist.safe)));
@@ -126,24 +128,54 @@ var BROWSER = (function () {
     { key: null, label: "activations", title: "histogram of positive activations (log bins): dangerous up, safe down" }
   ];
 
+  // Each term of the filter box: a test on a row, its text, and (for a comparison) the column it reads.
   function parseFilter(text) {
     var tests = [];
     text.split(/[\s,]+/).filter(Boolean).forEach(function (part) {
-      var m = part.match(/^(r|rank|rate_dangerous|rate_safe|max|id)(<=|>=|<|>|=)(-?[\d.e-]+)$/);
+      var m = part.match(/^(r|rank|rate_dangerous|rate_safe|max|id)(<=|>=|<|>|=)(-?[\d.]+(?:e-?\d+)?)$/);
+      var test;
       if (m) {
         var key = m[1], op = m[2], v = parseFloat(m[3]);
-        tests.push(function (row) {
+        test = function (row) {
           var x = row[key];
           if (x === null || x === undefined) return false;
           return op === "<" ? x < v : op === ">" ? x > v : op === "<=" ? x <= v : op === ">=" ? x >= v : x === v;
-        });
+        };
+        test.key = key; test.op = op;
       } else if (/^\d+$/.test(part)) {
-        tests.push(function (row) { return String(row.id).indexOf(part) === 0; });
+        test = function (row) { return String(row.id).indexOf(part) === 0; };
       } else {
-        tests.push(function () { return false; });
+        test = function () { return false; };
+        test.unknown = true;
       }
+      test.text = part;
+      tests.push(test);
     });
     return tests;
+  }
+
+  // Why a filter lists nothing: each term alone, and for one nothing passes, the nearest value there is.
+  function whyEmpty(tests, pool, search) {
+    var parts = [];
+    tests.forEach(function (t) {
+      if (t.unknown) { parts.push("“" + t.text + "” is not a filter term (a feature id, or r, rank, rate_dangerous, rate_safe, max with <, >, <=, >=, =)"); return; }
+      var n = pool.filter(t).length, note = t.text + ": " + n + " pass alone";
+      if (!n && t.key) {
+        var values = pool.map(function (row) { return row[t.key]; }).filter(function (x) { return x !== null && x !== undefined; });
+        if (values.length) {
+          var low = t.op.charAt(0) === "<";
+          note += " (the " + (low ? "lowest " : "highest ") + t.key + " among them is " + fmt(low ? Math.min.apply(null, values) : Math.max.apply(null, values)) + ")";
+        }
+      }
+      parts.push(note);
+    });
+    if (search) parts.push("“" + search + "”: " + pool.filter(function (row) { return matchesSearch(row, search); }).length + " fire most on a token containing it");
+    return "No feature passes every condition among the " + pool.length + " listed. " + parts.join("; ") + ".";
+  }
+
+  function matchesSearch(row, search) {
+    var q = search.toLowerCase();
+    return (row.fired_on || []).some(function (tok) { return tok.toLowerCase().indexOf(q) >= 0; });
   }
 
   function renderTable() {
@@ -158,12 +190,14 @@ var BROWSER = (function () {
     });
     thead.appendChild(tr);
     var tests = parseFilter(document.getElementById("filter-text").value);
+    var search = document.getElementById("search-text").value.trim();
     var onlySelected = document.getElementById("filter-selected").checked;
     var onlySpecific = document.getElementById("filter-specific").checked;
-    var rows = index.features.filter(function (row) {
-      if (onlySelected && !row.selected) return false;
-      if (onlySpecific && !row.specific) return false;
-      return tests.every(function (t) { return t(row); });
+    var pool = index.features.filter(function (row) {
+      return !(onlySelected && !row.selected) && !(onlySpecific && !row.specific);
+    });
+    var rows = pool.filter(function (row) {
+      return tests.every(function (t) { return t(row); }) && (!search || matchesSearch(row, search));
     });
     var key = state.sortKey, sign = state.sortDesc ? -1 : 1;
     rows.sort(function (a, b) {
@@ -189,6 +223,12 @@ var BROWSER = (function () {
       ]);
       tbody.appendChild(line);
     });
+    if (!rows.length) {
+      var why = pool.length ? whyEmpty(tests, pool, search)
+        : "No feature passes: none of the " + index.features.length + " listed is " + (onlySelected ? "selected" : "") +
+          (onlySelected && onlySpecific ? " and " : "") + (onlySpecific ? "dangerous-specific" : "") + ".";
+      tbody.appendChild(el("tr", { cls: "why-empty" }, [el("td", { colspan: COLUMNS.length, id: "why-empty", text: why })]));
+    }
     document.getElementById("row-count").textContent = rows.length + " of " + index.features.length +
       " features" + (rows.length > limit ? " (first " + limit + " listed)" : "");
   }
@@ -297,6 +337,21 @@ var BROWSER = (function () {
     ]);
   }
 
+  function cofiringCard(page) {
+    var all = state.index.all, list = page.cofiring || [];
+    var items = list.map(function (p) {
+      var id = p[0], r = all.r[id];
+      var name = state.shown[id] ? el("a", { href: "#" + id, text: "#" + id }) : el("span", { cls: "no-page", text: "#" + id });
+      return el("tr", {}, [el("td", {}, [name]), el("td", { cls: "num", text: fmt(p[1], 3) }),
+        el("td", { cls: "num", text: r === null || r === undefined ? "–" : r.toFixed(3) })]);
+    });
+    var body = items.length ? el("table", { cls: "small", id: "cofiring" }, [el("thead", {}, [el("tr", {}, [el("th", { text: "feature" }), el("th", { text: "corr." }), el("th", { text: "r" })])]),
+      el("tbody", {}, items)])
+      : el("p", { cls: "empty", text: state.index.cofiring ? "No other feature fires together with it on the store." : "Not computed (--cofiring 0)." });
+    return el("div", { cls: "card" }, [el("div", { cls: "card-title", text: "Fires together with" }), body,
+      items.length ? el("div", { cls: "caption", text: "Pearson correlation of activations over the " + state.index.rows.toLocaleString() + " store rows" }) : null]);
+  }
+
   function unlearningCard(page) {
     var u = state.index.unlearning;
     if (!u) return el("div", { cls: "card" }, [el("div", { cls: "card-title", text: "Unlearning" }),
@@ -332,7 +387,7 @@ var BROWSER = (function () {
     pane.appendChild(el("div", { cls: "cards" }, [
       el("div", { cls: "card" }, [el("div", { cls: "card-title", text: "Activations (log bins): dangerous ▲ safe ▼" }),
         histogram(row.hist, 300, 120, true)]),
-      lensCard(page), neighboursCard(page), unlearningCard(page)
+      cofiringCard(page), lensCard(page), neighboursCard(page), unlearningCard(page)
     ]));
     pane.appendChild(contextColumns("Top activations", page, "top", peak, row));
     pane.appendChild(contextColumns("Across the activation range (a uniform sample of the tokens where it fires)", page, "samples", peak, row));
@@ -346,12 +401,15 @@ var BROWSER = (function () {
     if (tr) tr.className = "current";
     if (!state.byId[id] || state.pages[id]) { renderFeature(id); return; }
     renderFeature(id);
+    var chunk = Math.floor(id / (state.index.chunk || 1));
+    if (state.chunks[chunk]) return;  // already on its way
+    state.chunks[chunk] = true;
     var script = document.createElement("script");
-    script.src = "data/features/" + id + ".js";
+    script.src = "data/features/" + chunk + ".js";
     script.onerror = function () {
       var pane = document.getElementById("feature-pane");
       clear(pane);
-      pane.appendChild(el("p", { cls: "empty", text: "The page of feature " + id + " is missing (data/features/" + id + ".js)." }));
+      pane.appendChild(el("p", { cls: "empty", text: "The page of feature " + id + " is missing (data/features/" + chunk + ".js)." }));
     };
     document.body.appendChild(script);
   }
@@ -369,7 +427,7 @@ var BROWSER = (function () {
       var rh = document.getElementById("r-histogram");
       clear(rh);
       rh.appendChild(rHistogram(data));
-      ["filter-text", "filter-selected", "filter-specific"].forEach(function (id) {
+      ["filter-text", "search-text", "filter-selected", "filter-specific"].forEach(function (id) {
         document.getElementById(id).addEventListener("input", renderTable);
       });
       renderTable();
@@ -379,6 +437,14 @@ var BROWSER = (function () {
     feature: function (id, page) {
       state.pages[id] = page;
       if (state.current === id) renderFeature(id);
+    },
+    // pages of `pipeline activations` added to this browser (data/texts.js)
+    texts: function (list) {
+      var box = document.getElementById("texts");
+      if (!box || !list.length) return;
+      clear(box);
+      box.appendChild(el("span", { cls: "caption", text: "Your texts: " }));
+      list.forEach(function (t) { box.appendChild(el("a", { href: "texts/" + t.file, text: t.title })); box.appendChild(document.createTextNode(" ")); });
     }
   };
 })();
