@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from .config import HarvestConfig
+from .digests import UNCHECKED_NOTE, changed, content_digests
 from .disk import is_disk_full
 from .errors import HarvestError, Interrupted, signals_interrupt
 from .ledger import MARKER_DIR, ChunkLedger
@@ -424,6 +425,7 @@ def _store_attrs(cfg: HarvestConfig, loaded, plan: Plan | StreamedPlan) -> dict:
         "tool": "ratio-sae",
         "tool_version": tool_version(),
         "config": cfg.fingerprint(),
+        "content_digests": content_digests([*cfg.dangerous, *cfg.safe], getattr(loaded, "model_dir", None)),
     }
 
 
@@ -450,6 +452,12 @@ def _check_existing(path: Path, cfg: HarvestConfig, overwrite: bool) -> ShardSto
 
 def _check_same_run(store: ShardStore, attrs: dict) -> None:
     old = store.attrs
+    content = changed(old.get("content_digests"), attrs["content_digests"], attrs["model"].get("id"))
+    if content:
+        raise HarvestError(f"cannot resume the store at {store.path}: {content}; its rows so far are of the old "
+                           "text: restore it, or use another --out, or --overwrite to harvest it again")
+    if old.get("content_digests") is None:
+        print(f"note: the store at {store.path} {UNCHECKED_NOTE}", file=sys.stderr)
     keys = ("model", "compute_dtype", "d_model", "tokenizer", "sources")
     differences = _differences({k: old.get(k) for k in keys}, {k: attrs[k] for k in keys})
     if differences:

@@ -34,6 +34,8 @@ class LoadedModel:
     """Model id, revision or weights hash, class: recorded in the store."""
     layer: int = 0
     """The hooked block."""
+    model_dir: Path | None = None
+    """The local directory the model and its tokenizer were read from (None: from the hub)."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -115,7 +117,8 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
         "weights_sha256": _weights_hash(local) if local is not None else None,
     }
     return LoadedModel(model, tokenizer, blocks, n_layers, model.config.get_text_config().hidden_size,
-                       torch_device, compute_dtype, identity, layer)
+                       torch_device, compute_dtype, identity, layer,
+                       Path(source) if Path(source).is_dir() else None)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -57,9 +57,12 @@ def make_compressors(codec: str, clevel: int, itemsize: int) -> list:
 
 
 def store_fingerprint(attrs: dict) -> str:
-    """Names a store's contents: the harvest config, model identity, committed rows. Runs record it
+    """Names a store's contents: the harvest config, model identity, committed rows, the digests of its
+    sources and tokenizer (harvest/digests.py). Runs record it
     (train_config.json) and so does stats.json, so either can tell when the store has changed."""
     key = {k: attrs.get(k) for k in ("config", "model", "layer", "rows_committed", "compute_dtype")}
+    if attrs.get("content_digests") is not None:  # absent from older stores, whose fingerprint stays as it was
+        key["content_digests"] = attrs["content_digests"]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -134,6 +134,12 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
                 run_dirs = resume_dirs
                 for run_dir in run_dirs:  # before reading a checkpoint that another process may be replacing
                     held.enter_context(run_lock(run_dir))
+                # Checked again under the lock: a trainer finishing its last steps when this command
+                # looked has since finished, and resuming would train nothing and rewrite its results.
+                finished = [str(d) for d in run_dirs if (d / "final_info.json").exists()]
+                if finished:
+                    raise TrainError(f"{', '.join(finished)} finished while this command was starting (another "
+                                     "`pipeline train` completed it); nothing to resume")
                 start = _load_checkpoints(run_dirs, trainers, d_model)
                 fingerprint = store_fingerprint(store.attrs)
                 for run_dir in run_dirs:
@@ -283,6 +289,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
             if failed[i]:
                 results.append(RunResult(run_dir, c, trainer.step_count, failed[i]))
                 continue
+            if step == start and not latest[i]:  # resumed at the last step: its metrics are the log's last row
+                latest[i] = _last_logged(run_dir)
             save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
                             keep_previous=len(trainers) > 1)
             trainer.sae_for_raw_inputs().save(run_dir, metadata=_sae_metadata(store))
@@ -326,6 +334,16 @@ def _store_statistics(store: ShardStore, cfgs: list[TrainConfig],
         raise TrainError(str(exc)) from None
     mean = torch.tensor(stats["activations"]["mean"], dtype=torch.float32, device=device)
     return mean, stats["all"]["norm"]["mean"]
+
+
+def _last_logged(run_dir: Path) -> dict:
+    """The training metrics of the last row of metrics.jsonl (those of the final step once it is logged)."""
+    rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    try:
+        row = json.loads(rows[-1]) if rows else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in row.items() if k not in ("step", "tokens", "tokens_per_s", "epoch")}
 
 
 def _checkpoint_step(run_dir: Path) -> str:

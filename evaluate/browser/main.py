@@ -22,7 +22,8 @@ from train.sae import CONFIG_FILE, SAE
 from .config import BrowseConfig
 from .examples import GROUPS, FeatureStats, build_contexts, choose_samples, collect, hist_edges
 from .logit_lens import load_unembedding, logit_lens, model_directory
-from .site import write_site
+from ..output_dirs import BROWSER_MARKER, check_output_dir
+from .site import SITE_NAMES, is_legacy_site, write_site
 
 KEYWORDS = ("selected", "specific", "top-r", "all")
 
@@ -30,6 +31,8 @@ KEYWORDS = ("selected", "specific", "top-r", "all")
 def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print) -> Path:
     """Write the browser of run `name`; returns the path of its index.html."""
     run_dir = resolve_run(name, runs_dir)
+    out = cfg.out if cfg.out is not None else run_dir / "browser"
+    check_site_out(out, run_dir)  # before the pass over the store
     store = _open_store(run_dir)
     device = resolve_device(cfg.device)
     sae = SAE.load(run_dir, device=device).float().eval()
@@ -78,10 +81,16 @@ def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print) -> Path
         features[feature] = page
     index = _index(run_dir, store, sae, stats, shown, selected, unlearning, cfg, keywords, lens is not None,
                    {"pass": round(pass_seconds, 1), "total": round(seconds, 1)})
-    out = cfg.out if cfg.out is not None else run_dir / "browser"
+    check_site_out(out, run_dir)  # again: it may have changed during the pass
     path = write_site(out, index, features)
     progress(f"{run_dir.name}: {len(shown)} feature pages in {seconds:.1f} s: {path}")
     return path
+
+
+def check_site_out(out: Path, run_dir: Path) -> None:
+    """`--out` is absent, empty or a site `pipeline browse` wrote, and not in another run (output_dirs)."""
+    check_output_dir(out, marker=BROWSER_MARKER, kind="a feature browser site", own_name=SITE_NAMES.__contains__,
+                     legacy=is_legacy_site, made_by="pipeline browse", own_run=run_dir)
 
 
 # --- inputs ----------------------------------------------------------------------------------------

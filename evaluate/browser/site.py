@@ -5,17 +5,21 @@
     data/features/<id>.js                   one feature's contexts, neighbours, lens (BROWSER.feature(id, ...))
 
 The data are scripts, not JSON files, because a page opened from file:// may load scripts beside it
-but may not fetch files. The site is written under a temporary name and renamed into place, so an
-earlier browser stays whole until the new one is.
+but may not fetch files. The site is written under a unique temporary name beside `--out` and swapped
+into place, so an earlier browser stays whole until the new one is; it carries a marker file
+(`.ratio-sae-browser`) by which `pipeline browse` knows it may replace it (evaluate/output_dirs.py).
 """
 
 import json
 import math
-import shutil
 from importlib import resources
 from pathlib import Path
 
+from ..output_dirs import BROWSER_MARKER, replace_dir
+
 ASSETS = ("index.html", "browser.js", "browser.css")
+SITE_NAMES = frozenset({*ASSETS, "data"})
+"""Every name the site holds at its top level."""
 
 
 def _clean(value):
@@ -33,12 +37,15 @@ def _script(call: str, *args) -> str:
     return f"{call}({', '.join(json.dumps(_clean(a), separators=(',', ':'), allow_nan=False) for a in args)});\n"
 
 
+def is_legacy_site(path: Path) -> bool:
+    """A site written before sites carried their marker: these files and nothing else."""
+    return (path / "index.html").is_file() and (path / "data" / "index.js").is_file()
+
+
 def write_site(out: Path, index: dict, features: dict[int, dict]) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    """Write the site to `out`, which `check_output_dir` has accepted: whole beside it, then swapped in."""
+
+    def write(partial: Path) -> None:
         (partial / "data" / "features").mkdir(parents=True)
         assets = resources.files("evaluate.browser") / "assets"
         for name in ASSETS:
@@ -47,13 +54,6 @@ def write_site(out: Path, index: dict, features: dict[int, dict]) -> Path:
         for feature, page in features.items():
             (partial / "data" / "features" / f"{feature}.js").write_text(_script("BROWSER.feature", feature, page),
                                                                           encoding="utf-8")
-        previous = out.with_name(out.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        if out.exists():
-            out.rename(previous)
-        partial.rename(out)
-        shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out / "index.html"
+
+    replace_dir(Path(out), write, BROWSER_MARKER)
+    return Path(out) / "index.html"

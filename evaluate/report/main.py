@@ -25,6 +25,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from train.errors import TrainError  # noqa: E402
 from train.runs import RUN_NAME, resolve_run  # noqa: E402
 
+from ..output_dirs import REPORT_MARKER, check_output_dir, replace_dir  # noqa: E402
+from ..read_inputs import read_json_object, read_npz_arrays  # noqa: E402
 from .power import arm_differences, seed_paired_differences  # noqa: E402
 
 SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
@@ -59,10 +61,10 @@ EVALS = ("unlearning", "core", "specialization", "saebench_unlearning")
 
 
 def _load(run_dir: Path) -> dict:
-    data = {"dir": run_dir, "train": json.loads((run_dir / "train_config.json").read_text())}
+    data = {"dir": run_dir, "train": read_json_object(run_dir / "train_config.json")}
     for name, path in (("final", run_dir / "final_info.json"),
                        *((s, run_dir / "eval" / f"{s}.json") for s in EVALS)):
-        data[name] = json.loads(path.read_text()) if path.exists() else {}
+        data[name] = read_json_object(path) if path.exists() else {}
     return data
 
 
@@ -113,9 +115,23 @@ def _label(row: dict) -> str:
 
 
 def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
+    """Write the report into `out` whole: refused unless `out` is absent, empty or a report (marked by
+    `.ratio-sae-report`); written beside it and swapped in, so an error (a full disk) leaves no report
+    without its plots (evaluate/output_dirs.py)."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file: the report is a directory (report.md, report.csv, plots); "
                          "name a directory")
+    check_output_dir(out, marker=REPORT_MARKER, kind="a report", own_name=_report_file,
+                     legacy=lambda p: (p / "report.md").is_file(), made_by="pipeline report")
+    replace_dir(out, lambda staging: _write_report(runs, runs_dir, staging), REPORT_MARKER)
+    return out / "report.md"
+
+
+def _report_file(name: str) -> bool:
+    return name in ("report.md", "report.csv") or name.endswith((".png", ".svg", ".pdf"))
+
+
+def _write_report(runs: list[str], runs_dir: Path, out: Path) -> None:
     if runs:
         dirs = [resolve_run(r, runs_dir) for r in runs]
         not_evaluated = [str(d) for d in dirs if not any((d / "eval" / f"{s}.json").exists() for s in EVALS)]
@@ -175,7 +191,6 @@ def report(runs: list[str], runs_dir: Path, out: Path) -> Path:
                out / "unlearning_vs_ortho.png")
     _plot_bars(rows, ("decoder_cos_dangerous", "dangerous-specific"), ("decoder_cos_random", "random pairs"),
                "mean |cos| of decoder rows", "decoder geometry", out / "decoder_cos.png")
-    return out / "report.md"
 
 
 def seed_groups(rows: list[dict]) -> list[dict]:
@@ -208,8 +223,7 @@ def _draws(run_dir: Path) -> dict | None:
     path = run_dir / "eval" / "unlearning_bootstrap.npz"
     if not path.exists():
         return None
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    return read_npz_arrays(path)
 
 
 def arm_draws(members: list[dict], key: str, rng: np.random.Generator) -> np.ndarray | None:

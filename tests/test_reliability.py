@@ -1,0 +1,278 @@
+"""Reliability (docs/errors.md): nothing deleted that the user did not ask to delete, a store is one corpus,
+checkpoints verified, and every bad file a user can hand over refused in one line with exit 2.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+from .test_bad_inputs import own_store, short_run, tree  # noqa: F401  (own_store: a fixture)
+from .test_errors import error_line
+
+
+def refused(monkeypatch, capsys, args: list[str]) -> str:
+    capsys.readouterr()
+    assert run_cli(monkeypatch, args) == 2
+    return error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def browsed_run(tiny_store, tmp_path_factory):
+    """runs/run_1 (a short run on the tiny store) and runs/run_2, in a runs directory of their own."""
+    from .test_train import train_args
+
+    runs = tmp_path_factory.mktemp("reliability") / "runs"
+    mp = pytest.MonkeyPatch()
+    for _ in range(2):
+        assert run_cli(mp, train_args(tiny_store, runs, "--tokens", "1280")) == 0
+    mp.undo()
+    return runs / "run_1"
+
+
+def browse(run: Path, out: Path | str, *extra: str) -> list[str]:
+    return ["browse", str(run), "--features", "1,2", "--examples", "2", "--samples", "0", "--lens-tokens", "0",
+            "--device", "cpu", "--out", str(out), *extra]
+
+
+# --- nothing deleted unasked: browse --out, report --out ------------------------------------------------
+
+
+def test_browse_refuses_an_out_that_is_not_its_own_site_and_loses_nothing(browsed_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    runs = browsed_run.parent
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("precious")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    before = tree(tmp_path), tree(runs)
+    line = refused(monkeypatch, capsys, browse(browsed_run, thesis))
+    assert "exists, is not empty and is not a feature browser site" in line
+    line = refused(monkeypatch, capsys, browse(browsed_run, runs))
+    assert "is a runs directory" in line
+    line = refused(monkeypatch, capsys, browse(browsed_run, browsed_run))
+    assert "exists, is not empty" in line
+    line = refused(monkeypatch, capsys, browse(browsed_run, runs / "run_2" / "site"))
+    assert "inside the run directory" in line and "run_2" in line
+    line = refused(monkeypatch, capsys, browse(browsed_run, runs / "run_7"))
+    assert "named as a run" in line
+    line = refused(monkeypatch, capsys, browse(browsed_run, notes))
+    assert "exists and is not a directory" in line
+    assert (tree(tmp_path), tree(runs)) == before  # no `notes.txt.previous`, nothing replaced
+    assert not list(tmp_path.glob("*.previous"))
+
+
+def test_browse_replaces_its_own_site_atomically_and_never_touches_names_beside_it(browsed_run, tmp_path,
+                                                                                    monkeypatch, capsys):
+    out = tmp_path / "site"
+    for name in ("site.partial", "site.previous"):  # the names the site used to write and delete
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mine.txt").write_text("mine")
+    assert run_cli(monkeypatch, browse(browsed_run, out)) == 0
+    assert (out / ".ratio-sae-browser").is_file() and (out / "index.html").is_file()
+    assert run_cli(monkeypatch, browse(browsed_run, out, "--features", "3")) == 0  # its own site: replaced
+    assert sorted(p.name for p in (out / "data" / "features").iterdir()) == ["3.js"]
+    for name in ("site.partial", "site.previous"):
+        assert (tmp_path / name / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.partial", "site.previous"]
+    (out / "my-notes.md").write_text("mine")  # something of the user's in the site: not replaced
+    line = refused(monkeypatch, capsys, browse(browsed_run, out))
+    assert "also holds my-notes.md" in line
+    assert (out / "my-notes.md").read_text() == "mine"
+    # a site written before sites carried the marker is still recognised as one
+    (out / "my-notes.md").unlink()
+    (out / ".ratio-sae-browser").unlink()
+    assert run_cli(monkeypatch, browse(browsed_run, out)) == 0
+
+
+def test_a_failing_site_write_keeps_the_old_site_and_leaves_no_staging(browsed_run, tmp_path, monkeypatch,
+                                                                       capsys):
+    import errno
+
+    import evaluate.browser.site as site
+
+    out = tmp_path / "site"
+    assert run_cli(monkeypatch, browse(browsed_run, out)) == 0
+    before = tree(out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out) + "/data/index.js")
+
+    monkeypatch.setattr(site, "_script", disk_full)
+    line = refused(monkeypatch, capsys, browse(browsed_run, out, "--features", "3"))
+    assert "No space left on device" in line and "free space" in line
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def _fake_evaluated_runs(runs: Path, n: int = 2) -> None:
+    for i in range(1, n + 1):
+        run = runs / f"run_{i}"
+        (run / "eval").mkdir(parents=True)
+        (run / "train_config.json").write_text(json.dumps({"trainer": "ratio", "arch": "relu", "ortho": 0.1 * i,
+                                                           "d_sae": 64, "seed": 0}))
+        (run / "eval" / "unlearning.json").write_text(json.dumps({
+            "score_at_retain": {"0.01": {"value": 0.1 * i, "ci95": [0.0, 0.2 * i]}}, "settings": [], "retain_tolerance_nats": 0.03}))
+
+
+def test_report_refuses_an_out_that_is_not_a_report_and_replaces_its_own(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    _fake_evaluated_runs(runs)
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.tex").write_text("precious")
+    before = tree(tmp_path)
+    line = refused(monkeypatch, capsys, ["report", "--runs-dir", str(runs), "--out", str(thesis)])
+    assert "is not empty and is not a report written by `pipeline report`" in line
+    line = refused(monkeypatch, capsys, ["report", "--runs-dir", str(runs), "--out", str(runs)])
+    assert "is a runs directory" in line
+    line = refused(monkeypatch, capsys, ["report", "--runs-dir", str(runs), "--out", str(runs / "run_1")])
+    assert "the run directory" in line
+    assert tree(tmp_path) == before
+    out = tmp_path / "report"
+    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    assert (out / ".ratio-sae-report").is_file() and (out / "report.md").is_file()
+    assert run_cli(monkeypatch, ["report", "run_1", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    assert "| run_2 |" not in (out / "report.md").read_text()
+
+
+def test_a_report_that_fails_half_way_leaves_the_old_report_whole(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import evaluate.report.main as report_main
+
+    runs = tmp_path / "runs"
+    _fake_evaluated_runs(runs)
+    out = tmp_path / "report"
+    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(out)]) == 0
+    before = {p: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(loaded, rows, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(report_main, "_plot_tradeoff", disk_full)
+    line = refused(monkeypatch, capsys, ["report", "run_1", "--runs-dir", str(runs), "--out", str(out)])
+    assert "No space left on device" in line
+    assert {p: p.read_bytes() for p in out.iterdir()} == before  # report.md of the old report, with its plots
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "runs"]
+    shutil.rmtree(out)
+    assert refused(monkeypatch, capsys, ["report", "run_1", "--runs-dir", str(runs), "--out", str(out)])
+    assert not out.exists()  # no report without its plots
+
+
+def test_a_symlink_loop_as_out_is_one_line(browsed_run, tmp_path, monkeypatch, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    runs = tmp_path / "runs"
+    _fake_evaluated_runs(runs)
+    assert "symlink loop" in refused(monkeypatch, capsys, ["report", "--runs-dir", str(runs), "--out", str(loop)])
+    assert "symlink loop" in refused(monkeypatch, capsys, browse(browsed_run, loop))
+    assert loop.is_symlink()
+
+
+# --- finished is finished --------------------------------------------------------------------------------
+
+
+def test_a_resume_that_finds_the_run_finished_under_its_lock_refuses_and_keeps_the_results(own_store, tmp_path,
+                                                                                             monkeypatch, capsys):
+    import train.loop as loop
+
+    run = short_run(own_store, tmp_path / "runs", monkeypatch)
+    final = (run / "final_info.json").read_bytes()
+    before = tree(run)
+    (run / "final_info.json").unlink()  # as the first trainer's run looked when this command started
+    real_lock = loop.run_lock
+
+    def finished_meanwhile(run_dir):  # the first trainer writes its results and exits while this one starts
+        (run_dir / "final_info.json").write_bytes(final)
+        return real_lock(run_dir)
+
+    monkeypatch.setattr(loop, "run_lock", finished_meanwhile)
+    line = refused(monkeypatch, capsys, ["train", "--resume", "run_1", "--runs-dir", str(tmp_path / "runs")])
+    assert "finished while this command was starting" in line and "nothing to resume" in line
+    assert tree(run) == before and (run / "final_info.json").read_bytes() == final
+
+
+# --- a store is one corpus ---------------------------------------------------------------------------------
+
+
+def rewind(path: Path, rows: int) -> None:
+    """What a harvest killed after committing `rows` rows leaves (the chunks after them are uncommitted)."""
+    from harvest.store import ShardStore
+
+    writable = ShardStore.open(path, mode="r+")
+    writable.group.attrs.update({"rows_committed": rows, "complete": False})
+
+
+@pytest.fixture
+def own_inputs(tiny_model, corpora, tmp_path):
+    """A copy of the tiny model and of the corpora, which a test may change, and the store harvested from them."""
+    from .conftest import harvest_args, harvested
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    sources = {k: Path(shutil.copy(v, tmp_path / v.name)) for k, v in corpora.items()}
+    args = harvest_args(model, sources, tmp_path / "store")
+    return model, sources, args, harvested(args)
+
+
+def test_a_harvest_resumed_on_changed_sources_or_tokenizer_is_refused_naming_which(own_inputs, monkeypatch, capsys):
+    from harvest.store import ShardStore, store_fingerprint
+
+    model, sources, args, store = own_inputs
+    digests = store.attrs["content_digests"]
+    assert [s["name"] for s in digests["sources"]] == ["danger.jsonl", "safe.txt", "safe.parquet"]
+    assert all(len(s["sha256"]) == 64 for s in digests["sources"]) and len(digests["tokenizer_sha256"]) == 64
+    rewind(store.path, 512)
+    before = tree(store.path)
+    text = sources["danger"].read_bytes()
+    sources["danger"].write_bytes(text.replace(b'"text": "', b'"text": "changed ', 1))
+    line = refused(monkeypatch, capsys, args)
+    assert "the content of source danger.jsonl changed since the store was started" in line
+    assert "safe.txt" not in line and "tokenizer" not in line
+    sources["danger"].write_bytes(text)
+    tokenizer = model / "tokenizer.json"
+    original = tokenizer.read_bytes()
+    tokenizer.write_bytes(original + b"\n")  # the same tokenizer to transformers, other bytes
+    line = refused(monkeypatch, capsys, args)
+    assert "the tokenizer files of" in line and "changed since the store was started" in line
+    assert tree(store.path) == before
+    tokenizer.write_bytes(original)
+    assert run_cli(monkeypatch, args) == 0  # the same inputs again: resumes
+    resumed = ShardStore.open(store.path)
+    assert resumed.complete and store_fingerprint(resumed.attrs) == store_fingerprint(store.attrs)
+
+
+def test_the_store_fingerprint_includes_the_digests_and_older_stores_keep_theirs(tiny_store):
+    import hashlib
+
+    from harvest.store import store_fingerprint
+
+    attrs = dict(tiny_store.attrs)
+    other = {**attrs, "content_digests": {**attrs["content_digests"], "tokenizer_sha256": "0" * 64}}
+    assert store_fingerprint(other) != store_fingerprint(attrs)  # a run on the re-harvested corpus is told so
+    old = {k: v for k, v in attrs.items() if k != "content_digests"}
+    key = {k: old.get(k) for k in ("config", "model", "layer", "rows_committed", "compute_dtype")}
+    assert store_fingerprint(old) == hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_an_older_store_without_digests_resumes_and_says_what_it_cannot_check(own_inputs, monkeypatch, capsys):
+    from harvest.store import ShardStore
+
+    model, sources, args, store = own_inputs
+    writable = ShardStore.open(store.path, mode="r+")
+    attrs = dict(writable.group.attrs)
+    del attrs["content_digests"]
+    writable.group.attrs.put(attrs)
+    rewind(store.path, 512)
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["info", str(store.path)]) == 0
+    assert "no digests of sources or tokenizer" in capsys.readouterr().out
+    assert run_cli(monkeypatch, args) == 0
+    err = capsys.readouterr().err
+    assert "was written before stores recorded digests of their sources and tokenizer" in err
+    assert ShardStore.open(store.path).complete
