@@ -276,3 +276,74 @@ def test_an_older_store_without_digests_resumes_and_says_what_it_cannot_check(ow
     err = capsys.readouterr().err
     assert "was written before stores recorded digests of their sources and tokenizer" in err
     assert ShardStore.open(store.path).complete
+
+
+# --- checkpoints verified --------------------------------------------------------------------------------
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last tensor's last value
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_checkpoint_is_named_and_the_older_intact_one_resumes_to_the_same_weights(own_store, tmp_path,
+                                                                                            monkeypatch, capsys):
+    from train.trainers.base import Trainer
+
+    from .conftest import interrupt_training_at
+    from .test_train import assert_same_weights, train_args
+
+    runs = tmp_path / "runs"
+    assert run_cli(monkeypatch, train_args(own_store, runs / "a")) == 0
+    original = interrupt_training_at(monkeypatch, 15)
+    assert run_cli(monkeypatch, train_args(own_store, runs / "b")) == 130
+    run = runs / "b" / "run_1"
+    older = tmp_path / "step_10"
+    shutil.copytree(run / "checkpoint" / "step_10", older)
+    monkeypatch.setattr(Trainer, "step", original)
+    interrupt_training_at(monkeypatch, 27)
+    resume = ["train", "--resume", "run_1", "--runs-dir", str(runs / "b"), "--no-progress"]
+    assert run_cli(monkeypatch, resume) == 130
+    monkeypatch.setattr(Trainer, "step", original)
+    checkpoint = run / "checkpoint"
+    assert json.loads((checkpoint / "step_20" / "state.json").read_text())["sha256"]["state.safetensors"]
+    assert sorted(p.name for p in checkpoint.iterdir() if p.is_dir()) == ["step_20"]
+
+    # one flipped bit, and no older checkpoint: named as damaged, nothing resumed or changed
+    state = checkpoint / "step_20" / "state.safetensors"
+    intact = state.read_bytes()
+    _flip_last_byte(state)
+    before = tree(run)
+    line = refused(monkeypatch, capsys, resume)
+    assert f"the checkpoint {checkpoint / 'step_20'}" in line and "is damaged" in line and "sha256" in line
+    state.write_bytes(b"")  # zero bytes, as a full disk may leave it
+    assert "is damaged" in refused(monkeypatch, capsys, resume)
+    state.write_bytes(intact[: len(intact) // 2])  # truncated
+    assert "is damaged" in refused(monkeypatch, capsys, resume)
+    state.write_bytes(intact)
+    _flip_last_byte(state)
+    assert tree(run) == before
+
+    # latest.json: garbage, a checkpoint outside the run, a missing step
+    latest = checkpoint / "latest.json"
+    pointer = latest.read_text()
+    for text, expected in (("garbage", "is damaged (not JSON"),
+                           ('{"step": 20, "dir": "../../../a/run_1/checkpoint/step_20"}', "only a checkpoint inside its own run"),
+                           ('{"step": "20", "dir": "step_20"}', "not a step number"),
+                           ('{"step": 268, "dir": "step_268"}', "step_268 that")):
+        latest.write_text(text)
+        line = refused(monkeypatch, capsys, resume)
+        assert expected in line, line
+        assert "resuming from" not in capsys.readouterr().out
+    latest.write_text(pointer)
+
+    # the older intact checkpoint back beside the damaged one: the resume falls back to it, saying so
+    shutil.copytree(older, checkpoint / "step_10")
+    capsys.readouterr()
+    assert run_cli(monkeypatch, resume) == 0
+    captured = capsys.readouterr()
+    assert f"the checkpoint {checkpoint / 'step_20'} is damaged" in captured.err
+    assert "resuming from the older intact one at step 10" in captured.err
+    assert "resuming from the checkpoint at step 10" in captured.out
+    assert_same_weights(runs / "a" / "run_1", run)

@@ -1,13 +1,15 @@
 """What `pipeline train` does with its options: single run, sweep in lockstep groups, or resume."""
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from .checkpoint_check import resume_point
 from .config import TrainConfig, load_config, load_sweep
 from .errors import TrainError
 from .loop import RunResult, train_group
-from .runs import checkpoint_step, lockstep_group, resolve_run
+from .runs import lockstep_group, resolve_run
 
 
 def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, overrides: dict,
@@ -101,8 +103,12 @@ def _resumable(name: str, overrides: dict) -> tuple[list[Path], list[TrainConfig
 
 
 def _resume_note(run_dirs: list[Path]) -> str:
+    """Where the group resumes: the checkpoint it will load (train/checkpoint_check.py), never merely the
+    step latest.json names."""
     names = ", ".join(map(str, run_dirs))
-    reached = min(checkpoint_step(d) or 0 for d in run_dirs)
+    reached, passed_over = resume_point(run_dirs)
     if reached == 0:
         return f"{names}: no checkpoint yet; training from step 0."
+    for note in passed_over:
+        print(note, file=sys.stderr)
     return f"{names}: resuming from the checkpoint at step {reached}."

@@ -26,6 +26,7 @@ from harvest.model import cpu_has_native_bf16
 from harvest.stats import stats_for_training
 from harvest.store import ShardStore, store_fingerprint
 
+from .checkpoint_check import resume_point
 from .checkpointing import CheckpointJob, CheckpointWriter
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
@@ -33,7 +34,7 @@ from .loader import ShardLoader
 from .memory import check_fits
 from .precision import resolve_autocast
 from .runs import (MetricsLog, checkpoint_step, group_record, holds_nothing, interrupted, load_checkpoint, new_run_dir,
-                   run_lock, save_checkpoint, write_json)
+                   point_latest_at, run_lock, save_checkpoint, write_json)
 from .tracking import open_wandb_runs, require_wandb
 from .trainers import TRAINERS, Trainer
 
@@ -170,9 +171,12 @@ def _load_checkpoints(run_dirs: list[Path], trainers: list[Trainer], d_model: in
     ahead; those keep the one before (save_checkpoint's keep_previous). No checkpoint: step 0.
     """
     reached = [checkpoint_step(d) or 0 for d in run_dirs]
-    start = min(reached)
+    start, passed_over = resume_point(run_dirs)  # a damaged newest checkpoint: the intact one before it
     if start == 0:
         return 0
+    if passed_over:
+        for run_dir in run_dirs:  # so that the step passed over is written anew when training reaches it
+            point_latest_at(run_dir, start)
     for run_dir, trainer in zip(run_dirs, trainers):
         saved = load_checkpoint(run_dir, step=start)
         if saved is None:
