@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import HarvestError
+from .errors import HarvestError, yaml_problem
 
 Label = Literal["dangerous", "safe"]
 
@@ -206,7 +206,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HarvestConfig:
         except OSError as exc:
             raise HarvestError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            raise HarvestError(f"config file {path} is not valid YAML: {exc}") from None
+            raise HarvestError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise HarvestError(f"config file {path} must hold a mapping of keys to values")
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -347,3 +347,143 @@ def test_a_damaged_checkpoint_is_named_and_the_older_intact_one_resumes_to_the_s
     assert "resuming from the older intact one at step 10" in captured.err
     assert "resuming from the checkpoint at step 10" in captured.out
     assert_same_weights(runs / "a" / "run_1", run)
+
+
+# --- every file a user can hand over ------------------------------------------------------------------
+
+
+def _external_sae(root: Path, d_in: int = 64, d_sae: int = 48) -> Path:
+    from train.sae import SAE
+
+    directory = root / "sae"
+    SAE(d_in, d_sae, seed=0).save(directory, metadata={"hook_name": "blocks.2.hook_resid_post"})
+    return directory
+
+
+def _edit_cfg(directory: Path, change) -> None:
+    path = directory / "cfg.json"
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def _edit_weights(directory: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "sae_weights.safetensors")
+    change(tensors)
+    save_file(tensors, directory / "sae_weights.safetensors")
+
+
+def _set(key, value):
+    return lambda cfg: cfg.__setitem__(key, value)
+
+
+def _drop(key):
+    return lambda d: d.pop(key)
+
+
+BAD_SAE_DIRS = {
+    "cfg.json not JSON": (lambda d: (d / "cfg.json").write_text("{not json"), "cfg.json is not valid JSON"),
+    "cfg.json empty": (lambda d: (d / "cfg.json").write_text(""), "cfg.json is empty"),
+    "cfg.json a list": (lambda d: (d / "cfg.json").write_text("[1, 2]"), "holds a JSON list, not an object"),
+    "metadata a string": (lambda d: _edit_cfg(d, _set("metadata", "x")), "metadata is 'x', not an object"),
+    "no d_sae": (lambda d: _edit_cfg(d, _drop("d_sae")), "has no d_sae"),
+    "negative d_sae": (lambda d: _edit_cfg(d, _set("d_sae", -4)), "d_sae is -4 (int), not a positive integer"),
+    "d_in a string": (lambda d: _edit_cfg(d, _set("d_in", "64")), "d_in is '64' (a string), not a positive integer"),
+    "d_sae 10^10": (lambda d: _edit_cfg(d, _set("d_sae", 10 ** 10)), "W_dec has shape [48, 64], but cfg.json's"),
+    "wrong shape": (lambda d: _edit_weights(d, lambda t: t.__setitem__("b_enc", t["b_enc"][:40].clone())),
+                    "b_enc has shape [40]"),
+    "int32 weights": (lambda d: _edit_weights(d, lambda t: t.__setitem__("b_dec", t["b_dec"].int())),
+                      "b_dec has dtype I32"),
+    "no W_dec": (lambda d: _edit_weights(d, _drop("W_dec")), "missing W_dec"),
+    "extra tensor": (lambda d: _edit_weights(d, lambda t: t.__setitem__("extra", t["b_dec"].clone())),
+                     "unexpected extra"),
+    "NaN weights": (lambda d: _edit_weights(d, lambda t: t["W_enc"].__setitem__((0, 0), float("nan"))),
+                    "W_enc holds 1 NaN or Inf value(s)"),
+    "Inf weights": (lambda d: _edit_weights(d, lambda t: t["b_enc"].__setitem__(3, float("inf"))),
+                    "b_enc holds 1 NaN or Inf value(s)"),
+    "zero-byte weights": (lambda d: (d / "sae_weights.safetensors").write_bytes(b""), "not a readable safetensors"),
+    "truncated weights": (lambda d: (d / "sae_weights.safetensors").write_bytes(
+        (d / "sae_weights.safetensors").read_bytes()[:5000]), "not a readable safetensors"),
+    "pickle as weights": (lambda d: (d / "sae_weights.safetensors").write_bytes(
+        __import__("pickle").dumps({"W_dec": [1.0]})), "not a readable safetensors"),
+    "topk without k": (lambda d: _edit_cfg(d, _set("architecture", "topk")), "has no k"),
+    "k above d_sae": (lambda d: _edit_cfg(d, lambda c: c.update(architecture="topk", k=100)), "k is 100, more than d_sae 48"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAE_DIRS))
+def test_a_malformed_external_sae_directory_is_one_line_naming_the_file(case, tiny_store, tmp_path, monkeypatch,
+                                                                          capsys):
+    directory = _external_sae(tmp_path)
+    damage, expected = BAD_SAE_DIRS[case]
+    damage(directory)
+    before = tree(directory)
+    line = refused(monkeypatch, capsys, ["eval", str(directory), "--shards", str(tiny_store.path), "--device", "cpu"])
+    assert expected in line, line
+    assert str(directory) in line
+    assert tree(directory) == before and not (directory / "eval").exists()
+
+
+def test_corrupt_run_files_read_by_the_report_are_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    runs = tmp_path / "runs"
+    _fake_evaluated_runs(runs)
+    out = tmp_path / "report"
+    run = runs / "run_2"
+    cases = [
+        (run / "train_config.json", "{truncated", "train_config.json is not valid JSON"),
+        (run / "train_config.json", "", "train_config.json is empty"),
+        (run / "eval" / "unlearning.json", "[1, 2]", "unlearning.json holds a JSON list, not an object"),
+        (run / "eval" / "unlearning.json", b"\xff\xfe", "unlearning.json is not UTF-8 text"),
+    ]
+    for path, content, expected in cases:
+        kept = path.read_bytes()
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        line = refused(monkeypatch, capsys, ["report", "--runs-dir", str(runs), "--out", str(out)])
+        assert expected in line and str(path) in line, line
+        path.write_bytes(kept)
+    draws = run / "eval" / "unlearning_bootstrap.npz"
+    np.savez(draws, score=np.arange(5.0))
+    whole = draws.read_bytes()
+    draws.write_bytes(whole[: len(whole) // 2])
+    line = refused(monkeypatch, capsys, ["report", "--runs-dir", str(runs), "--out", str(out)])
+    assert f"{draws} is truncated or not an .npz file" in line
+    np.savez(draws, score=np.array([{"a": 1}], dtype=object))
+    line = refused(monkeypatch, capsys, ["report", "--runs-dir", str(runs), "--out", str(out)])
+    assert f"{draws} holds something other than numeric arrays" in line
+    assert not out.exists()
+
+
+def test_a_corrupt_train_config_is_one_line_for_eval_and_resume(own_store, tmp_path, monkeypatch, capsys):
+    run = short_run(own_store, tmp_path / "runs", monkeypatch, "--checkpoint-every", "5")
+    (run / "final_info.json").unlink()
+    config = run / "train_config.json"
+    config.write_text('{"shards": ')
+    before = tree(run)
+    line = refused(monkeypatch, capsys, ["eval", str(run), "--device", "cpu"])
+    assert f"{config} is not valid JSON" in line
+    line = refused(monkeypatch, capsys, ["train", "--resume", str(run)])
+    assert f"{config} is not valid JSON" in line
+    config.write_text(json.dumps({"shards": str(own_store.path), "lr": "fast", "lockstep_group": ["run_1"]}))
+    line = refused(monkeypatch, capsys, ["train", "--resume", str(run)])
+    assert f"invalid training config recorded in {config}: lr" in line
+    config.write_text(json.dumps({"lockstep_group": "run_1"}))
+    line = refused(monkeypatch, capsys, ["train", "--resume", str(run)])
+    assert "lockstep_group is 'run_1', not a list of run names" in line
+    before = {k: v for k, v in before.items() if k != "train_config.json"}
+    assert {k: v for k, v in tree(run).items() if k != "train_config.json"} == before
+
+
+@pytest.mark.parametrize("text, position", [("layer: [1, 2\ntokens: 3\n", "line 2, column 7"),
+                                            ("layer: !!python/object/apply:os.system ['echo hi']\n", "line 1, column 8")])
+def test_a_yaml_error_is_one_line_with_its_position(text, position, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    for command in (["harvest", "--config", str(path)], ["train", "--config", str(path)],
+                    ["eval", "run_1", "--config", str(path)]):
+        line = refused(monkeypatch, capsys, command)
+        assert "is not valid YAML" in line and position in line, line
+    assert not (tmp_path / "runs").exists()

@@ -1,15 +1,15 @@
 """What `pipeline train` does with its options: single run, sweep in lockstep groups, or resume."""
 
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoint_check import resume_point
-from .config import TrainConfig, load_config, load_sweep
+from .config import TrainConfig, load_config, load_sweep, validate
 from .errors import TrainError
 from .loop import RunResult, train_group
 from .runs import lockstep_group, resolve_run
+from .validate import read_json_object
 
 
 def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, overrides: dict,
@@ -97,8 +97,9 @@ def _resumable(name: str, overrides: dict) -> tuple[list[Path], list[TrainConfig
                          "no train_config.json); nothing to resume: run its original command again")
     cfgs = []
     for d in unfinished:
-        data = json.loads((d / "train_config.json").read_text())
-        cfgs.append(TrainConfig.model_validate({k: v for k, v in data.items() if k in TrainConfig.model_fields}))
+        data = read_json_object(d / "train_config.json")
+        cfgs.append(validate({k: v for k, v in data.items() if k in TrainConfig.model_fields},
+                             f"training config recorded in {d / 'train_config.json'}"))
     return unfinished, cfgs
 
 

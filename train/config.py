@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from harvest.config import booleans_are_not_numbers, closest, closest_file, describe_validation_error
+from harvest.errors import yaml_problem
 
 from .errors import TrainError
 
@@ -209,7 +210,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise TrainError(f"cannot read {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise TrainError(f"{path} is not valid YAML: {exc}") from None
+        raise TrainError(f"{path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise TrainError(f"{path} must hold a mapping of keys to values")
     return data

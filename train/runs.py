@@ -25,6 +25,7 @@ from harvest.errors import Interrupted
 
 from .checkpoint_check import checkpoint_problem, file_sha256, read_latest
 from .errors import TrainError
+from .validate import read_json_object
 
 RUN_NAME = re.compile(r"^run_(\d+)$")
 LOCK_FILE = ".train.lock"
@@ -195,8 +196,10 @@ def group_record(run_dir: Path, group: list[Path]) -> list[str]:
 def lockstep_group(run_dir: Path) -> list[Path]:
     """The runs of `run_dir`'s lockstep group, found from where `run_dir` is now; one line if a run of
     the group is not where the record says it is relative to `run_dir`."""
-    recorded = [Path(p) for p in json.loads((run_dir / "train_config.json").read_text()).get("lockstep_group")
-                or [run_dir.name]]
+    group = read_json_object(run_dir / "train_config.json").get("lockstep_group") or [run_dir.name]
+    if not isinstance(group, list) or not all(isinstance(p, str) for p in group):
+        raise TrainError(f"{run_dir / 'train_config.json'}: lockstep_group is {group!r}, not a list of run names")
+    recorded = [Path(p) for p in group]
     if any(p.is_absolute() for p in recorded):
         # Written before records were relative: the group's paths as they were, of which the entry with
         # this run's name was this run, wherever it was then.

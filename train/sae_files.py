@@ -63,7 +63,9 @@ def expected_shapes(cls, cfg: dict, path: Path) -> dict[str, tuple[int, ...]]:
         small["k"] = 1
     try:
         probe = cls.from_saelens_config(small, "cpu", torch.float32)
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise TrainError(f"{path} has no {exc.args[0]} (a {cls.saelens_architecture} SAE's setting)") from None
+    except (TypeError, ValueError) as exc:
         raise TrainError(f"{path}: cannot read the settings of a {cls.saelens_architecture} SAE ({type(exc).__name__}: "
                          f"{exc})") from None
     sizes = {2: d_in, 3: d_sae}
@@ -94,6 +96,26 @@ def check_weights_header(weights: Path, expected: dict[str, tuple[int, ...]]) ->
             raise TrainError(f"{weights}: {name} has shape {list(got)}, but cfg.json's d_in and d_sae give {list(shape)}")
         if dtype not in FLOAT_DTYPES:
             raise TrainError(f"{weights}: {name} has dtype {dtype}; SAE weights are floating point (F32, F16, BF16)")
+
+
+def check_sae_dir(directory: Path, architectures: dict | None = None) -> dict:
+    """Every check of this module on an SAE directory, its weights read one tensor at a time; its cfg.json."""
+    from safetensors import safe_open
+
+    if architectures is None:
+        from .architectures import SAELENS_ARCHITECTURES as architectures
+    directory = Path(directory)
+    cfg = read_sae_config(directory / "cfg.json")
+    cls = architectures.get(cfg.get("architecture", "standard"))
+    if cls is None:
+        raise TrainError(f"{directory}: SAE architecture {cfg.get('architecture')!r} is not supported; "
+                         f"supported: {', '.join(architectures)}")
+    weights = directory / "sae_weights.safetensors"
+    check_weights_header(weights, expected_shapes(cls, cfg, directory / "cfg.json"))
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            check_finite({name: f.get_tensor(name)}, weights)
+    return cfg
 
 
 def check_finite(tensors: dict[str, torch.Tensor], weights: Path) -> None:
