@@ -136,6 +136,13 @@ class HarvestConfig(BaseModel):
             raise ValueError("at least one dangerous and one safe source are needed")
         if len(self.dangerous) + len(self.safe) > 255:
             raise ValueError("at most 255 sources (the label column is uint8)")
+        seen: dict[str, str] = {}
+        for label, spec in [("dangerous", s) for s in self.dangerous] + [("safe", s) for s in self.safe]:
+            key = str(Path(spec.source).expanduser().resolve()) if spec.kind == "file" else spec.source
+            if key in seen:  # its documents would be stored twice, or under both labels
+                where = f"as both a {seen[key]} and a {label} source" if seen[key] != label else f"twice as a {label} source"
+                raise ValueError(f"source {spec.source} is given {where}; give each source once")
+            seen[key] = label
         return self
 
     @property

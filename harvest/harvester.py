@@ -134,6 +134,10 @@ def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) ->
             loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision,
                                 trust_remote_code=cfg.trust_remote_code, device=team.device(cfg.device),
                                 dtype=cfg.dtype, on_tokenizer=start_planning)
+            positions = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+            if isinstance(positions, int) and cfg.context_length > positions:  # before any window is forwarded
+                raise HarvestError(f"--context-length {cfg.context_length} is more than {cfg.model} has positions "
+                                   f"({positions}, max_position_embeddings); choose at most {positions}")
             plan = planning[0]
             if isinstance(plan, StreamedPlan):
                 plan.ready()  # a source the tokenizer does not cover is refused before the store exists

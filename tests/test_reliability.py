@@ -487,3 +487,61 @@ def test_a_yaml_error_is_one_line_with_its_position(text, position, tmp_path, mo
         line = refused(monkeypatch, capsys, command)
         assert "is not valid YAML" in line and position in line, line
     assert not (tmp_path / "runs").exists()
+
+
+# --- config values in range ---------------------------------------------------------------------------------
+
+
+def test_a_flag_the_sweep_grid_overrides_and_a_bad_store_in_the_grid_are_refused_before_any_run(own_store, tmp_path,
+                                                                                                monkeypatch, capsys):
+    from .test_train import train_args
+
+    runs = tmp_path / "runs"
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("grid:\n  ortho: [0.1, 0.2]\n")
+    args = [a for a in train_args(own_store, runs) if a != "train"]
+    line = refused(monkeypatch, capsys, ["train", "--sweep", str(sweep), *args, "--ortho", "0.5"])
+    assert "--ortho 0.5 was given on the command line, but the grid sets ortho for each run (0.1, 0.2)" in line
+    sweep.write_text(f"grid:\n  shards: ['{own_store.path}', '{tmp_path / 'no-store'}']\n")
+    no_shards = [a for i, a in enumerate(args) if a != "--shards" and args[i - 1] != "--shards"]
+    line = refused(monkeypatch, capsys, ["train", "--sweep", str(sweep), *no_shards])
+    assert "no-store" in line
+    assert not runs.exists() or not list(runs.iterdir())  # the first run did not train meanwhile
+
+
+def test_out_of_range_training_and_eval_values_are_refused(own_store, tmp_path, monkeypatch, capsys):
+    from .test_train import train_args
+
+    runs = tmp_path / "runs"
+    line = refused(monkeypatch, capsys, train_args(own_store, runs, "--dict-size", "64", "--target-l0", "100000"))
+    assert "--target-l0 100000 is more than the SAE's 64 features" in line
+    assert not runs.exists() or not list(runs.iterdir())
+    for value in ("-0.1", "1.5"):
+        line = refused(monkeypatch, capsys, ["eval", "run_1", "--runs-dir", str(runs), "--retain-threshold", value])
+        assert "retain_thresholds.0" in line
+    config = tmp_path / "eval.yaml"
+    config.write_text("heldout_docs: 4\n")
+    line = refused(monkeypatch, capsys, ["eval", "run_1", "--config", str(config), "--retain-threshold", "1.5"])
+    assert line.startswith("error: invalid eval options: ") and str(config) not in line  # the flag, not the file
+    config.write_text("heldout_docs: 0\n")
+    assert f"invalid eval options in {config}: heldout_docs" in refused(monkeypatch, capsys,
+                                                                         ["eval", "run_1", "--config", str(config)])
+
+
+def test_the_same_source_twice_and_a_context_beyond_the_models_positions_are_refused(tiny_model, corpora, tmp_path,
+                                                                                     monkeypatch, capsys):
+    from .conftest import harvest_args
+
+    out = tmp_path / "store"
+    args = harvest_args(tiny_model, corpora, out)
+    both = args + ["--safe", str(corpora["danger"])]  # --safe replaces the list: give the whole list again
+    both = [a for i, a in enumerate(both) if not (a == "--safe" and both[i + 1] != str(corpora["danger"]))
+            and not (i and both[i - 1] == "--safe" and a != str(corpora["danger"]))]
+    line = refused(monkeypatch, capsys, both)
+    assert "danger.jsonl is given as both a dangerous and a safe source" in line
+    twice = args + ["--safe", str(corpora["safe_txt"])]
+    line = refused(monkeypatch, capsys, twice)
+    assert "safe.txt is given twice as a safe source" in line
+    line = refused(monkeypatch, capsys, [a if a != "64" else "1024" for a in args])
+    assert "--context-length 1024 is more than" in line and "(256, max_position_embeddings)" in line
+    assert not out.exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 from .checkpoint_check import resume_point
 from .config import TrainConfig, load_config, load_sweep, validate
 from .errors import TrainError
-from .loop import RunResult, train_group
+from .loop import RunResult, open_store, train_group
 from .runs import lockstep_group, resolve_run
 from .validate import read_json_object
 
@@ -24,6 +24,8 @@ def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, ov
         if config is not None:
             raise TrainError("give either --config or --sweep (a sweep's base: holds its options)")
         cfgs = load_sweep(sweep, overrides)
+        for shards in dict.fromkeys(c.shards for c in cfgs):  # every run's store, before the first run starts
+            open_store(shards)
         groups: dict[tuple, list[TrainConfig]] = {}
         for c in cfgs:
             groups.setdefault(c.group_key(), []).append(c)

@@ -106,6 +106,10 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
     if cfg0.batch_size > store.rows_committed:
         raise TrainError(f"--batch-size {cfg0.batch_size} is larger than the store at {store.path} "
                          f"({store.rows_committed:,} rows): choose at most {store.rows_committed:,}")
+    for c in cfgs:  # L0 counts active features per token: it cannot exceed the SAE's features
+        if c.target_l0 is not None and c.target_l0 > (c.dict_size or d_model):
+            raise TrainError(f"--target-l0 {c.target_l0:g} is more than the SAE's {c.dict_size or d_model} features "
+                             "(dict_size); choose target_l0 <= dict_size")
     check_fits(d_model, [c.dict_size or d_model for c in cfgs], device)
     trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
     if any(c.wandb for c in cfgs):
