@@ -545,3 +545,68 @@ def test_the_same_source_twice_and_a_context_beyond_the_models_positions_are_ref
     line = refused(monkeypatch, capsys, [a if a != "64" else "1024" for a in args])
     assert "--context-length 1024 is more than" in line and "(256, max_position_embeddings)" in line
     assert not out.exists()
+
+
+# --- signals ----------------------------------------------------------------------------------------------------
+
+
+def _copied_runs(browsed_run: Path, tmp_path: Path) -> Path:
+    runs = tmp_path / "runs"
+    shutil.copytree(browsed_run.parent, runs, ignore=shutil.ignore_patterns("eval", "browser", ".train.lock"))
+    return runs
+
+
+def test_sigterm_during_eval_drops_the_sae_being_measured_says_how_to_resume_and_resumes(browsed_run, tmp_path,
+                                                                                           monkeypatch, capsys):
+    import signal
+
+    import evaluate.runner as runner
+
+    from .test_eval import SMALL_EVAL
+
+    runs = _copied_runs(browsed_run, tmp_path)
+    real_finish, calls = runner._finish, []
+
+    def finish_then_sigterm(t, *args):
+        calls.append(t.name)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # while the second SAE is being measured
+        return real_finish(t, *args)
+
+    monkeypatch.setattr(runner, "_finish", finish_then_sigterm)
+    args = ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--suite", "unlearning", "--multiplier", "1",
+            "--multiplier", "10", *SMALL_EVAL]
+    capsys.readouterr()
+    assert run_cli(monkeypatch, args) == 143
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped by SIGTERM: the results already written") and "run the same command again" in last
+    first = (runs / "run_1" / "eval" / "unlearning.json").read_bytes()
+    assert not (runs / "run_2" / "eval" / "unlearning.json").exists()
+    monkeypatch.setattr(runner, "_finish", real_finish)
+    assert run_cli(monkeypatch, args) == 0
+    assert (runs / "run_1" / "eval" / "unlearning.json").read_bytes() == first  # read back, not measured again
+    assert (runs / "run_2" / "eval" / "unlearning.json").exists()
+
+
+def test_sigterm_during_browse_keeps_the_earlier_site_whole(browsed_run, tmp_path, monkeypatch, capsys):
+    import signal
+
+    import evaluate.browser.main as browser_main
+
+    out = tmp_path / "site"
+    assert run_cli(monkeypatch, browse(browsed_run, out)) == 0
+    before = tree(out)
+    real = browser_main.decode_contexts
+
+    def decode_then_sigterm(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(browser_main, "decode_contexts", decode_then_sigterm)
+    capsys.readouterr()
+    assert run_cli(monkeypatch, browse(browsed_run, out, "--features", "3")) == 143
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("stopped by SIGTERM: no new site was written"), err
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["site"]

@@ -7,12 +7,14 @@ on; runs the SAE over the store (`examples.collect`), rebuilds the chosen featur
 """
 
 import json
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from harvest.errors import Interrupted, signals_interrupt
 from harvest.model import resolve_device
 from harvest.store import ShardStore
 from train.errors import TrainError
@@ -330,6 +332,13 @@ def run_browse(name: str, runs_dir: Path, options: dict):
 
     cfg = validate({k: v for k, v in options.items() if v is not None}, "browse options", BrowseConfig)
     lines = []
-    path = browse(name, runs_dir, cfg, progress=lines.append)
+    with signals_interrupt():  # SIGTERM as Ctrl-C: the site being written is dropped, an earlier one kept whole
+        try:
+            path = browse(name, runs_dir, cfg, progress=lines.append)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            how = "interrupted" if stopped.signum == signal.SIGINT else f"stopped by {stopped.signal_name}"
+            raise stopped.saying(f"{how}: no new site was written (an earlier one is kept whole); run the same "
+                                 "command again") from None
     yield from lines
     yield f"open {path}"
