@@ -610,3 +610,17 @@ def test_sigterm_during_browse_keeps_the_earlier_site_whole(browsed_run, tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("stopped by SIGTERM: no new site was written"), err
     assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+
+
+def test_wandb_without_a_login_is_one_line_before_any_run_directory(own_store, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    from .test_train import train_args
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    runs = tmp_path / "runs"
+    line = refused(monkeypatch, capsys, train_args(own_store, runs, "--wandb", "my-project"))
+    assert "--wandb needs a W&B login" in line
+    assert not runs.exists() or not list(runs.iterdir())
