@@ -313,7 +313,18 @@ class ShardStore:
     def _manifest(self) -> np.ndarray:
         n_chunks = -(-self.rows_committed // self.chunk_rows)
         try:
-            return self.group[MANIFEST][:n_chunks]
+            array = self.group[MANIFEST]
+            per_file = array.chunks[0]
+            missing = [f"c/{i}/0" for i in range(-(-n_chunks // per_file))
+                       if not (self.path / MANIFEST / "c" / str(i) / "0").is_file()]
+            if missing:  # read as fill values, every chunk would look foreign: name the manifest instead
+                raise HarvestError(f"{self.path}: the chunk manifest ({MANIFEST}) is missing its file(s) "
+                                   f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} (deleted?), so no "
+                                   "chunk can be checked against it; restore it or re-harvest (pipeline harvest "
+                                   "--overwrite)")
+            return array[:n_chunks]
+        except HarvestError:
+            raise
         except Exception as exc:
             raise HarvestError(f"{self.path}: the chunk manifest ({MANIFEST}) is corrupt ({_one_line(exc)}); "
                                "restore it or re-harvest (pipeline harvest --overwrite)") from None

@@ -624,3 +624,12 @@ def test_wandb_without_a_login_is_one_line_before_any_run_directory(own_store, t
     line = refused(monkeypatch, capsys, train_args(own_store, runs, "--wandb", "my-project"))
     assert "--wandb needs a W&B login" in line
     assert not runs.exists() or not list(runs.iterdir())
+
+
+def test_a_deleted_manifest_is_one_line_about_the_manifest(tiny_store, tmp_path, monkeypatch, capsys):
+    shutil.copytree(tiny_store.path, tmp_path / "store")
+    shutil.rmtree(tmp_path / "store" / "chunk_digests" / "c")
+    capsys.readouterr()
+    assert run_cli(monkeypatch, ["info", str(tmp_path / "store"), "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the chunk manifest (chunk_digests) is missing its file(s) c/0/0" in err, err
