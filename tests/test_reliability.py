@@ -633,3 +633,19 @@ def test_a_deleted_manifest_is_one_line_about_the_manifest(tiny_store, tmp_path,
     assert run_cli(monkeypatch, ["info", str(tmp_path / "store"), "--verify"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "the chunk manifest (chunk_digests) is missing its file(s) c/0/0" in err, err
+
+
+def test_a_symlink_loop_or_a_special_path_as_runs_dir_or_out_is_one_line(own_store, tiny_model, corpora, tmp_path,
+                                                                            monkeypatch, capsys):
+    from .conftest import harvest_args
+    from .test_train import train_args
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    line = refused(monkeypatch, capsys, train_args(own_store, loop))
+    assert f"cannot use {loop}" in line and "symbolic link to itself" in line
+    line = refused(monkeypatch, capsys, harvest_args(tiny_model, corpora, loop))
+    assert f"cannot use {loop}" in line
+    line = refused(monkeypatch, capsys, harvest_args(tiny_model, corpora, Path("/proc/self/store")))
+    assert "cannot use /proc/self/store" in line
+    assert loop.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["loop", "store"]
