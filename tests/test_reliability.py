@@ -649,3 +649,22 @@ def test_a_symlink_loop_or_a_special_path_as_runs_dir_or_out_is_one_line(own_sto
     line = refused(monkeypatch, capsys, harvest_args(tiny_model, corpora, Path("/proc/self/store")))
     assert "cannot use /proc/self/store" in line
     assert loop.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["loop", "store"]
+
+
+def test_a_model_of_an_unknown_type_is_one_line_without_the_libraries_warning(tiny_model, corpora, tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import harvest_args
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "no_such_model"}))
+    root = Path(__file__).resolve().parent.parent
+    # in a process of its own: transformers writes its warnings through a handler made at import
+    done = subprocess.run([sys.executable, str(root / "pipeline.py"), *harvest_args(model, corpora, tmp_path / "store")],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith("error: cannot load model") and "no_such_model" in err[0]
