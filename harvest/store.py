@@ -105,6 +105,14 @@ class ShardStore:
             raise HarvestError(f"cannot open shard store {path}: {exc}") from None
         if group.attrs.get("format") != FORMAT:
             raise HarvestError(f"{path} is a Zarr group but not a ratio-sae shard store")
+        for name in (*COLUMNS, MANIFEST):  # read lazily by zarr, where a damaged one would be a traceback
+            meta = path / name / "zarr.json"
+            try:
+                if meta.exists():
+                    json.loads(meta.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise HarvestError(f"{path}: the metadata of its array {name} ({name}/zarr.json) is damaged "
+                                   f"({_one_line(exc)}); restore it or re-harvest (pipeline harvest --overwrite)") from None
         return cls(group, path)
 
     @staticmethod

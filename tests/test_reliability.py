@@ -668,3 +668,14 @@ def test_a_model_of_an_unknown_type_is_one_line_without_the_libraries_warning(ti
     err = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(err) == 1, done.stderr
     assert err[0].startswith("error: cannot load model") and "no_such_model" in err[0]
+
+
+def test_a_damaged_array_metadata_file_is_one_line_naming_it(tiny_store, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store.path, store)
+    (store / "acts" / "zarr.json").write_text("{garbage")
+    for command in (["info", str(store)], ["stats", str(store), "--out", str(tmp_path / "s.json"), "--no-progress"],
+                    ["train", "--shards", str(store), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"]):
+        line = refused(monkeypatch, capsys, command)
+        assert f"{store}: the metadata of its array acts (acts/zarr.json) is damaged" in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "s.json").exists()
