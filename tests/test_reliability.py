@@ -534,13 +534,9 @@ def test_the_same_source_twice_and_a_context_beyond_the_models_positions_are_ref
 
     out = tmp_path / "store"
     args = harvest_args(tiny_model, corpora, out)
-    both = args + ["--safe", str(corpora["danger"])]  # --safe replaces the list: give the whole list again
-    both = [a for i, a in enumerate(both) if not (a == "--safe" and both[i + 1] != str(corpora["danger"]))
-            and not (i and both[i - 1] == "--safe" and a != str(corpora["danger"]))]
-    line = refused(monkeypatch, capsys, both)
+    line = refused(monkeypatch, capsys, harvest_args(tiny_model, {**corpora, "safe_txt": corpora["danger"]}, out))
     assert "danger.jsonl is given as both a dangerous and a safe source" in line
-    twice = args + ["--safe", str(corpora["safe_txt"])]
-    line = refused(monkeypatch, capsys, twice)
+    line = refused(monkeypatch, capsys, harvest_args(tiny_model, {**corpora, "safe_parquet": corpora["safe_txt"]}, out))
     assert "safe.txt is given twice as a safe source" in line
     line = refused(monkeypatch, capsys, [a if a != "64" else "1024" for a in args])
     assert "--context-length 1024 is more than" in line and "(256, max_position_embeddings)" in line
