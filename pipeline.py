@@ -23,6 +23,11 @@ _PATH_PROBLEMS = {
     errno.ENAMETOOLONG: "choose a shorter name or path",
     errno.ENOTDIR: "a part of the path is a file, not a directory",
     errno.EISDIR: "it is a directory; name a file",
+    errno.ELOOP: "it is a symlink loop; name a real path",
+    errno.EEXIST: "it exists and is not a directory (a file, or a symbolic link to itself or to nothing); name a directory",
+    errno.ENOENT: "a part of the path does not exist, or cannot hold files there (/proc, /sys); choose another path",
+    errno.ENOSPC: "free space and run the same command again (what was written whole is kept)",
+    errno.EDQUOT: "free space and run the same command again (what was written whole is kept)",
 }
 """OSErrors that name a path the user gave and can fix: one line, exit 2 (bad input), not "unexpected"."""
 

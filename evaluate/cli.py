@@ -1,9 +1,11 @@
 """What `pipeline eval` does with its options."""
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from harvest.errors import Interrupted, signals_interrupt
 from train.errors import TrainError
 from train.runs import resolve_run
 
@@ -43,8 +45,16 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
         t.out_dir = t.out_dir.with_name(eval_dir_name(cfg))
         if cfg.select == "block":
             label_block(t.sae_dir)  # refused before any work if it has none
-    for t, results in evaluate_targets(targets, cfg, progress=lambda line: print(line, file=sys.stderr)):
-        yield summary(t.name, results, cfg)
+    with signals_interrupt():  # SIGTERM as Ctrl-C: the SAE being measured is dropped, those written are kept
+        try:
+            for t, results in evaluate_targets(targets, cfg, progress=lambda line: print(line, file=sys.stderr)):
+                yield summary(t.name, results, cfg)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            how = "interrupted" if stopped.signum == signal.SIGINT else f"stopped by {stopped.signal_name}"
+            raise stopped.saying(f"{how}: the results already written to each SAE's eval/ are kept, the SAE being "
+                                 "measured is dropped; run the same command again to resume (what is written is "
+                                 "read back, not measured again)") from None
 
 
 def eval_dir_name(cfg) -> str:

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SUITES = ("unlearning", "core", "specialization")
 
@@ -50,7 +50,7 @@ class EvalConfig(BaseModel):
     (DSG's: over the whole window; it looks ahead, so a token's clamp depends on the text after it)."""
     batch_size: int = Field(4, gt=0)
     """Documents per forward pass (the logits of a 262k-token vocabulary are large)."""
-    retain_thresholds: list[float] = Field(default_factory=lambda: [0.001, 0.01])
+    retain_thresholds: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=lambda: [0.001, 0.01])
     """SAEBench: a feature is eligible if it fires on fewer than this fraction of retain tokens."""
     n_features: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [10, 20])
     """SAEBench: how many eligible features (most frequent on forget text first) are clamped. With
@@ -159,8 +159,16 @@ class EvalConfig(BaseModel):
 
 def load_config(path: Path | None, overrides: dict) -> EvalConfig:
     """A YAML eval config (optional) with the flags that were given on top."""
-    from train.config import read_yaml, validate
+    from harvest.config import describe_validation_error
+    from train.config import read_yaml
+    from train.errors import TrainError
 
     data = read_yaml(path) if path is not None else {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return validate(data, f"eval options{f' in {path}' if path else ''}", EvalConfig)
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return EvalConfig.model_validate({**data, **flags})
+    except ValidationError as exc:
+        # the file is named only where a bad value came from it, not from a flag given on top
+        bad = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+        where = f" in {path}" if path is not None and (not bad or bad - set(flags)) else ""
+        raise TrainError(f"invalid eval options{where}: {describe_validation_error(exc, EvalConfig)}") from None

@@ -11,7 +11,6 @@ For the SAEs on one store, in three passes:
    resamples shared by every SAE (paired).
 """
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ from harvest.store import ShardStore, store_fingerprint
 from train.errors import TrainError
 from train.runs import write_json
 from train.sae import CONFIG_FILE, SAE, WEIGHTS_FILE
+from train.sae_files import check_sae_dir
+from train.validate import read_json_object
 
 from .unlearning import firing
 from .bootstrap import resample_id
@@ -292,8 +293,9 @@ def run_target(name: str, runs_dir: Path, shards: Path | None) -> Target:
         return external_target(path, shards)
     run_dir = resolve_run(name, runs_dir)
     # --shards stands in for a run's own store only where that one is not found (moved with the runs)
-    recorded = trained_store_path(run_dir, json.loads((run_dir / "train_config.json").read_text())["shards"])
-    moved = shards if shards is not None and not ShardStore.exists(recorded) else None
+    trained_on = read_json_object(run_dir / "train_config.json").get("shards")
+    recorded = trained_store_path(run_dir, trained_on) if isinstance(trained_on, str) else None
+    moved = shards if shards is not None and (recorded is None or not ShardStore.exists(recorded)) else None
     return Target(name, run_dir, open_run_store(run_dir, moved), run_dir / "eval")
 
 
@@ -310,7 +312,7 @@ def external_target(sae_dir: Path, shards: Path) -> Target:
         raise TrainError(f"--shards {store.path} is still being harvested ({store.rows_committed:,} of "
                          f"{store.rows_total:,} rows); evaluate once it is complete, so that no held-out document is "
                          "one the harvest is about to store")
-    cfg = json.loads((sae_dir / CONFIG_FILE).read_text())
+    cfg = check_sae_dir(sae_dir)  # cfg.json, tensor names, shapes, dtypes, finiteness: one line each
     hook = cfg.get("hook_name") or cfg.get("metadata", {}).get("hook_name")
     d_in = cfg.get("d_in")
     if d_in != store.d_model or (hook is not None and hook != store.attrs["hook_name"]):
@@ -343,7 +345,9 @@ def open_run_store(run_dir: Path, shards: Path | None = None) -> ShardStore:
     """
     if not (run_dir / WEIGHTS_FILE).exists():
         raise TrainError(f"{run_dir} has no trained SAE yet ({WEIGHTS_FILE}); finish or resume it first")
-    train_cfg = json.loads((run_dir / "train_config.json").read_text())
+    train_cfg = read_json_object(run_dir / "train_config.json")
+    if not isinstance(train_cfg.get("shards"), str):
+        raise TrainError(f"{run_dir / 'train_config.json'} has no shards (the path of the store it was trained on)")
     where = Path(shards) if shards is not None else trained_store_path(run_dir, train_cfg["shards"])
     try:
         store = ShardStore.open(where)
@@ -353,7 +357,7 @@ def open_run_store(run_dir: Path, shards: Path | None = None) -> ShardStore:
         raise TrainError(f"{run_dir} was trained on {train_cfg['shards']}, which cannot be opened now: {exc}; "
                          "give its path with --shards") from None
     attrs = store.attrs
-    sae_cfg = json.loads((run_dir / CONFIG_FILE).read_text())
+    sae_cfg = check_sae_dir(run_dir)
     d_in = sae_cfg["d_in"]
     if d_in != store.d_model:
         raise TrainError(f"{run_dir}: the SAE has d_in {d_in} but the store {store.path} has d_model {store.d_model}; "

@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import HarvestError
+from .errors import HarvestError, yaml_problem
 
 Label = Literal["dangerous", "safe"]
 
@@ -136,6 +136,13 @@ class HarvestConfig(BaseModel):
             raise ValueError("at least one dangerous and one safe source are needed")
         if len(self.dangerous) + len(self.safe) > 255:
             raise ValueError("at most 255 sources (the label column is uint8)")
+        seen: dict[str, str] = {}
+        for label, spec in [("dangerous", s) for s in self.dangerous] + [("safe", s) for s in self.safe]:
+            key = str(Path(spec.source).expanduser().resolve()) if spec.kind == "file" else spec.source
+            if key in seen:  # its documents would be stored twice, or under both labels
+                where = f"as both a {seen[key]} and a {label} source" if seen[key] != label else f"twice as a {label} source"
+                raise ValueError(f"source {spec.source} is given {where}; give each source once")
+            seen[key] = label
         return self
 
     @property
@@ -206,7 +213,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HarvestConfig:
         except OSError as exc:
             raise HarvestError(f"cannot read config file {path}: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
-            raise HarvestError(f"config file {path} is not valid YAML: {exc}") from None
+            raise HarvestError(f"config file {path} is not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(data, dict):
             raise HarvestError(f"config file {path} must hold a mapping of keys to values")
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -5,6 +5,15 @@ class HarvestError(Exception):
     """A problem the user can fix (bad flag, missing file, unreachable model): printed as one line."""
 
 
+def yaml_problem(exc) -> str:
+    """A YAML error in one line, with its position: `line 3, column 7: mapping values are not allowed here`
+    (PyYAML's own message quotes the line and draws a caret under it, over several lines)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM (what SLURM and Kubernetes send before they kill): printed as one line, exit
     128 + the signal's number, as a shell reports a process its signal ended.

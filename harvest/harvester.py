@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from .config import HarvestConfig
+from .digests import UNCHECKED_NOTE, changed, content_digests
 from .disk import is_disk_full
 from .errors import HarvestError, Interrupted, signals_interrupt
 from .ledger import MARKER_DIR, ChunkLedger
@@ -134,6 +135,10 @@ def _harvest(cfg: HarvestConfig, team: Team, overwrite: bool, progress: bool) ->
             loaded = load_model(cfg.model, layer=cfg.layer, revision=cfg.revision,
                                 trust_remote_code=cfg.trust_remote_code, device=team.device(cfg.device),
                                 dtype=cfg.dtype, on_tokenizer=start_planning)
+            positions = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+            if isinstance(positions, int) and cfg.context_length > positions:  # before any window is forwarded
+                raise HarvestError(f"--context-length {cfg.context_length} is more than {cfg.model} has positions "
+                                   f"({positions}, max_position_embeddings); choose at most {positions}")
             plan = planning[0]
             if isinstance(plan, StreamedPlan):
                 plan.ready()  # a source the tokenizer does not cover is refused before the store exists
@@ -438,6 +443,7 @@ def _store_attrs(cfg: HarvestConfig, loaded, plan: Plan | StreamedPlan) -> dict:
         "tool": "ratio-sae",
         "tool_version": tool_version(),
         "config": cfg.fingerprint(),
+        "content_digests": content_digests([*cfg.dangerous, *cfg.safe], getattr(loaded, "model_dir", None)),
     }
 
 
@@ -464,6 +470,12 @@ def _check_existing(path: Path, cfg: HarvestConfig, overwrite: bool) -> ShardSto
 
 def _check_same_run(store: ShardStore, attrs: dict) -> None:
     old = store.attrs
+    content = changed(old.get("content_digests"), attrs["content_digests"], attrs["model"].get("id"))
+    if content:
+        raise HarvestError(f"cannot resume the store at {store.path}: {content}; its rows so far are of the old "
+                           "text: restore it, or use another --out, or --overwrite to harvest it again")
+    if old.get("content_digests") is None:
+        print(f"note: the store at {store.path} {UNCHECKED_NOTE}", file=sys.stderr)
     keys = ("model", "compute_dtype", "d_model", "tokenizer", "sources")
     differences = _differences({k: old.get(k) for k in keys}, {k: attrs[k] for k in keys})
     if differences:

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 
+from .digests import UNCHECKED_NOTE
 from .store import COLUMNS, ShardStore
 
 
@@ -75,6 +76,7 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
         f"chunks       {store.chunk_rows} rows x {store.d_model}, codec {a['codec']}",
         f"on disk      {_size(store.disk_bytes())} (activations {compression_ratio(store):.2f}x compressed)",
         f"checksums    {checksum_note(store)}",
+        f"inputs       {digests_note(a)}",
         "rows by label " + ", ".join(f"{k} {v:,} ({v / max(store.rows_committed, 1):.1%})" for k, v in by_label.items()),
         "sources:",
     ]
@@ -85,6 +87,17 @@ def describe(store: ShardStore, as_json: bool = False) -> str:
                      f"{documents}; {s['origin']}")
     lines.append(f"written by   {a['tool']} {a['tool_version']}")
     return "\n".join(lines)
+
+
+def digests_note(attrs: dict) -> str:
+    """What the store can tell of its sources and tokenizer having changed under a resumed harvest."""
+    digests = attrs.get("content_digests")
+    if digests is None:
+        return f"no digests of sources or tokenizer: this store {UNCHECKED_NOTE}"
+    unchecked = [s["name"] for s in digests["sources"] if s.get("sha256") is None]
+    unchecked += ["the tokenizer"] if digests.get("tokenizer_sha256") is None else []
+    return ("sha256 of each source's content and of the tokenizer files, checked when a harvest resumes"
+            + (f" (not digested: {', '.join(unchecked)})" if unchecked else ""))
 
 
 def checksum_note(store: ShardStore) -> str:

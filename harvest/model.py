@@ -10,6 +10,7 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,6 +35,8 @@ class LoadedModel:
     """Model id, revision or weights hash, class: recorded in the store."""
     layer: int = 0
     """The hooked block."""
+    model_dir: Path | None = None
+    """The local directory the model and its tokenizer were read from (None: from the hub)."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -93,24 +96,13 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
     compute_dtype = resolve_dtype(dtype, torch_device)
     source, local = locate_model(name, revision)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, local_files_only=local is not None)
-    try:
+    with _warnings_held_unless_loaded(), _loading_errors(name):
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         if on_tokenizer is not None:
             on_tokenizer(tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=compute_dtype, device_map={"": torch_device}, **kwargs
         )
-    except (OSError, ValueError) as exc:
-        raise HarvestError(f"cannot load model {name}: {str(exc).splitlines()[0]}") from None
-    except pickle.UnpicklingError:
-        raise HarvestError(f"cannot load model {name}: its pytorch_model.bin holds more than tensors (pickled "
-                           "objects, which can run code), and loading weights safely refuses it; convert it to "
-                           "model.safetensors where you trust it, or use a copy that has one") from None
-    except Exception as exc:
-        if type(exc).__name__ != "SafetensorError":
-            raise
-        raise HarvestError(f"cannot load model {name}: its .safetensors weights are truncated or damaged "
-                           f"({str(exc).splitlines()[0]}); download them again") from None
     model.eval()
     check_vocabulary_fits(name, tokenizer, model, local)
     blocks = find_blocks(model)
@@ -126,7 +118,59 @@ def load_model(name: str, *, layer: int, revision: str | None, trust_remote_code
         "weights_sha256": _weights_hash(local) if local is not None else None,
     }
     return LoadedModel(model, tokenizer, blocks, n_layers, model.config.get_text_config().hidden_size,
-                       torch_device, compute_dtype, identity, layer)
+                       torch_device, compute_dtype, identity, layer,
+                       Path(source) if Path(source).is_dir() else None)
+
+
+@contextmanager
+def _loading_errors(name: str):
+    """What transformers raises for a model it cannot load, as one line naming the fix."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        raise HarvestError(f"cannot load model {name}: {str(exc).splitlines()[0]}") from None
+    except pickle.UnpicklingError:
+        raise HarvestError(f"cannot load model {name}: its pytorch_model.bin holds more than tensors (pickled "
+                           "objects, which can run code), and loading weights safely refuses it; convert it to "
+                           "model.safetensors where you trust it, or use a copy that has one") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise HarvestError(f"cannot load model {name}: its .safetensors weights are truncated or damaged "
+                           f"({str(exc).splitlines()[0]}); download them again") from None
+
+
+@contextmanager
+def _warnings_held_unless_loaded():
+    """Warnings of transformers and torch while a model loads: shown once it has loaded, dropped with a
+    refusal (whose one line says what is wrong; `[transformers] You are using a model of type ...`
+    before it would only blur it)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    root = hf_logging.get_logger()
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    handlers, propagate = root.handlers[:], root.propagate
+    root.handlers, root.propagate = [Hold()], False
+    loaded = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+        loaded = True
+    finally:
+        root.handlers, root.propagate = handlers, propagate
+        if loaded:
+            for record in held:
+                root.handle(record)
+            for w in caught:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

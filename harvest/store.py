@@ -57,9 +57,12 @@ def make_compressors(codec: str, clevel: int, itemsize: int) -> list:
 
 
 def store_fingerprint(attrs: dict) -> str:
-    """Names a store's contents: the harvest config, model identity, committed rows. Runs record it
+    """Names a store's contents: the harvest config, model identity, committed rows, the digests of its
+    sources and tokenizer (harvest/digests.py). Runs record it
     (train_config.json) and so does stats.json, so either can tell when the store has changed."""
     key = {k: attrs.get(k) for k in ("config", "model", "layer", "rows_committed", "compute_dtype")}
+    if attrs.get("content_digests") is not None:  # absent from older stores, whose fingerprint stays as it was
+        key["content_digests"] = attrs["content_digests"]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -102,6 +105,14 @@ class ShardStore:
             raise HarvestError(f"cannot open shard store {path}: {exc}") from None
         if group.attrs.get("format") != FORMAT:
             raise HarvestError(f"{path} is a Zarr group but not a ratio-sae shard store")
+        for name in (*COLUMNS, MANIFEST):  # read lazily by zarr, where a damaged one would be a traceback
+            meta = path / name / "zarr.json"
+            try:
+                if meta.exists():
+                    json.loads(meta.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise HarvestError(f"{path}: the metadata of its array {name} ({name}/zarr.json) is damaged "
+                                   f"({_one_line(exc)}); restore it or re-harvest (pipeline harvest --overwrite)") from None
         return cls(group, path)
 
     @staticmethod
@@ -310,7 +321,18 @@ class ShardStore:
     def _manifest(self) -> np.ndarray:
         n_chunks = -(-self.rows_committed // self.chunk_rows)
         try:
-            return self.group[MANIFEST][:n_chunks]
+            array = self.group[MANIFEST]
+            per_file = array.chunks[0]
+            missing = [f"c/{i}/0" for i in range(-(-n_chunks // per_file))
+                       if not (self.path / MANIFEST / "c" / str(i) / "0").is_file()]
+            if missing:  # read as fill values, every chunk would look foreign: name the manifest instead
+                raise HarvestError(f"{self.path}: the chunk manifest ({MANIFEST}) is missing its file(s) "
+                                   f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} (deleted?), so no "
+                                   "chunk can be checked against it; restore it or re-harvest (pipeline harvest "
+                                   "--overwrite)")
+            return array[:n_chunks]
+        except HarvestError:
+            raise
         except Exception as exc:
             raise HarvestError(f"{self.path}: the chunk manifest ({MANIFEST}) is corrupt ({_one_line(exc)}); "
                                "restore it or re-harvest (pipeline harvest --overwrite)") from None

@@ -1,13 +1,15 @@
 """What `pipeline train` does with its options: single run, sweep in lockstep groups, or resume."""
 
-import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import FIXED_L0_ARCHS, TrainConfig, load_config, load_sweep
+from .checkpoint_check import resume_point
+from .config import FIXED_L0_ARCHS, TrainConfig, load_config, load_sweep, validate
 from .errors import TrainError
-from .loop import RunResult, train_group
-from .runs import checkpoint_step, lockstep_group, resolve_run
+from .loop import RunResult, open_store, train_group
+from .runs import lockstep_group, resolve_run
+from .validate import read_json_object
 
 
 def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, overrides: dict,
@@ -22,6 +24,8 @@ def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, ov
         if config is not None:
             raise TrainError("give either --config or --sweep (a sweep's base: holds its options)")
         cfgs = load_sweep(sweep, overrides)
+        for shards in dict.fromkeys(c.shards for c in cfgs):  # every run's store, before the first run starts
+            open_store(shards)
         groups: dict[tuple, list[TrainConfig]] = {}
         for c in cfgs:
             groups.setdefault(c.group_key(), []).append(c)
@@ -95,14 +99,19 @@ def _resumable(name: str, overrides: dict) -> tuple[list[Path], list[TrainConfig
                          "no train_config.json); nothing to resume: run its original command again")
     cfgs = []
     for d in unfinished:
-        data = json.loads((d / "train_config.json").read_text())
-        cfgs.append(TrainConfig.model_validate({k: v for k, v in data.items() if k in TrainConfig.model_fields}))
+        data = read_json_object(d / "train_config.json")
+        cfgs.append(validate({k: v for k, v in data.items() if k in TrainConfig.model_fields},
+                             f"training config recorded in {d / 'train_config.json'}"))
     return unfinished, cfgs
 
 
 def _resume_note(run_dirs: list[Path]) -> str:
+    """Where the group resumes: the checkpoint it will load (train/checkpoint_check.py), never merely the
+    step latest.json names."""
     names = ", ".join(map(str, run_dirs))
-    reached = min(checkpoint_step(d) or 0 for d in run_dirs)
+    reached, passed_over = resume_point(run_dirs)
     if reached == 0:
         return f"{names}: no checkpoint yet; training from step 0."
+    for note in passed_over:
+        print(note, file=sys.stderr)
     return f"{names}: resuming from the checkpoint at step {reached}."

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from harvest.config import booleans_are_not_numbers, closest, closest_file, describe_validation_error
+from harvest.errors import yaml_problem
 
 from .errors import TrainError
 
@@ -267,7 +268,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as exc:
         raise TrainError(f"cannot read {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise TrainError(f"{path} is not valid YAML: {exc}") from None
+        raise TrainError(f"{path} is not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise TrainError(f"{path} must hold a mapping of keys to values")
     return data
@@ -296,7 +297,8 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
         raise TrainError(f"sweep {path}: unknown top-level key(s) {sorted(unknown)}{hints}; use base: and grid:")
     if not isinstance(data.get("base") or {}, dict):
         raise TrainError(f"sweep {path}: base must map options to values")
-    base = {**(data.get("base") or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    base = {**(data.get("base") or {}), **flags}
     grids = data.get("grid")
     if not grids:
         raise TrainError(f"sweep {path} has no grid (option -> list of values), so it sweeps nothing; "
@@ -306,6 +308,13 @@ def load_sweep(path: Path, overrides: dict[str, Any]) -> list[TrainConfig]:
         if not isinstance(grid, dict) or not grid or any(not isinstance(v, list) or not v for v in grid.values()):
             raise TrainError(f"sweep {path}: grid must map each option to a non-empty list of values "
                              "(or be a list of such mappings)")
+    overridden = sorted({k for grid in grids for k in grid} & set(flags))
+    if overridden:  # the grid sets these for each run: the flag would be silently ignored
+        key = overridden[0]
+        values = [v for grid in grids for v in grid.get(key, [])]
+        raise TrainError(f"sweep {path}: --{key.replace('_', '-')} {flags[key]} was given on the command line, but the "
+                         f"grid sets {key} for each run ({', '.join(map(str, values))}); drop the flag, or {key} "
+                         "from the grid")
     for key in [*base, *(k for grid in grids for k in grid)]:
         if key not in TrainConfig.model_fields:
             raise TrainError(f"sweep {path}: unknown option {key!r}{closest(key, TrainConfig.model_fields)}")

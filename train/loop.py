@@ -26,6 +26,7 @@ from harvest.model import cpu_has_native_bf16
 from harvest.stats import stats_for_training
 from harvest.store import ShardStore, store_fingerprint
 
+from .checkpoint_check import resume_point
 from .checkpointing import CheckpointJob, CheckpointWriter
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
@@ -34,7 +35,7 @@ from .loader import ShardLoader
 from .memory import check_fits, group_step_bytes
 from .precision import resolve_autocast
 from .runs import (MetricsLog, checkpoint_step, group_record, holds_nothing, interrupted, load_checkpoint, new_run_dir,
-                   run_lock, save_checkpoint, write_json)
+                   point_latest_at, run_lock, save_checkpoint, write_json)
 from .sparsity_file import WINDOW_TOKENS, firing_rates, write_sparsity
 from .tracking import open_wandb_runs, require_wandb
 from .trainers import TRAINERS, Trainer
@@ -107,6 +108,10 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
     if cfg0.batch_size > store.rows_committed:
         raise TrainError(f"--batch-size {cfg0.batch_size} is larger than the store at {store.path} "
                          f"({store.rows_committed:,} rows): choose at most {store.rows_committed:,}")
+    for c in cfgs:  # L0 counts active features per token: it cannot exceed the SAE's features
+        if c.target_l0 is not None and c.target_l0 > (c.dict_size or d_model):
+            raise TrainError(f"--target-l0 {c.target_l0:g} is more than the SAE's {c.dict_size or d_model} features "
+                             "(dict_size); choose target_l0 <= dict_size")
     check_fits(d_model, cfgs, device)
     trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
     if any(c.wandb for c in cfgs):
@@ -136,6 +141,12 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
                 run_dirs = resume_dirs
                 for run_dir in run_dirs:  # before reading a checkpoint that another process may be replacing
                     held.enter_context(run_lock(run_dir))
+                # Checked again under the lock: a trainer finishing its last steps when this command
+                # looked has since finished, and resuming would train nothing and rewrite its results.
+                finished = [str(d) for d in run_dirs if (d / "final_info.json").exists()]
+                if finished:
+                    raise TrainError(f"{', '.join(finished)} finished while this command was starting (another "
+                                     "`pipeline train` completed it); nothing to resume")
                 start = _load_checkpoints(run_dirs, trainers, d_model)
                 fingerprint = store_fingerprint(store.attrs)
                 for run_dir in run_dirs:
@@ -166,9 +177,12 @@ def _load_checkpoints(run_dirs: list[Path], trainers: list[Trainer], d_model: in
     ahead; those keep the one before (save_checkpoint's keep_previous). No checkpoint: step 0.
     """
     reached = [checkpoint_step(d) or 0 for d in run_dirs]
-    start = min(reached)
+    start, passed_over = resume_point(run_dirs)  # a damaged newest checkpoint: the intact one before it
     if start == 0:
         return 0
+    if passed_over:
+        for run_dir in run_dirs:  # so that the step passed over is written anew when training reaches it
+            point_latest_at(run_dir, start)
     for run_dir, trainer in zip(run_dirs, trainers):
         saved = load_checkpoint(run_dir, step=start)
         if saved is None:
@@ -289,6 +303,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
             if failed[i]:
                 results.append(RunResult(run_dir, c, trainer.step_count, failed[i]))
                 continue
+            if step == start and not latest[i]:  # resumed at the last step: its metrics are the log's last row
+                latest[i] = _last_logged(run_dir)
             save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
                             keep_previous=len(trainers) > 1)
             saved[i].save(run_dir, metadata=_sae_metadata(store, trainer))
@@ -333,6 +349,16 @@ def _store_statistics(store: ShardStore, cfgs: list[TrainConfig],
         raise TrainError(str(exc)) from None
     mean = torch.tensor(stats["activations"]["mean"], dtype=torch.float32, device=device)
     return mean, stats["all"]["norm"]["mean"]
+
+
+def _last_logged(run_dir: Path) -> dict:
+    """The training metrics of the last row of metrics.jsonl (those of the final step once it is logged)."""
+    rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    try:
+        row = json.loads(rows[-1]) if rows else {}
+    except ValueError:
+        return {}
+    return {k: v for k, v in row.items() if k not in ("step", "tokens", "tokens_per_s", "epoch")}
 
 
 def _checkpoint_step(run_dir: Path) -> str:

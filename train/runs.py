@@ -23,7 +23,9 @@ from safetensors.torch import load_file, save_file
 from harvest.disk import exclusive_lock
 from harvest.errors import Interrupted
 
+from .checkpoint_check import checkpoint_problem, file_sha256, read_latest
 from .errors import TrainError
+from .validate import read_json_object
 
 RUN_NAME = re.compile(r"^run_(\d+)$")
 LOCK_FILE = ".train.lock"
@@ -119,7 +121,8 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict, state: dict, *, kee
         shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing it
         partial.mkdir(parents=True)
         save_file(tensors, partial / "state.safetensors")
-        write_json(partial / "state.json", {**state, "step": step})
+        digest = {"state.safetensors": file_sha256(partial / "state.safetensors")}  # verified by a resume
+        write_json(partial / "state.json", {**state, "step": step, "sha256": digest})
         for path in (partial / "state.safetensors", partial / "state.json", partial):
             _fsync(path)  # on disk, not only in the page cache, before anything points at it
         shutil.rmtree(target, ignore_errors=True)  # renamed into place, then killed before latest.json
@@ -145,24 +148,33 @@ def _fsync(path: Path) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoint" / "latest.json"
-    if not pointer.exists():
-        return None
-    return run_dir / "checkpoint" / json.loads(pointer.read_text())["dir"]
+    """The checkpoint directory latest.json names (always a `step_<K>` of this run); None if none yet."""
+    step = read_latest(run_dir)
+    return None if step is None else run_dir / "checkpoint" / f"step_{step}"
 
 
 def checkpoint_step(run_dir: Path) -> int | None:
     """The step of the latest checkpoint; None if there is none yet."""
-    pointer = run_dir / "checkpoint" / "latest.json"
-    return json.loads(pointer.read_text())["step"] if pointer.exists() else None
+    return read_latest(run_dir)
+
+
+def point_latest_at(run_dir: Path, step: int) -> None:
+    """Make the checkpoint at `step` the current one (a resume that passed over a damaged newer one)."""
+    write_json(run_dir / "checkpoint" / "latest.json", {"step": step, "dir": f"step_{step}"})
 
 
 def load_checkpoint(run_dir: Path, step: int | None = None) -> tuple[int, dict, dict] | None:
-    """The latest checkpoint, or the one at `step` if the run still has it; None if there is none."""
+    """The latest checkpoint, or the one at `step` if the run still has it; None if there is none.
+    One line naming it if it is damaged (train/checkpoint_check.py)."""
     path = latest_checkpoint(run_dir) if step is None else run_dir / "checkpoint" / f"step_{step}"
-    if path is None or not (path / "state.json").exists():
+    if path is None or not path.exists():
         return None
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise TrainError(f"the checkpoint {path} is damaged ({problem}); restore it, or remove "
+                         f"{run_dir / 'checkpoint'} to train the run again from step 0")
     state = json.loads((path / "state.json").read_text())
+    state.pop("sha256", None)  # the checkpoint's own record, checked above; not part of the trainer's state
     return state["step"], load_file(path / "state.safetensors"), state
 
 
@@ -184,8 +196,10 @@ def group_record(run_dir: Path, group: list[Path]) -> list[str]:
 def lockstep_group(run_dir: Path) -> list[Path]:
     """The runs of `run_dir`'s lockstep group, found from where `run_dir` is now; one line if a run of
     the group is not where the record says it is relative to `run_dir`."""
-    recorded = [Path(p) for p in json.loads((run_dir / "train_config.json").read_text()).get("lockstep_group")
-                or [run_dir.name]]
+    group = read_json_object(run_dir / "train_config.json").get("lockstep_group") or [run_dir.name]
+    if not isinstance(group, list) or not all(isinstance(p, str) for p in group):
+        raise TrainError(f"{run_dir / 'train_config.json'}: lockstep_group is {group!r}, not a list of run names")
+    recorded = [Path(p) for p in group]
     if any(p.is_absolute() for p in recorded):
         # Written before records were relative: the group's paths as they were, of which the entry with
         # this run's name was this run, wherever it was then.

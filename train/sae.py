@@ -26,6 +26,7 @@ from torch import nn
 from .encoder import centered_affine
 from .errors import TrainError
 from .losses import l1
+from .sae_files import check_finite, check_weights_header, expected_shapes, read_sae_config
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -184,7 +185,7 @@ class SAE(nn.Module):
         from .architectures import SAELENS_ARCHITECTURES
 
         directory = Path(directory)
-        cfg = json.loads((directory / CONFIG_FILE).read_text())
+        cfg = read_sae_config(directory / CONFIG_FILE)  # train/sae_files.py: one line for a bad file
         name = cfg.get("architecture", "standard")
         if name not in SAELENS_ARCHITECTURES:
             raise TrainError(f"{directory}: SAE architecture {name!r} is not supported; "
@@ -195,7 +196,11 @@ class SAE(nn.Module):
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise TrainError(f"{directory}: cfg.json has rescale_acts_by_decoder_norm true; fold the decoder "
                              "norms into the weights first (SAELens: fold_W_dec_norm)")
+        # names, shapes and dtypes from the header, before anything is allocated; then every value finite
+        check_weights_header(directory / WEIGHTS_FILE, expected_shapes(SAELENS_ARCHITECTURES[name], cfg,
+                                                                       directory / CONFIG_FILE))
         tensors = load_file(directory / WEIGHTS_FILE, device=str(device))
+        check_finite(tensors, directory / WEIGHTS_FILE)
         sae = SAELENS_ARCHITECTURES[name].from_saelens_config(cfg, device, tensors["W_dec"].dtype)
         sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
         sae.load_state_dict(tensors)

@@ -20,7 +20,27 @@ def require_wandb():
         import wandb
     except ImportError:
         raise TrainError("--wandb needs the wandb package: pip install 'ratio-sae[wandb]'") from None
+    if not _can_log():  # refused before any run directory, not by wandb.init after one is made
+        raise TrainError("--wandb needs a W&B login: run `wandb login`, or set WANDB_API_KEY, or log to files with "
+                         "WANDB_MODE=offline (and `wandb sync` them later)")
     return wandb
+
+
+def _can_log() -> bool:
+    """An API key where wandb looks for one (WANDB_API_KEY, or the netrc entry `wandb login` writes), or
+    a mode that needs none."""
+    import netrc
+    import os
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 class WandbRun:

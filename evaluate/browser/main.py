@@ -8,12 +8,14 @@ hands everything to `site.write_site`. No language-model forward pass anywhere.
 """
 
 import json
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from harvest.errors import Interrupted, signals_interrupt
 from harvest.model import resolve_device
 from harvest.store import ShardStore
 from train.errors import TrainError
@@ -23,7 +25,8 @@ from .cofiring import CoFiring
 from .config import BrowseConfig
 from .examples import GROUPS, FeatureStats, build_contexts, choose_samples, collect, hist_edges
 from .logit_lens import load_unembedding, logit_lens, model_directory
-from .site import CHUNK, write_site
+from ..output_dirs import BROWSER_MARKER, check_output_dir
+from .site import CHUNK, SITE_NAMES, is_legacy_site, write_site
 
 KEYWORDS = ("selected", "specific", "top-r", "live", "all")
 
@@ -36,6 +39,8 @@ def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print, shards:
     device = resolve_device(cfg.device)
     opened = open_sae(name, runs_dir, shards, device=device)
     run_dir, store, sae = opened.sae_dir, opened.store, opened.sae
+    out = cfg.out if cfg.out is not None else run_dir / "browser"
+    check_site_out(out, run_dir)  # before the pass over the store
     keywords, indices = parse_features(cfg.features, sae.d_sae, run_dir)
     unlearning = read_unlearning(run_dir)
     if keywords == ["auto"]:
@@ -85,10 +90,16 @@ def browse(name: str, runs_dir: Path, cfg: BrowseConfig, progress=print, shards:
         fired_on[feature] = list(dict.fromkeys(c["tokens"][c["at"]] for g in GROUPS for c in page["top"][g]))
     index = _index(run_dir, store, sae, stats, shown, selected, unlearning, cfg, keywords, lens is not None,
                    {"pass": round(pass_seconds, 1), "total": round(seconds, 1)}, fired_on)
-    out = cfg.out if cfg.out is not None else run_dir / "browser"
+    check_site_out(out, run_dir)  # again: it may have changed during the pass
     path = write_site(out, index, features)
     progress(f"{run_dir.name}: {len(shown)} feature pages in {seconds:.1f} s: {path}")
     return path
+
+
+def check_site_out(out: Path, run_dir: Path) -> None:
+    """`--out` is absent, empty or a site `pipeline browse` wrote, and not in another run (output_dirs)."""
+    check_output_dir(out, marker=BROWSER_MARKER, kind="a feature browser site", own_name=SITE_NAMES.__contains__,
+                     legacy=is_legacy_site, made_by="pipeline browse", own_run=run_dir)
 
 
 # --- inputs ----------------------------------------------------------------------------------------
@@ -320,6 +331,13 @@ def run_browse(name: str, runs_dir: Path, options: dict):
     shards = options.pop("shards", None)
     cfg = validate({k: v for k, v in options.items() if v is not None}, "browse options", BrowseConfig)
     lines = []
-    path = browse(name, runs_dir, cfg, progress=lines.append, shards=shards)
+    with signals_interrupt():  # SIGTERM as Ctrl-C: the site being written is dropped, an earlier one kept whole
+        try:
+            path = browse(name, runs_dir, cfg, progress=lines.append, shards=shards)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            how = "interrupted" if stopped.signum == signal.SIGINT else f"stopped by {stopped.signal_name}"
+            raise stopped.saying(f"{how}: no new site was written (an earlier one is kept whole); run the same "
+                                 "command again") from None
     yield from lines
     yield f"open {path}"

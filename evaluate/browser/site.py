@@ -10,8 +10,9 @@ Pages come in chunks so that a browser of every feature of a wide SAE stays a fe
 the page loads only the chunk of the feature it opens.
 
 The data are scripts, not JSON files, because a page opened from file:// may load scripts beside it
-but may not fetch files. The site is written under a temporary name and renamed into place, so an
-earlier browser stays whole until the new one is.
+but may not fetch files. The site is written under a unique temporary name beside `--out` and swapped
+into place, so an earlier browser stays whole until the new one is; it carries a marker file
+(`.ratio-sae-browser`) by which `pipeline browse` knows it may replace it (evaluate/output_dirs.py).
 """
 
 import json
@@ -20,9 +21,13 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
+from ..output_dirs import BROWSER_MARKER, replace_dir
+
 ASSETS = ("index.html", "browser.js", "browser.css")
 CHUNK = 64
 """Feature pages per data file."""
+SITE_NAMES = frozenset({*ASSETS, "data", "texts"})
+"""Every name the site holds at its top level."""
 
 
 def _clean(value):
@@ -40,12 +45,15 @@ def _script(call: str, *args) -> str:
     return f"{call}({', '.join(json.dumps(_clean(a), separators=(',', ':'), allow_nan=False) for a in args)});\n"
 
 
+def is_legacy_site(path: Path) -> bool:
+    """A site written before sites carried their marker: these files and nothing else."""
+    return (path / "index.html").is_file() and (path / "data" / "index.js").is_file()
+
+
 def write_site(out: Path, index: dict, features: dict[int, dict]) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
+    """Write the site to `out`, which `check_output_dir` has accepted: whole beside it, then swapped in."""
+
+    def write(partial: Path) -> None:
         (partial / "data" / "features").mkdir(parents=True)
         assets = resources.files("evaluate.browser") / "assets"
         for name in ASSETS:
@@ -56,20 +64,13 @@ def write_site(out: Path, index: dict, features: dict[int, dict]) -> Path:
             chunks.setdefault(feature // CHUNK, []).append(_script("BROWSER.feature", feature, page))
         for k, lines in chunks.items():
             (partial / "data" / "features" / f"{k}.js").write_text("".join(lines), encoding="utf-8")
-        texts = out / "texts"  # pages of `pipeline activations` added to the earlier browser stay listed
+        texts = Path(out) / "texts"  # pages of `pipeline activations` added to the earlier browser stay listed
         if texts.is_dir():
             shutil.copytree(texts, partial / "texts")
-            if (out / "data" / "texts.js").exists():
-                shutil.copy2(out / "data" / "texts.js", partial / "data" / "texts.js")
+            if (Path(out) / "data" / "texts.js").exists():
+                shutil.copy2(Path(out) / "data" / "texts.js", partial / "data" / "texts.js")
         if not (partial / "data" / "texts.js").exists():
             (partial / "data" / "texts.js").write_text("BROWSER.texts([]);\n", encoding="utf-8")
-        previous = out.with_name(out.name + ".previous")
-        shutil.rmtree(previous, ignore_errors=True)
-        if out.exists():
-            out.rename(previous)
-        partial.rename(out)
-        shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return out / "index.html"
+
+    replace_dir(Path(out), write, BROWSER_MARKER)
+    return Path(out) / "index.html"

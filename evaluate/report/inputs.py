@@ -9,10 +9,11 @@ measured over several draws), it is read first and today's key is the fallback.
 """
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
+
+from ..read_inputs import read_json_object, read_npz_arrays
 
 EVALS = ("unlearning", "core", "specialization", "saebench_unlearning")
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -21,10 +22,10 @@ DRAWS_FILE = "unlearning_bootstrap.npz"
 
 def load_run(run_dir: Path) -> dict:
     """train_config.json, final_info.json and every eval JSON of a run ({} where absent)."""
-    data = {"dir": run_dir, "train": json.loads((run_dir / "train_config.json").read_text())}
+    data = {"dir": run_dir, "train": read_json_object(run_dir / "train_config.json")}
     for name, path in (("final", run_dir / "final_info.json"),
                        *((s, run_dir / "eval" / f"{s}.json") for s in EVALS)):
-        data[name] = json.loads(path.read_text()) if path.exists() else {}
+        data[name] = read_json_object(path) if path.exists() else {}
     return data
 
 
@@ -102,8 +103,7 @@ def draws(data: dict) -> dict | None:
     path = data["dir"] / "eval" / DRAWS_FILE
     if not path.exists():
         return None
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    return read_npz_arrays(path)
 
 
 def draws_key(data: dict, group: str = "method") -> str:

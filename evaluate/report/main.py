@@ -34,6 +34,7 @@ from .identity import arm, collapse_duplicates, replicate
 from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
 from .twoway import compare, fit
 from .variance import decompose
+from ..output_dirs import REPORT_MARKER, check_output_dir, replace_dir
 
 SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
           ("at_2%", "score_at_retain", "0.02"), ("pauc", "pauc", None), ("saebench_style", "saebench_style_score", None))
@@ -157,6 +158,9 @@ def _row(data: dict, ev_threshold: float) -> dict:
 
 def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float = EQUIVALENCE_MARGIN,
            ev_threshold: float = EV_THRESHOLD, reference: str | None = None, note=_stderr) -> Path:
+    """Write the report into `out` whole: refused unless `out` is absent, empty or a report (marked by
+    `.ratio-sae-report`); written beside it and swapped in, so an error (a full disk) leaves no report
+    without its plots (evaluate/output_dirs.py)."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file: the report is a directory (report.md, report.csv, plots); "
                          "name a directory")
@@ -164,6 +168,19 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
         raise TrainError(f"--equivalence-margin must be a positive number of nats, got {equivalence_margin:g}")
     if not math.isfinite(ev_threshold):
         raise TrainError(f"--ev-threshold must be a finite number, got {ev_threshold:g}")
+    check_output_dir(out, marker=REPORT_MARKER, kind="a report", own_name=_report_file,
+                     legacy=lambda p: (p / "report.md").is_file(), made_by="pipeline report")
+    replace_dir(out, lambda staging: _write_report(runs, runs_dir, staging, equivalence_margin, ev_threshold,
+                                                   reference, note), REPORT_MARKER)
+    return out / "report.md"
+
+
+def _report_file(name: str) -> bool:
+    return name in ("report.md", "report.csv") or name.endswith((".png", ".svg", ".pdf"))
+
+
+def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float, ev_threshold: float,
+                  reference: str | None, note) -> None:
     loaded, duplicates = collapse_duplicates([inputs.load_run(d) for d in _run_dirs(runs, runs_dir)])
     rows = [_row(data, ev_threshold) for data in loaded]
     _name_arms(rows)
@@ -182,7 +199,6 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
         r.update({f"primary_on_{name}": v for name, v in inputs.retain_set_scores(r["_data"]).items()})
         r.update({c: r.get(c) for c in set_columns})
 
-    out.mkdir(parents=True, exist_ok=True)
     csv_rows = [_csv_row(r, set_columns) for r in rows]
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
@@ -225,7 +241,6 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
               "", "![decoder geometry](decoder_cos.png)", ""]
     (out / "report.md").write_text("\n".join(lines))
     _plots(rows, out)
-    return out / "report.md"
 
 
 def _name_arms(rows: list[dict]) -> None:
