@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluate.bootstrap import ci95, resample_counts, weighted_means
-from evaluate.unlearning.curve import at_retain, curve_scores, pauc, saebench_style
 from evaluate.heldout import held_out
 from evaluate.splice import SplicedModel, next_token_loss
 from evaluate.unlearning.features import clamp, eligible, random_features, score, select_features, top_r_features
@@ -118,24 +117,6 @@ def test_too_few_held_out_documents_is_refused(tiny_store, tiny_model):
         held_out(tiny_store, tokenizer, docs_per_label=500, doc_tokens=40, tokens_per_label=10**6, min_docs=1000)
 
 
-def test_score_at_retain_interpolates_a_hand_computed_curve():
-    # multipliers in increasing order; the retain increase dips at the third (0.15 -> 0.12)
-    retain = np.array([0.05, 0.15, 0.12, 0.35, 0.5])
-    forget = np.array([0.5, 1.0, 0.9, 2.0, 3.0])
-    clean_retain = 20.0
-    # running max of retain with the origin: x = 0, .05, .15, .15, .35, .5; y = 0, .5, 1, .9, 2, 3
-    assert at_retain(retain, forget, 0.1) == (pytest.approx(0.5 + 0.5 * 0.5), True)
-    assert at_retain(retain, forget, 0.2) == (pytest.approx(0.9 + 0.25 * 1.1), True)  # after the dip: from (.15, .9)
-    assert at_retain(retain, forget, 0.4) == (pytest.approx(2.0 + 1.0 / 3.0), True)
-    assert at_retain(retain, forget, 0.6) == (3.0, False)  # censored: the largest multiplier's value
-    area = 0.05 * 0.5 / 2 + 0.1 * (0.5 + 1.0) / 2 + 0.05 * (0.9 + 1.175) / 2
-    assert pauc(retain, forget, 0.2) == pytest.approx(area / 0.2)
-    assert saebench_style(retain, forget, 0.2) == 1.0
-    scores = curve_scores(retain, forget, clean_retain, [0.005, 0.01, 0.02], 0.01)
-    assert scores["at_retain_0.005"] == pytest.approx(0.75) and scores["at_retain_0.01"] == pytest.approx(1.175)
-    assert scores["at_retain_0.02"] == pytest.approx(2.0 + 1.0 / 3.0) and scores["pauc"] == pytest.approx(area / 0.2)
-
-
 def test_bootstrap_interval_covers_the_true_value():
     # documents of random length whose mean loss per token is 2.0 in the population
     rng = np.random.default_rng(0)
@@ -148,33 +129,6 @@ def test_bootstrap_interval_covers_the_true_value():
         lo, hi = ci95(weighted_means(counts, sums, tokens)[1:])
         covered += lo <= 2.0 <= hi
     assert 0.88 <= covered / trials <= 0.99
-
-
-def test_bootstrap_resamples_are_shared_so_run_differences_are_paired():
-    from evaluate.config import EvalConfig
-    from evaluate.measure import Losses
-    from evaluate.unlearning.scoring import score_unlearning
-
-    rng = np.random.default_rng(1)
-    n_docs, grid = 40, [1.0, 2.0, 4.0, 8.0]
-    dangerous = np.arange(n_docs) < 20
-    tokens = rng.integers(30, 120, size=n_docs).astype(float)
-    clean = tokens * rng.uniform(2, 4, size=n_docs)
-    strength = np.array(grid)[:, None] * rng.uniform(0.0, 0.02, size=(len(grid), n_docs))
-    interventions = [{"group": "method", "repeat": 0, "retain_threshold": 0.01, "n_features": 5, "multiplier": m}
-                     for m in grid]
-    cfg = EvalConfig(bootstrap_resamples=200)
-    run_a = Losses(clean, tokens, clean + tokens * strength * np.where(dangerous, 5, 1))
-    # run B: every setting raises the forget loss twice as much as in run A, the retain side identical
-    run_b = Losses(clean, tokens, np.where(dangerous, clean + 2 * (run_a.interventions - clean), run_a.interventions))
-    a = score_unlearning(run_a, dangerous, interventions, [(0.01, 5)], cfg)["bootstrap"]
-    b = score_unlearning(run_b, dangerous, interventions, [(0.01, 5)], cfg)["bootstrap"]
-    a, b = a["method/at_retain_0.01"], b["method/at_retain_0.01"]
-    assert len(a) == 201 and np.allclose(b, 2 * a)  # resample by resample: the same documents in both runs
-    lo, hi = ci95(a[1:])
-    assert hi - lo > 0.05 * abs(a[0])  # each run's own interval is wide, the paired ratio exact
-    d_lo, d_hi = ci95(b[1:] - a[1:])
-    assert d_lo <= a[0] <= d_hi
 
 
 def test_controls_pass_the_same_retain_filter():
@@ -217,7 +171,7 @@ def test_spliced_rerun_of_the_clean_output_gives_the_clean_logits(tiny_model):
     assert torch.equal(partial[1], next_token_loss(logits, ids, keep)[1])
 
 
-SMALL_EVAL = ["--heldout-docs", "6", "--heldout-doc-tokens", "40", "--select-tokens", "1500", "--probe-docs", "3",
+SMALL_EVAL = ["--heldout-docs", "6", "--heldout-doc-tokens", "40", "--select-tokens", "1500",
               "--bootstrap-resamples", "50", "--null-permutations", "20", "--batch-size", "12", "--device", "cpu",
               "--dtype", "float32"]
 
@@ -228,7 +182,7 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
     assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.0")) == 0
     assert run_cli(monkeypatch, ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--retain-threshold", "0.3",
                                  "--retain-threshold", "0.6", "--n-features", "4", "--multiplier-range", "1", "300",
-                                 "--probe-step", "10", *SMALL_EVAL]) == 0
+                                 "--control-repeats", "2", *SMALL_EVAL]) == 0
     out = capsys.readouterr().out
     assert "unlearning at retain +1.0%" in out and "95% intervals" in out
     grids = []
@@ -298,7 +252,7 @@ def test_an_external_saelens_directory_evaluates(tiny_store, tmp_path, monkeypat
             "--retain-threshold", "0.05", "--n-features", "5", *SMALL_EVAL]
     assert run_cli(monkeypatch, args) == 0
     u = json.loads((external / "eval" / "unlearning.json").read_text())
-    assert u["multipliers"] == [1.0, 10.0] and u["meta"]["external"] and "value" in u["score_at_retain"]["0.01"]
+    assert u["multipliers"] == [0.0, 1.0, 10.0] and u["meta"]["external"] and "value" in u["score_at_retain"]["0.01"]
     assert u["chosen_setting"]["chosen_on"] == "every measurement document"
     assert (external / "eval" / "core.json").exists()
     capsys.readouterr()
