@@ -291,7 +291,8 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
         "control_scores": top["control_scores"], "control_censored": censored,
         "selected_features": chosen["features"],
         "chosen_setting": {"retain_threshold": threshold, "n_features": n, "chosen_on": chosen_on},
-        "multipliers": sorted({m for c in by_group["method"] for m in c.retain}),
+        "multipliers": (sorted({0.0, *map(float, cfg.multipliers)}) if cfg.multipliers
+                        else sorted({m for c in by_group["method"] for m in c.retain})),
         "root_finding": None if cfg.multipliers else {
             "tolerance": cfg.root_tolerance, "bracket_step": cfg.bracket_step, "range": list(cfg.multiplier_range),
             "evaluations": evaluations,

@@ -98,8 +98,8 @@ def test_a_source_that_runs_out_leaves_its_share_to_the_others(tiny_store, tiny_
     small = next(i for i, s in enumerate(sources) if s["label"] == "safe")
     real_unused = heldout._unused
 
-    def unused(source, stored_docs, seed):  # the first safe source holds only 10 documents beyond the store
-        documents = real_unused(source, stored_docs, seed)
+    def unused(source, stored_docs, seed, seen):  # the first safe source holds only 10 documents beyond the store
+        documents = real_unused(source, stored_docs, seed, seen)
         return itertools.islice(documents, 10) if source is sources[small] else documents
 
     monkeypatch.setattr(heldout, "_unused", unused)
@@ -185,7 +185,6 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
                                  "--control-repeats", "2", *SMALL_EVAL]) == 0
     out = capsys.readouterr().out
     assert "unlearning at retain +1.0%" in out and "95% intervals" in out
-    grids = []
     for run in ("run_1", "run_2"):
         eval_dir = runs / run / "eval"
         u = json.loads((eval_dir / "unlearning.json").read_text())
@@ -198,12 +197,20 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
         assert u["score"] == pytest.approx(max(0.0, max(
             [s["forget_loss_increase"] for s in u["settings"] if s["retain_loss_increase"] <= u["retain_tolerance_nats"]],
             default=0.0)))
-        grid = u["multipliers"]
-        assert len(grid) >= 10 and max(b / a for a, b in zip(grid, grid[1:])) <= 1.5 + 1e-3
-        grids.append(grid)
-        assert len(u["settings"]) == 2 * len(grid) and {"retain_threshold", "n_features", "multiplier", "features",
-                                                         "forget_loss_increase", "retain_loss_increase"} <= u["settings"][0].keys()
-        assert sorted(c["control"] for c in u["controls"]) == ["random"] * len(u["settings"]) + ["top_r"] * len(u["settings"])
+        assert u["multipliers"][0] == 0.0 and u["settings"][0]["multiplier"] == 0.0  # zero ablation, measured
+        assert {"retain_threshold", "n_features", "multiplier", "features", "forget_loss_increase",
+                "retain_loss_increase"} <= u["settings"][0].keys()
+        assert {c["control"] for c in u["controls"]} == {"random", "top_r"}
+        assert {c["repeat"] for c in u["controls"] if c["control"] == "random"} == {0, 1}
+        assert u["primary_retain_set"] == "all-safe"
+        assert set(u["retain_sets"]) == {"all-safe", "safe.txt", "safe.parquet"}
+        assert u["retain_sets"]["all-safe"]["score_at_retain"] == u["score_at_retain"]
+        random = u["control_scores"]["random"]
+        assert random["draws"] == 2 and len(random["draw_values"]["0.01"]) == 2 and "0.01" in random["spread"]
+        assert u["passes"] > 0 and u["seconds"] > 0 and u["root_finding"]["tolerance"] == 0.05
+        for f, reached in u["reached"].items():  # a reached target's multiplier was found to the tolerance
+            m = u["multiplier_at_retain"][f]
+            assert 1.0 <= m <= 300.0
         assert "half A" in u["chosen_setting"]["chosen_on"]  # four (threshold, N) pairs: chosen on one half
         chosen = u["chosen_setting"]
         assert u["selected_features"] == next(s["features"] for s in u["settings"] if s["retain_threshold"]
@@ -221,7 +228,6 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
         assert {"n_dangerous_specific", "n_dangerous_specific_null", "decoder_cos_dangerous", "decoder_cos_random",
                 "decoder_cos_random_ci95"} <= s.keys() and s["statistics_from"] == "store"
         assert (eval_dir / "r_histogram.png").exists() and (eval_dir / "unlearning.png").exists()
-    assert grids[0] == grids[1]  # one grid for every run of one eval
     ids = [json.loads((runs / r / "eval" / "unlearning.json").read_text())["bootstrap"]["id"] for r in ("run_1", "run_2")]
     assert ids[0] == ids[1]
     report_dir = tmp_path / "report"
@@ -352,14 +358,14 @@ def test_eval_config_file_is_validated_and_flags_win(tmp_path):
         load_config(path, {})
 
 
-def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny_store, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_eval_resumes_with_the_same_scores(tiny_store, tmp_path, monkeypatch, capsys):
     import evaluate.runner as runner
 
     runs = tmp_path / "runs"
     for ortho in ("0.0", "0.001"):
         assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", ortho)) == 0
     args = ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--retain-threshold", "0.3", "--n-features", "4",
-            "--multiplier-range", "1", "300", "--probe-step", "10", "--control", "random", *SMALL_EVAL]
+            "--multiplier-range", "1", "300", "--control", "random", *SMALL_EVAL]
     assert run_cli(monkeypatch, args) == 0
     reference = {r: json.loads((runs / r / "eval" / "unlearning.json").read_text()) for r in ("run_1", "run_2")}
     assert set(reference["run_1"]["control_scores"]) == {"random"}  # `--control random`: no top-r curves measured
@@ -384,11 +390,9 @@ def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny
 
     calls = []
     monkeypatch.setattr(runner, "_finish", lambda t, *a, **k: calls.append(("finish", t.name)) or finish(t, *a, **k))
-    probe = runner._probe_grid
-    monkeypatch.setattr(runner, "_probe_grid", lambda *a, **k: calls.append(("probe",)) or probe(*a, **k))
     capsys.readouterr()
     assert run_cli(monkeypatch, args) == 0
-    assert calls == [("finish", "run_2")]  # no second probe, run_1 read back
+    assert calls == [("finish", "run_2")]  # run_1 read back
     assert "run_1: already evaluated" in capsys.readouterr().err
     assert (runs / "run_1" / "eval" / "unlearning.json").read_text() == run_1_file
     for r in ("run_1", "run_2"):
@@ -398,7 +402,7 @@ def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny
 
     calls.clear()
     assert run_cli(monkeypatch, [*args, "--seed", "1"]) == 0  # another config: everything again
-    assert calls == [("probe",), ("finish", "run_1"), ("finish", "run_2")]
+    assert calls == [("finish", "run_1"), ("finish", "run_2")]
 
 
 def test_pooled_seed_differences_equal_a_hand_computed_t_interval():

@@ -8,8 +8,8 @@ search and every interpolation work in log m, and in log R where R is positive:
   stall; `scipy.optimize.brentq`) on log R(m) - log target against log m, until R(m) is within
   `tolerance` of the target (|R / target - 1| <= tolerance). Only retain documents are evaluated.
 - `interpolate`: a value at m between measured points, linear in log value against log m; a
-  segment with a non-positive value is linear in the value, and the first segment from m = 0
-  (zero ablation) is linear in m. Beyond the measured points the end value is kept.
+  segment with a non-positive value is linear in the value against log m, and the first segment,
+  from m = 0 (zero ablation), is linear in both. Beyond the measured points the end value is kept.
 - `crossing`: the inverse, on the running maximum of the values in order of m: the first m where
   the curve reaches the target, or the largest m and False when it never does (censored).
 """
@@ -109,7 +109,7 @@ def _segment(m0: float, m1: float, v0: float, v1: float):
     else:
         xs, x0, x1 = math.log, math.log(m0), math.log(m1)
         xinv = math.exp
-    if v0 > 0 and v1 > 0:
+    if v0 > 0 and v1 > 0 and m0 > 0:
         ys, y0, y1, yinv = math.log, math.log(v0), math.log(v1), math.exp
     else:
         ys, y0, y1, yinv = (lambda v: v), v0, v1, (lambda y: y)
