@@ -139,3 +139,15 @@ def test_the_real_near_domain_corpus_shares_no_document_with_pubmed_bio():
     keys = [builtin_corpora.text_key(t) for t in biomed]
     assert len(biomed) > 10_000 and len(set(keys)) == len(keys)
     assert not {builtin_corpora.text_key(t) for t in bio} & set(keys)
+
+
+def test_a_retain_set_that_is_not_a_safe_source_is_refused_in_one_line(tiny_store, tmp_path, monkeypatch, capsys):
+    from .conftest import run_cli
+
+    external = tmp_path / "sae"
+    SAE(tiny_store.d_model, 16, seed=0).save(external, metadata={"hook_name": tiny_store.attrs["hook_name"]})
+    for flag in ("--retain-set", "--primary-retain-set"):
+        assert run_cli(monkeypatch, ["eval", str(external), "--shards", str(tiny_store.path), flag, "danger.jsonl"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'danger.jsonl' is not a safe source" in err and "safe.txt" in err
+        assert not (external / "eval").exists()
