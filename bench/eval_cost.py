@@ -45,11 +45,14 @@ def main() -> None:
 
         setattr(model_cls, name, wrapper)
 
+    # where SplicedModel has `head` (which the newer forwards call), the head is counted there alone
+    has_head = hasattr(model_cls, "head")
     full = lambda ids, rest, out: int(ids.numel())
+    none = lambda ids, rest, out: 0
     counted("clean", full)
     counted("with_block_output", full)
     if hasattr(model_cls, "clean_with_hidden"):
-        counted("clean_with_hidden", full)
+        counted("clean_with_hidden", none)
 
     def changed_positions(ids, rest, out):
         # the head runs from each row's first changed position on, at document tokens
@@ -59,7 +62,15 @@ def main() -> None:
         need = (torch.arange(seq - 1)[None, :] >= first[:, None]) & keep[:, 1:]
         return int(need.sum())
 
-    counted("losses_with_block_output", changed_positions)
+    counted("losses_with_block_output", none if has_head else changed_positions)
+    if hasattr(model_cls, "head"):  # the head alone, from cached hidden states (the core metrics' clean logits)
+        original_head = model_cls.head
+
+        def head(self, hidden):
+            counts["head_positions"] += int(hidden.shape[0] * hidden.shape[1]) if hidden.dim() == 3 else len(hidden)
+            return original_head(self, hidden)
+
+        model_cls.head = head
 
     import pipeline
 

@@ -6,8 +6,10 @@ where measured, a forget-loss increase. m = 0 (zero ablation of the selected fea
 measured. Without an explicit grid (`multipliers`), for each retain set and each target fraction t
 (`score_at`, and `retain_tolerance` for pAUC) the multiplier m* where the set's retain increase
 reaches t of its clean loss is found on retain documents alone (`rootfind.find_multiplier`); forget
-is then measured at m* and at the 2.5th and 97.5th percentiles of the resampled crossing (so that
-every resample reads forget between measured points), reusing a point already measured nearby.
+is then measured at m*, and for the primary retain set (the first) also at the 2.5th and 97.5th
+percentiles of the resampled crossing (so that nearly every resample reads forget between measured
+points), reusing a point already measured nearby. The other sets' resamples read forget between all
+the curve's measured points.
 
 Per bootstrap resample: the crossing of t on the resampled retain curve (`rootfind.crossing`, in
 log-log), the forget increase there (`rootfind.interpolate`), pAUC over [0, tolerance] through the
@@ -98,7 +100,7 @@ class Scorer:
                 curve.roots[(name, t)] = {"multiplier": m_star, "reached": reached, "note": note}
                 start = m_star
                 self._add_forget(curve, m_star, _SAME_POINT)
-                if ends and reached:
+                if ends and reached and name == set_names[0]:  # the primary set's interval ends
                     crossings = self._crossings(curve, name, t)
                     for m in np.percentile(crossings, [2.5, 97.5]):
                         self._add_forget(curve, float(min(max(m, lo), hi)), _NEAR_POINT)
