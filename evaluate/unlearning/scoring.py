@@ -90,6 +90,11 @@ class Scorer:
         for name in set_names:
             for t in targets:
                 known = {m: self._fraction(curve, name, m) for m in curve.retain}
+                if known[0.0] >= t:  # zero ablation already overshoots: the crossing is at m = 0, nothing to search
+                    curve.roots[(name, t)] = {"multiplier": 0.0, "reached": True, "note": (
+                        f"zero ablation of the selected features already raises the retain loss by {known[0.0]:.2%} "
+                        f"(target {t:.1%}): the score there is zero ablation's forget increase, at more retain damage")}
+                    continue
 
                 def retain_increase(m: float, name=name) -> float:
                     self._measure(curve, m, forget=False)
