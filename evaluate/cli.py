@@ -45,22 +45,71 @@ def run_eval(runs: list[str], runs_dir: Path, config: Path | None, overrides: di
         t.out_dir = t.out_dir.with_name(eval_dir_name(cfg))
         if cfg.select == "block":
             label_block(t.sae_dir)  # refused before any work if it has none
+    finished = []
     with signals_interrupt():  # SIGTERM as Ctrl-C: the SAE being measured is dropped, those written are kept
         try:
             for t, results in evaluate_targets(targets, cfg, progress=lambda line: print(line, file=sys.stderr)):
-                yield summary(t.name, results, cfg)
+                print(f"{t.name}: done in {results['meta']['seconds']:.0f} s", file=sys.stderr)
+                finished.append((t.name, results))
         except (Interrupted, KeyboardInterrupt) as exc:
             stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
             how = "interrupted" if stopped.signum == signal.SIGINT else f"stopped by {stopped.signal_name}"
             raise stopped.saying(f"{how}: the results already written to each SAE's eval/ are kept, the SAE being "
                                  "measured is dropped; run the same command again to resume (what is written is "
                                  "read back, not measured again)") from None
+    yield from table(finished, cfg)
 
 
 def eval_dir_name(cfg) -> str:
     """`eval` for SAEBench's selection with the static clamp; `eval-<select>-<clamp>` for the others, so
     that one SAE keeps every way it was measured side by side."""
     return "eval" if (cfg.select, cfg.clamp) == ("saebench", "static") else f"eval-{cfg.select}-{cfg.clamp}"
+
+
+def table(finished: list[tuple[str, dict]], cfg) -> list[str]:
+    """One row per SAE: L0, EV, the primary score with its interval, the random control, reached or not;
+    the warnings and the specialisation counts below it."""
+    header = ["run", "L0", "EV"]
+    unlearning = [r["unlearning"] for _, r in finished if "unlearning" in r]
+    if unlearning:
+        u = unlearning[0]
+        primary = u["primary"]
+        header += [f"unlearning at retain +{float(primary):.1%} on {u['primary_retain_set']} (95%)", "reached",
+                   "random control (mean of draws ± sd)", "control reached", "pAUC (95%)"]
+    header += ["passes", "seconds"]
+    rows = []
+    for name, results in finished:
+        core = results.get("core", {})
+        row = [name, f"{core['l0']:.1f}" if core else "-", f"{core['explained_variance']:.3f}" if core else "-"]
+        if "unlearning" in results:
+            u = results["unlearning"]
+            primary = u["primary"]
+            random = u["control_scores"].get("random")
+            control = "-"
+            if random:
+                spread = random.get("spread", {}).get(primary)
+                control = f"{random['score_at_retain'][primary]['value']:.4f}" + (f" ± {spread:.4f}" if spread is not None else "")
+            row += [_ci(u["score_at_retain"][primary]), "yes" if u["reached"][primary] else "no (lower bound)", control,
+                    ("yes" if random["reached"][primary] else "no (censored)") if random else "-", _ci(u["pauc"])]
+        elif unlearning:
+            row += ["-"] * 5
+        meta = results["meta"]
+        row += [f"{meta.get('passes', float('nan')):.1f}", f"{meta['seconds']:.0f}"]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+    if unlearning:
+        out.append(f"unlearning: the forget-loss increase (nats per token) where the retain loss on "
+                   f"{unlearning[0]['primary_retain_set']} has risen by {float(unlearning[0]['primary']):.1%}; "
+                   "95% intervals from a bootstrap over measurement documents (the same resamples for every SAE); "
+                   "every retain set's scores are in each eval/unlearning.json")
+    for name, results in finished:
+        for w in results.get("unlearning", {}).get("warnings", []):
+            out.append(f"warning: {name}: {w}")
+        if "specialization" in results:
+            out.append(summary(name, {"specialization": results["specialization"], "meta": results["meta"]}, cfg))
+    return out
 
 
 def _ci(score: dict) -> str:

@@ -14,10 +14,11 @@ class EvalConfig(BaseModel):
     suite: list[Literal["unlearning", "core", "specialization"]] = Field(default_factory=lambda: list(SUITES))
     """Evals to run."""
     heldout_docs: int = Field(100, gt=0)
-    """Held-out documents per label (dangerous, safe) in each of the two held-out sets, selection and
-    measurement: whole documents the store does not hold, alternately assigned to one set and the
-    other, so no document is in both. The measurement documents are the bootstrap's unit; fewer than
-    asked is allowed (the output says so), fewer than 2 per label is refused."""
+    """Held-out documents per label (dangerous, safe) in each held-out set: whole documents the store
+    does not hold (nor a copy of their text). With `select_from: heldout` they alternate between a
+    selection set and a measurement set, so no document is in both; with `select_from: store` every
+    one is measured. The measurement documents are the bootstrap's unit; fewer than asked is allowed
+    (the output says so), fewer than 2 per label is refused."""
     heldout_doc_tokens: int = Field(256, gt=0)
     """Per-document token cap: a document counts with its first this many tokens (at most the
     store's context length - 1), so that no long article dominates a label."""
@@ -57,23 +58,28 @@ class EvalConfig(BaseModel):
     more than one (threshold, N) pair, the pair is chosen on one half of the measurement documents
     (by the primary score) and every score is measured on the other half."""
     multipliers: list[float] | None = None
-    """Selected features are set to -multiplier where they fire. Empty (the default): a grid found
-    by a probe (see `multiplier_range`), shared by every run of one `pipeline eval`."""
+    """Selected features are set to -multiplier where they fire. Empty (the default): for each
+    selection, retain set and target, the multiplier where the retain increase reaches the target is
+    found by root-finding (see `root_tolerance`). Given: every selection is measured at these
+    multipliers (and 0) on forget and retain documents, and the scores are read between them."""
     multiplier_range: tuple[float, float] = (1.0, 1e5)
-    """The probe's range: a coarse grid (`probe_step` apart) on `probe_docs` measurement documents
-    per label finds, per run, the multipliers where the retain-loss increase goes from below half the
-    smallest `score_at` to above 1.5x the largest; the shared grid spans all runs' brackets."""
-    probe_step: float = Field(3.0, gt=1)
-    """Ratio between the probe's multipliers."""
-    probe_docs: int = Field(16, gt=0)
-    """Measurement documents per label the probe runs on."""
-    multiplier_step: float = Field(1.5, gt=1)
-    """The shared grid is log-spaced with at most this ratio between neighbours ..."""
-    min_multipliers: int = Field(10, ge=2)
-    """... and at least this many multipliers."""
+    """The root-finding's limits: a selection whose retain increase stays below a target up to the
+    upper one is censored (its score there is the forget increase at that multiplier, a lower bound)."""
+    root_tolerance: float = Field(0.05, gt=0, lt=1)
+    """The root-finding stops when the retain increase at the multiplier is within this fraction of the
+    target (0.05: a 1% target is met between 0.95% and 1.05%), on the measurement documents themselves."""
+    bracket_step: float = Field(4.0, gt=1)
+    """The root-finding brackets a target by stepping the multiplier by this factor (from the middle of
+    `multiplier_range` in log, or from the selection's previous root), then narrows it by Brent's method."""
+    retain_sets: list[str] = Field(default_factory=list)
+    """Retain sets, each scored separately: safe sources of the store by name, or `all-safe` (every safe
+    document pooled). Empty: every safe source (and `all-safe` when it is the primary set)."""
+    primary_retain_set: str = ""
+    """The retain set the top-level scores (and the report) read: empty means `pubmed-biomed` (near-domain
+    biomedical text) when the store has that source, else `all-safe`."""
     score_at: list[float] = Field(default_factory=lambda: [0.005, 0.01, 0.02])
     """Primary scores: the forget-loss increase where the retain-loss increase reaches this fraction
-    of the clean retain loss, interpolated along the multiplier grid (`score_at_retain` in the JSON)."""
+    of the clean retain loss, at the multiplier found for it (`score_at_retain` in the JSON)."""
     primary: float = 0.01
     """The `score_at` fraction that chooses (threshold, N) and that the report leads with."""
     retain_tolerance: float = Field(0.01, gt=0)
@@ -85,10 +91,10 @@ class EvalConfig(BaseModel):
     """The controls measured beside the method, each over the same multipliers: `random` (N features drawn
     among those passing the same retain filter) and `top_r` (the N with the highest ratio r). Each one
     costs as many forward passes as the method; [] measures the method alone."""
-    control_repeats: int = Field(1, ge=0)
+    control_repeats: int = Field(3, ge=0)
     """Random-feature control draws per (threshold, N): each is N features drawn among those passing
-    the same retain filter, over the same multipliers as the method; with several, the control's
-    scores are averaged over draws (not the best one)."""
+    the same retain filter, its multipliers found as the method's; the control's scores are averaged
+    over draws (not the best one), with each draw's value and their spread beside the mean."""
     bootstrap_resamples: int = Field(1000, ge=10)
     """Bootstrap resamples of the measurement documents for the 95% intervals; the same resamples
     for every run of one `pipeline eval`, so differences between runs are paired."""

@@ -4,14 +4,19 @@ The harvest records each stored token's document; the eval takes other documents
 sources, each one whole (up to a per-document token cap) in a window of its own that starts with
 BOS. A label's sources give one document each in turn (one that runs out leaves the rest to the
 others), and each source's documents go to a selection set and a measurement set alternately in the
-source's own (seeded) order, so no document is in both and both draw from the same sample. The
-document, not the token, is the unit of the bootstrap: a window is a document.
+source's own (seeded) order, so no document is in both and both draw from the same sample (when
+selection reads the store instead, there is no selection set and every held-out document is
+measured). A document is left out when its normalised text (case and whitespace folded) is that of a
+stored document of any source, or of a held-out document already taken: sources hold copies (bbc-news
+files 98 of its 2,225 articles twice), and a copy of a stored text is not held out. The document,
+not the token, is the unit of the bootstrap: a window is a document.
 """
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from harvest.builtin_corpora import text_key
 from harvest.config import SourceSpec
 from harvest.packing import special_ids
 from harvest.sources import iter_documents
@@ -52,10 +57,11 @@ class HeldOut:
 
 
 def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int, tokens_per_label: int,
-             min_docs: int = 2) -> tuple[HeldOut, HeldOut]:
+             min_docs: int = 2, select_set: bool = True) -> tuple[HeldOut, HeldOut]:
     """Disjoint (select, measure) sets, each with up to `docs_per_label` documents and `tokens_per_label`
     tokens per label, every document cut at `doc_tokens`. A label with fewer than `min_docs`
-    documents in a set is refused; fewer than asked is allowed and said in `notes`."""
+    documents in a set is refused; fewer than asked is allowed and said in `notes`. Without
+    `select_set`, the selection set is empty and every document found is measured."""
     attrs = store.attrs
     cap = min(doc_tokens, attrs["context_length"] - 1)
     bos, pad = special_ids(tokenizer)
@@ -63,16 +69,18 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
     sources = attrs["sources"]
     bodies, doc_ids, src, notes = [], [], [], []
     sets: list[list[int]] = [[], []]  # rows of `bodies` in select, measure
+    parts = (0, 1) if select_set else (1,)
+    seen = set().union(*(_stored_keys(s, docs_stored[labels == i], attrs["seed"]) for i, s in enumerate(sources)))
     for label in ("dangerous", "safe"):
         members = [i for i, s in enumerate(sources) if s["label"] == label]
-        streams = {i: _tokenized(_unused(sources[i], docs_stored[labels == i], attrs["seed"]), tokenizer, cap)
+        streams = {i: _tokenized(_unused(sources[i], docs_stored[labels == i], attrs["seed"], seen), tokenizer, cap)
                    for i in members}
         taken = dict.fromkeys(members, 0)
         counts = [[0, 0], [0, 0]]  # per set: documents, tokens
 
         def enough() -> bool:
-            return (counts[0][0] + counts[1][0] >= 2 * docs_per_label
-                    or counts[0][1] + counts[1][1] >= 2 * tokens_per_label)
+            return (sum(counts[p][0] for p in parts) >= len(parts) * docs_per_label
+                    or sum(counts[p][1] for p in parts) >= len(parts) * tokens_per_label)
 
         # one document from each source in turn, so the label's sources share it evenly and a source that
         # runs out leaves the rest to the others
@@ -83,7 +91,7 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
                     del streams[i]
                     continue
                 document, ids = item
-                part = taken[i] % 2  # each source alternates: select, measure, select, ...
+                part = parts[taken[i] % len(parts)]  # each source alternates: select, measure, select, ...
                 sets[part].append(len(bodies))
                 bodies.append(ids)
                 doc_ids.append(document.index)
@@ -94,6 +102,8 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
                 if enough():
                     break
         for part, name in enumerate(("select", "measure")):
+            if part not in parts:
+                continue
             n_docs, n_tokens = counts[part]
             if n_docs < min_docs:
                 raise TrainError(f"the {label} sources have only {n_docs} held-out document(s) for the {name} set "
@@ -113,13 +123,37 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
     source = np.asarray(src)
     dangerous = np.array([sources[i]["label"] == "dangerous" for i in src])
     everything = HeldOut(input_ids, keep, dangerous, np.asarray(doc_ids, dtype=np.int64), source, notes)
-    return everything.take(np.asarray(sets[0])), everything.take(np.asarray(sets[1]))
+    return everything.take(np.asarray(sets[0], dtype=np.int64)), everything.take(np.asarray(sets[1], dtype=np.int64))
 
 
-def _unused(source: dict, stored_docs: np.ndarray, seed: int):
-    """The source's documents, in its (seeded) order, that the store holds no token of."""
+def _stored_keys(source: dict, stored_docs: np.ndarray, seed: int) -> set[str]:
+    """The normalised-text keys of the source's documents that the store holds tokens of (the source is
+    read only until the last of them)."""
+    wanted = set(np.unique(stored_docs).tolist())
+    keys = set()
+    if not wanted:
+        return keys
+    for d in iter_documents(SourceSpec(**source["spec"]), seed):
+        if d.index in wanted:
+            keys.add(text_key(d.text))
+            wanted.discard(d.index)
+            if not wanted:
+                break
+    return keys
+
+
+def _unused(source: dict, stored_docs: np.ndarray, seed: int, seen: set[str]):
+    """The source's documents, in its (seeded) order, that the store holds no token of and whose text is
+    neither a stored document's nor one already taken (`seen` grows as documents are taken)."""
     used = set(np.unique(stored_docs).tolist())
-    return (d for d in iter_documents(SourceSpec(**source["spec"]), seed) if d.index not in used)
+    for d in iter_documents(SourceSpec(**source["spec"]), seed):
+        if d.index in used:
+            continue
+        key = text_key(d.text)
+        if key in seen:
+            continue
+        seen.add(key)
+        yield d
 
 
 def _tokenized(documents, tokenizer, cap: int):

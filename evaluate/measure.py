@@ -1,13 +1,18 @@
-"""Next-token losses per measurement document: the clean model, the SAE spliced in, every intervention.
+"""Next-token losses per measurement document: the clean model once per eval, then each SAE's clamps.
 
-Per batch the clean model runs once (block L's output and the logits); each intervention then reruns
-only the blocks after L, and only for the documents it changes, and the head only from the first
-position it changes: attention is causal, so a document in which no clamped feature fires, and every
-position before the first one that does, keeps its clean output exactly (and its clean loss).
-Losses are kept as per-document sums, the bootstrap's unit.
+`CleanPass` runs the clean model once over the measurement documents and keeps what every SAE of
+the eval reuses: block L's output, the per-target clean loss and the final hidden state (for the
+core metrics' clean logits). `Clamps` then measures one SAE: it encodes block L's output once and
+keeps the selected features' activations of every selection; `losses(selection, m, rows)` reruns
+only the blocks after L, only for the documents among `rows` that the clamp changes, and the head
+only from the first position it changes (attention is causal, so a document in which no clamped
+feature fires, and every position before the first one that does, keeps its clean loss exactly).
+Losses are per-document sums (the bootstrap's unit), cached by (selection, multiplier, document),
+so a point is never measured twice. Work is counted in tokens through the blocks after L
+(`passes`: those tokens over the measurement tokens).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,95 +26,145 @@ from .unlearning.gate import gated_keep
 
 
 @dataclass
-class Losses:
+class CleanPass:
+    heldout: HeldOut
+    h: torch.Tensor
+    """(documents, width, d_model) block L's output, the model's dtype."""
+    clean_loss: torch.Tensor
+    """(documents, width - 1) float32 per-target loss, 0 where the target is not a document token."""
+    hidden: torch.Tensor
+    """(documents, width, d_model) the final norm's output (the head's input)."""
     clean: np.ndarray
-    """(documents,) summed next-token loss of the clean model."""
+    """(documents,) summed clean loss."""
     tokens: np.ndarray
     """(documents,) predicted document tokens."""
-    interventions: np.ndarray
-    """(interventions, documents) summed loss with each intervention."""
-    core: dict | None = None
-    """Core metrics: all documents, and per label under `per_label`."""
+    seconds: float = 0.0
+    zero: dict = field(default_factory=dict)
+    """Zero ablation's per-document loss and KL (core), shared by every SAE."""
 
 
 @torch.inference_mode()
-def measure(loaded, sae, heldout: HeldOut, interventions: list[dict], batch_size: int, dense_rate: float,
-            core: bool = True, desc: str = "", shared: dict | None = None) -> Losses:
-    """`interventions`: dicts with `features` (list) and `multiplier`. `shared` keeps what does not depend
-    on the SAE (zero ablation's losses) across the SAEs measured on the same documents."""
-    shared = {} if shared is None else shared
+def clean_pass(loaded, heldout: HeldOut, batch_size: int, desc: str = "clean") -> CleanPass:
+    spliced = SplicedModel(loaded.model, loaded.blocks, loaded.layer)
+    hs, hiddens, losses = [], [], []
+    with tqdm(total=int(heldout.keep[:, 1:].sum()), unit="tok", unit_scale=True, desc=desc, mininterval=2,
+              leave=False) as bar:
+        for start in range(0, len(heldout), batch_size):
+            rows = slice(start, start + batch_size)
+            ids = torch.from_numpy(heldout.input_ids[rows]).to(loaded.device)
+            keep = torch.from_numpy(heldout.keep[rows]).to(loaded.device)
+            h, hidden, logits = spliced.clean_with_hidden(ids)
+            losses.append(next_token_loss(logits, ids, keep))
+            hs.append(h)
+            hiddens.append(hidden)
+            bar.update(int(keep[:, 1:].sum()))
+    clean_loss = torch.cat(losses)
+    return CleanPass(heldout, torch.cat(hs), clean_loss, torch.cat(hiddens),
+                     clean_loss.sum(1).double().cpu().numpy(), heldout.keep[:, 1:].sum(1).astype(float))
+
+
+class Clamps:
+    """One SAE's clamps on the cached clean pass; `selections` are lists of feature indices, `gates` (one
+    per selection, or None) the gates of conditional clamping (evaluate/unlearning/gate.py), None for a
+    static clamp."""
+
+    def __init__(self, loaded, sae, clean: CleanPass, selections: list[list[int]], batch_size: int,
+                 gates: list[dict | None] | None = None):
+        self.loaded, self.sae, self.clean, self.batch_size = loaded, sae, clean, batch_size
+        self.spliced = SplicedModel(loaded.model, loaded.blocks, loaded.layer)
+        device = loaded.device
+        self.features = [torch.as_tensor(f, dtype=torch.long, device=device) for f in selections]
+        keep = torch.from_numpy(clean.heldout.keep).to(device)
+        self.keep = keep
+        self.w_dec = sae.W_dec.float()
+        self.active: list[torch.Tensor] = []
+        union = sorted({int(i) for f in selections for i in f})
+        index = {f: j for j, f in enumerate(union)}
+        acts = []
+        with torch.inference_mode():
+            for start in range(0, len(clean.h), batch_size):
+                f = sae.encode(clean.h[start:start + batch_size].float())
+                acts.append(f[..., union] * keep[start:start + batch_size, :, None])
+        acts = torch.cat(acts) if acts else torch.zeros(0)
+        self.acts = [acts[..., [index[int(i)] for i in f]] for f in self.features]
+        gates = gates or [None] * len(self.features)
+        self.edit = [gated_keep(a, keep, {"gate": g} if g else {}) for a, g in zip(self.acts, gates)]
+        """per selection (documents, width): the tokens its clamp may edit (where its gate is open)."""
+        self.changed = [(a > 0).any(-1) & e for a, e in zip(self.acts, self.edit)]
+        """per selection (documents, width): the positions a clamp of it edits."""
+        self.cache: dict[tuple[int, float], dict[int, float]] = {}
+        self.upper_tokens = 0
+
+    def documents_changed(self, selection: int) -> np.ndarray:
+        return self.changed[selection].any(1).cpu().numpy()
+
+    @torch.inference_mode()
+    def losses(self, selection: int, multiplier: float, rows: np.ndarray) -> np.ndarray:
+        """(len(rows),) summed loss of each document with the selection clamped at `multiplier`."""
+        done = self.cache.setdefault((selection, float(multiplier)), {})
+        rows = np.asarray(rows, dtype=np.int64)
+        todo = [int(r) for r in rows if int(r) not in done]
+        changed_docs = self.documents_changed(selection)
+        for r in todo:
+            if not changed_docs[r]:
+                done[r] = float(self.clean.clean[r])
+        todo = [r for r in todo if r not in done]
+        fi = self.features[selection]
+        for start in range(0, len(todo), self.batch_size):
+            c = torch.as_tensor(todo[start:start + self.batch_size], device=self.loaded.device)
+            h = self.clean.h[c]
+            edited = clamp_encoded(h.float(), self.acts[selection][c], self.w_dec[fi], multiplier,
+                                   self.edit[selection][c]).to(h.dtype)
+            ids = torch.from_numpy(self.clean.heldout.input_ids[c.cpu().numpy()]).to(self.loaded.device)
+            per_target = self.spliced.losses_with_block_output(ids, edited, self.keep[c], self.clean.clean_loss[c],
+                                                               self.changed[selection][c])
+            self.upper_tokens += int(self.keep[c].sum())
+            for r, v in zip(c.tolist(), per_target.sum(1).double().cpu().tolist()):
+                done[r] = v
+        return np.array([done[int(r)] for r in rows])
+
+
+@torch.inference_mode()
+def core_metrics(loaded, sae, clean: CleanPass, batch_size: int, dense_rate: float) -> tuple[dict, int]:
+    """Core metrics on the measurement documents (all, and per label under `per_label`), and the tokens
+    run through the blocks after L. Zero ablation does not depend on the SAE: measured once per eval."""
     device = loaded.device
     spliced = SplicedModel(loaded.model, loaded.blocks, loaded.layer)
-    accumulators = {k: CoreAccumulator(sae.d_sae, device) for k in ("all", "dangerous", "safe")} if core else {}
-    n = len(heldout)
-    clean = np.zeros(n)
-    tokens = np.zeros(n)
-    per = np.zeros((len(interventions), n))
-    feats = [torch.as_tensor(s["features"], dtype=torch.long, device=device) for s in interventions]
-    w_dec = sae.W_dec.float()
-    total = int(heldout.keep[:, 1:].sum()) * (1 + len(interventions) + (2 if core else 0))
-    with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, mininterval=2, leave=False) as bar:
-        for start in range(0, n, batch_size):
-            rows = slice(start, min(start + batch_size, n))
-            ids = torch.from_numpy(heldout.input_ids[rows]).to(device)
-            keep = torch.from_numpy(heldout.keep[rows]).to(device)
-            danger = torch.from_numpy(heldout.dangerous[rows]).to(device)
-            targets = keep[:, 1:].sum(1)
-            h, clean_logits = spliced.clean(ids)
-            clean_loss = next_token_loss(clean_logits, ids, keep)
-            clean[rows] = clean_loss.sum(1).double().cpu().numpy()
-            tokens[rows] = targets.cpu().numpy()
-            step = int(targets.sum())
-            bar.update(step)
-            hf = h.float()
-            f = sae.encode(hf)
-            if core:
-                _core(spliced, sae, accumulators, ids, h, hf, f, keep, danger, clean_logits, clean_loss,
-                      shared.setdefault(("zero", start, batch_size), {}))
-                bar.update(2 * step)
-            for i, (setting, fi) in enumerate(zip(interventions, feats)):
-                bar.update(step)
-                if len(fi) == 0:
-                    per[i, rows] = clean[rows]
-                    continue
-                f_sel = f[..., fi]
-                edit = gated_keep(f_sel, keep, setting)  # `keep`, or where a conditional clamp's gate is open
-                changed = (f_sel > 0).any(-1) & edit  # the positions the clamp edits
-                loss = clean[rows].copy()
-                docs = changed.any(1)
-                if docs.any():
-                    c = docs.nonzero().flatten()
-                    edited = clamp_encoded(hf[c], f_sel[c], w_dec[fi], setting["multiplier"], edit[c]).to(h.dtype)
-                    per_target = spliced.losses_with_block_output(ids[c], edited, keep[c], clean_loss[c], changed[c])
-                    loss[c.cpu().numpy()] = per_target.sum(1).double().cpu().numpy()
-                per[i, rows] = loss
-    result = None
-    if core:
-        result = accumulators["all"].result(dense_rate)
-        result["per_label"] = {k: accumulators[k].result(dense_rate) for k in ("dangerous", "safe")}
-    return Losses(clean, tokens, per, result)
-
-
-def _core(spliced, sae, accumulators, ids, h, hf, f, keep, danger, clean_logits, clean_loss, zero: dict) -> None:
-    x_hat = sae.decode(f)
-    h_sae = h.clone()
-    h_sae[keep] = x_hat[keep].to(h.dtype)
-    per_doc = {"clean": clean_loss.sum(1)}
-    kl = {}
-    if not zero:  # zero ablation does not depend on the SAE: once per batch of documents
-        h_zero = h.clone()
-        h_zero[keep] = 0
-        logits = spliced.with_block_output(ids, h_zero)
-        zero.update(loss=next_token_loss(logits, ids, keep).sum(1), kl=kl_to_clean(clean_logits, logits, keep).sum(1))
-    per_doc["zero"], kl["zero"] = zero["loss"], zero["kl"]
-    logits = spliced.with_block_output(ids, h_sae)
-    per_doc["sae"] = next_token_loss(logits, ids, keep).sum(1)
-    kl["sae"] = kl_to_clean(clean_logits, logits, keep).sum(1)
-    targets = keep[:, 1:].sum(1)
-    for name, docs in (("all", torch.ones_like(danger)), ("dangerous", danger), ("safe", ~danger)):
-        if not docs.any():
-            continue
-        mask = keep & docs[:, None]
-        accumulators[name].add_reconstruction(hf[mask], x_hat[mask], f[mask])
-        accumulators[name].add_losses({k: float(v[docs].sum()) for k, v in per_doc.items()},
-                                      {k: float(v[docs].sum()) for k, v in kl.items()}, int(targets[docs].sum()))
+    heldout = clean.heldout
+    accumulators = {k: CoreAccumulator(sae.d_sae, device) for k in ("all", "dangerous", "safe")}
+    upper = 0
+    for start in range(0, len(heldout), batch_size):
+        rows = slice(start, start + batch_size)
+        ids = torch.from_numpy(heldout.input_ids[rows]).to(device)
+        keep = torch.from_numpy(heldout.keep[rows]).to(device)
+        danger = torch.from_numpy(heldout.dangerous[rows]).to(device)
+        h = clean.h[rows]
+        hf = h.float()
+        f = sae.encode(hf)
+        x_hat = sae.decode(f)
+        clean_logits = spliced.head(clean.hidden[rows])
+        clean_loss = clean.clean_loss[rows]
+        zero = clean.zero.setdefault((start, batch_size), {})
+        if not zero:
+            h_zero = h.clone()
+            h_zero[keep] = 0
+            logits = spliced.with_block_output(ids, h_zero)
+            zero.update(loss=next_token_loss(logits, ids, keep).sum(1), kl=kl_to_clean(clean_logits, logits, keep).sum(1))
+            upper += int(keep.sum())
+        h_sae = h.clone()
+        h_sae[keep] = x_hat[keep].to(h.dtype)
+        logits = spliced.with_block_output(ids, h_sae)
+        upper += int(keep.sum())
+        per_doc = {"clean": clean_loss.sum(1), "zero": zero["loss"], "sae": next_token_loss(logits, ids, keep).sum(1)}
+        kl = {"zero": zero["kl"], "sae": kl_to_clean(clean_logits, logits, keep).sum(1)}
+        targets = keep[:, 1:].sum(1)
+        for name, docs in (("all", torch.ones_like(danger)), ("dangerous", danger), ("safe", ~danger)):
+            if not docs.any():
+                continue
+            mask = keep & docs[:, None]
+            accumulators[name].add_reconstruction(hf[mask], x_hat[mask], f[mask])
+            accumulators[name].add_losses({k: float(v[docs].sum()) for k, v in per_doc.items()},
+                                          {k: float(v[docs].sum()) for k, v in kl.items()}, int(targets[docs].sum()))
+    result = accumulators["all"].result(dense_rate)
+    result["per_label"] = {k: accumulators[k].result(dense_rate) for k in ("dangerous", "safe")}
+    return result, upper

@@ -28,7 +28,7 @@ def plot_run(out_dir: Path, results: dict) -> None:
         def curve(rows, **style):
             rows = sorted((s for s in rows if s["retain_threshold"] == chosen["retain_threshold"]
                            and s["n_features"] == chosen["n_features"]), key=lambda s: s["multiplier"])
-            ax.plot([0] + [s["retain_loss_increase"] for s in rows], [0] + [s["forget_loss_increase"] for s in rows],
+            ax.plot([s["retain_loss_increase"] for s in rows], [s["forget_loss_increase"] for s in rows],
                     ms=3, lw=1, **style)
 
         curve(u["settings"], marker="o", label="selected features")

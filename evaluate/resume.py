@@ -1,11 +1,12 @@
-"""Resuming an interrupted `pipeline eval`: the SAEs of one store share a multiplier grid that the
-probe finds from all of them, so an eval stopped half way must reuse that grid, not probe again
-with fewer SAEs (a different grid would make the finished and the remaining scores incomparable).
+"""Resuming an interrupted `pipeline eval`: the SAEs of one store share the held-out documents and
+the bootstrap resamples, so an eval stopped half way reads its finished SAEs back and measures the
+rest under the same key.
 
 The key of an eval names everything its numbers depend on: the configuration, the store, and each
-SAE's weights and cfg.json (by content), in order. The grid is written beside each SAE's results as soon as it is
-known (`grid.json`); an SAE whose result files carry the same key is finished and is read back, not
-measured again. Anything else (another config, a retrained SAE, another set of SAEs) starts afresh.
+SAE's weights and cfg.json (by content), in order. `grid.json` (the explicit multipliers, if any) is
+written beside each SAE's results before the first measurement, marking the eval as begun under that
+key; an SAE whose result files carry the same key is finished and is read back, not measured again.
+Anything else (another config, a retrained SAE, another set of SAEs) starts afresh.
 """
 
 import hashlib

