@@ -257,9 +257,9 @@ def run_stats(path: Path, out: Path | None = None, scheduler: str | None = None,
     """Compute, save and describe; returns the summary for the terminal."""
     store = ShardStore.open(path)
     out = Path(out) if out is not None else store.path / STATS_FILE
-    if progress:
-        print(f"Statistics of the {store.rows_committed:,} committed rows of {store.path}, to be written to {out}",
-              file=sys.stderr)
+    # on stdout, beside the summary: stderr holds the progress bar and, on failure, the one error line
+    print(f"Statistics of the {store.rows_committed:,} committed rows of {store.path}, to be written to {out}",
+          flush=True)
     stats = compute_stats(store, scheduler=scheduler, progress=progress)
     try:
         write_stats(stats, out)

@@ -50,8 +50,9 @@ def test_train_help_shows_the_panels_and_the_defaults(monkeypatch, capsys):
 def test_stats_says_where_it_writes_and_draws_a_token_bar(tiny_store, tmp_path, monkeypatch, capsys):
     out = tmp_path / "stats.json"
     assert cli(monkeypatch, ["stats", str(tiny_store.path), "--out", str(out)]) == 0
-    err = capsys.readouterr().err
-    assert f"to be written to {out}" in err.splitlines()[0]
+    captured = capsys.readouterr()
+    err = captured.err
+    assert f"to be written to {out}" in captured.out.splitlines()[0]
     assert re.search(rf"stats: 100%.*{tiny_store.rows_committed / 1000:.2f}k/{tiny_store.rows_committed / 1000:.2f}k",
                      err), err
     assert out.exists()

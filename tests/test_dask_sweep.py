@@ -101,9 +101,11 @@ def test_a_retry_goes_on_from_the_groups_checkpoint(store, sweep, tmp_path, monk
     assert cli(monkeypatch, [*train_args(store, runs / "here"), "--sweep", str(sweep)]) == 0
     tries = fail_group(monkeypatch, "run_3", times=1, after_training=True)
     assert cli(monkeypatch, [*train_args(store, runs / "dask"), "--sweep", str(sweep), "--dask", threaded_cluster]) == 0
-    assert tries["n"] == 2
-    for name in RUNS:  # the retry resumed the trained group: nothing retrained, nothing lost
+    assert tries["n"] == 1  # the retry found the group finished: its results stand, nothing trained again
+    for name in RUNS:  # nothing retrained, nothing lost, no final_info.json rewritten by a run of no steps
         assert_same_weights(runs / "here" / name, runs / "dask" / name)
+        final = json.loads((runs / "dask" / name / "final_info.json").read_text())
+        assert final["final_loss"] is not None and final["training_steps"] > 0
 
 
 def test_a_group_that_keeps_failing_is_reported_and_the_others_are_kept(store, sweep, tmp_path, monkeypatch, capsys,
@@ -122,7 +124,7 @@ def test_a_group_that_keeps_failing_is_reported_and_the_others_are_kept(store, s
         assert not (runs / name / "final_info.json").exists(), name
 
 
-def test_a_bad_store_is_reported_without_retries(store, tmp_path, monkeypatch, capsys, threaded_cluster):
+def test_a_bad_store_is_refused_before_any_group_is_sent(store, tmp_path, monkeypatch, capsys, threaded_cluster):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"grid:\n  shards: [{store.path}, {tmp_path / 'missing'}]\n")
     tries = fail_group(monkeypatch, "run_2", times=0)
@@ -130,10 +132,10 @@ def test_a_bad_store_is_reported_without_retries(store, tmp_path, monkeypatch, c
     i = args.index("--shards")
     del args[i:i + 2]
     assert cli(monkeypatch, [*args, "--sweep", str(sweep), "--dask", threaded_cluster]) == 2
-    assert tries["n"] == 1
-    out, err = capsys.readouterr()
-    assert "missing" in out and "1 of 2 lockstep group(s) failed (runs run_2;" in err
-    assert (tmp_path / "runs" / "run_1" / "final_info.json").exists()
+    assert tries["n"] == 0  # every run's store is checked before the first group is sent
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0], err
+    assert not any((tmp_path / "runs").glob("run_*/final_info.json"))
 
 
 @pytest.mark.parametrize("address, message", [

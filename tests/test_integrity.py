@@ -196,7 +196,7 @@ def test_stats_on_a_damaged_store_names_the_chunk(tiny_store, tmp_path, monkeypa
     store = copy_of(tiny_store, tmp_path / "store")
     DAMAGE[damage](chunk_file(store.path, "acts", 4))
     capsys.readouterr()
-    assert run_cli(monkeypatch, ["stats", str(store.path), "--out", str(tmp_path / "stats.json")]) == 2
+    assert run_cli(monkeypatch, ["stats", str(store.path), "--out", str(tmp_path / "stats.json"), "--no-progress"]) == 2
     line = error_line(capsys)
     assert re.search(f"{named('acts', 4)}: .*{WHY[damage]}", line), line
     assert not (tmp_path / "stats.json").exists()
@@ -285,7 +285,7 @@ def test_info_verify_stats_and_train_name_a_chunk_in_the_wrong_place(tiny_store,
     capsys.readouterr()
     assert run_cli(monkeypatch, ["info", str(store.path), "--verify"]) == 2
     assert re.search(why, capsys.readouterr().out)
-    assert run_cli(monkeypatch, ["stats", str(store.path), "--out", str(tmp_path / "stats.json")]) == 2
+    assert run_cli(monkeypatch, ["stats", str(store.path), "--out", str(tmp_path / "stats.json"), "--no-progress"]) == 2
     assert re.search(why, error_line(capsys))
     assert not (tmp_path / "stats.json").exists()
     assert run_cli(monkeypatch, train_args(store, tmp_path / "runs")) == 2

@@ -75,7 +75,8 @@ def test_browse_replaces_its_own_site_atomically_and_never_touches_names_beside_
     assert run_cli(monkeypatch, browse(browsed_run, out)) == 0
     assert (out / ".ratio-sae-browser").is_file() and (out / "index.html").is_file()
     assert run_cli(monkeypatch, browse(browsed_run, out, "--features", "3")) == 0  # its own site: replaced
-    assert sorted(p.name for p in (out / "data" / "features").iterdir()) == ["3.js"]
+    assert sorted(p.name for p in (out / "data" / "features").iterdir()) == ["0.js"]  # feature 3's chunk
+    assert (out / "data" / "features" / "0.js").read_text().count("BROWSER.feature(") == 1  # feature 3's page alone
     for name in ("site.partial", "site.previous"):
         assert (tmp_path / name / "mine.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "site.partial", "site.previous"]
@@ -151,10 +152,10 @@ def test_a_report_that_fails_half_way_leaves_the_old_report_whole(tmp_path, monk
     assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(out)]) == 0
     before = {p: p.read_bytes() for p in out.iterdir()}
 
-    def disk_full(loaded, rows, path):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    def disk_full(*args, **kwargs):  # the third plot of five: report.md and two plots already written
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "unlearning_tradeoff.png")
 
-    monkeypatch.setattr(report_main, "_plot_tradeoff", disk_full)
+    monkeypatch.setattr(report_main, "draw_tradeoff", disk_full)
     line = refused(monkeypatch, capsys, ["report", "run_1", "--runs-dir", str(runs), "--out", str(out)])
     assert "No space left on device" in line
     assert {p: p.read_bytes() for p in out.iterdir()} == before  # report.md of the old report, with its plots

@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .errors import TrainError
 from .loop import RunResult, default_store, train_group
 from .runs import new_run_dir
+from .validate import read_json_object
 
 LOCAL_CLUSTER = re.compile(r"^local:(\d+)$")
 CONNECT_TIMEOUT_S = 30
@@ -140,6 +141,9 @@ def train_group_task(cfgs: list[TrainConfig], run_dirs: list[Path]) -> GroupOutc
             if not d.is_dir():
                 raise TrainError(f"{d} is not visible on worker {socket.gethostname()}: the runs directory must "
                                  "be on a filesystem that the client and every worker share, at the same path")
+        if all((d / "final_info.json").exists() for d in run_dirs):
+            # a retry of a group that finished before its task failed: its results stand, nothing to train
+            return GroupOutcome(run_dirs, [_finished_result(cfg, d) for cfg, d in zip(cfgs, run_dirs)])
         if all((d / "train_config.json").exists() for d in run_dirs):
             # a retry of a group that got going: on from its last checkpoint, as `--resume` would
             return GroupOutcome(run_dirs, train_group(cfgs, resume_dirs=run_dirs, progress=False))
@@ -149,6 +153,11 @@ def train_group_task(cfgs: list[TrainConfig], run_dirs: list[Path]) -> GroupOutc
         return GroupOutcome(run_dirs, train_group(cfgs, run_dirs=run_dirs, progress=False))
     except TrainError as exc:
         return GroupOutcome(run_dirs, error=str(exc))
+
+
+def _finished_result(cfg: TrainConfig, run_dir: Path) -> RunResult:
+    final = read_json_object(run_dir / "final_info.json")
+    return RunResult(run_dir, cfg, int(final.get("training_steps", 0)), final=final)
 
 
 def _with_absolute_paths(cfg: TrainConfig, only_store: Path | None) -> TrainConfig:
