@@ -10,7 +10,7 @@ to its own file as it finishes, so that a run killed at its time limit keeps wha
 4. lockstep: K = 1, 4, 8 ratio-trained TopK SAEs at d_sae 16384 stepping on each batch, cost per SAE;
 5. loader: batches alone from a compressed and an uncompressed copy, against straight Zarr reads
    and the pinned copy ceiling;
-6. profile: one step per architecture under torch.profiler with CUDA activities (bench/profile.py):
+6. profile: one step per architecture under torch.profiler with CUDA activities (bench/cuda_profile.py):
    device waits per step, kernel against host time. A non-logging step that waits fails the run
    (exit status 3), after every file is written.
 
@@ -116,7 +116,7 @@ def run(out: Path, *, dry_run: bool, only: list[str], config: Path) -> int:
                            repeats=sizes.repeats, work_dir=work,
                            pinned_gbps=peaks["pinned_h2d"].median if "pinned_h2d" in peaks else None)
             elif section == "profile":
-                from . import profile
+                from . import cuda_profile as profile
                 from harvest.store import ShardStore
                 d_in = ShardStore.open(store_path).d_model if store_path else 2304  # Gemma-2-2b's
                 if profile.record(report, device, d_in, sizes.d_sae, sizes.profile_batch) > 0:

@@ -19,7 +19,7 @@ On a CPU (the dry run in the tests) there are no CUDA activities: the step is pr
 its waits counted as bench/syncs.py counts them (the ATen reads, outside Adam), kernel time left out.
 That checks this code runs, not the CUDA path; only a GPU run does.
 
-    python -m bench.profile --device cuda --d-in 2304 --d-sae 16384 --batch 4096
+    python -m bench.cuda_profile --device cuda --d-in 2304 --d-sae 16384 --batch 4096
 """
 
 import argparse
