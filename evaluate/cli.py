@@ -66,6 +66,10 @@ def eval_dir_name(cfg) -> str:
     return "eval" if (cfg.select, cfg.clamp) == ("saebench", "static") else f"eval-{cfg.select}-{cfg.clamp}"
 
 
+SHOWN_WARNINGS = 3
+"""Warnings printed per SAE under the table (controls and every retain set can add dozens)."""
+
+
 def table(finished: list[tuple[str, dict]], cfg) -> list[str]:
     """One row per SAE: L0, EV, the primary score with its interval, the random control, reached or not;
     the warnings and the specialisation counts below it."""
@@ -105,8 +109,12 @@ def table(finished: list[tuple[str, dict]], cfg) -> list[str]:
                    "95% intervals from a bootstrap over measurement documents (the same resamples for every SAE); "
                    "every retain set's scores are in each eval/unlearning.json")
     for name, results in finished:
-        for w in results.get("unlearning", {}).get("warnings", []):
-            out.append(f"warning: {name}: {w}")
+        warnings = results.get("unlearning", {}).get("warnings", [])
+        # the first few in full; every one of them is in the run's unlearning.json
+        out += [f"warning: {name}: {w}" for w in warnings[:SHOWN_WARNINGS]]
+        if len(warnings) > SHOWN_WARNINGS:
+            out.append(f"warning: {name}: {len(warnings) - SHOWN_WARNINGS} more warnings, each in its "
+                       "unlearning.json (`warnings`)")
         if "specialization" in results:
             out.append(summary(name, {"specialization": results["specialization"], "meta": results["meta"]}, cfg))
     return out

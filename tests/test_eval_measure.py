@@ -153,3 +153,17 @@ def test_a_retain_set_that_is_not_a_safe_source_is_refused_in_one_line(tiny_stor
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "'danger.jsonl' is not a safe source" in err and "safe.txt" in err
         assert not (external / "eval").exists()
+
+
+def test_the_eval_table_prints_the_first_warnings_and_counts_the_rest():
+    from evaluate.cli import SHOWN_WARNINGS, table
+
+    score = {"value": 0.1, "ci95": [0.05, 0.2]}
+    unlearning = {"primary": "0.01", "primary_retain_set": "all-safe", "control_scores": {},
+                  "score_at_retain": {"0.01": score}, "reached": {"0.01": True}, "pauc": score,
+                  "warnings": [f"warning number {i}" for i in range(SHOWN_WARNINGS + 4)]}
+    results = {"core": {"l0": 8.0, "explained_variance": 0.6}, "unlearning": unlearning,
+               "meta": {"passes": 3.0, "seconds": 1.0}}
+    lines = [line for line in table([("run_1", results)], cfg=None) if line.startswith("warning:")]
+    assert lines == [*(f"warning: run_1: warning number {i}" for i in range(SHOWN_WARNINGS)),
+                     "warning: run_1: 4 more warnings, each in its unlearning.json (`warnings`)"]
