@@ -39,22 +39,17 @@ class SplicedModel:
     @torch.inference_mode()
     def clean(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(block L output, logits) of the unmodified model."""
-        captured = {}
-
-        def keep(module, args, output):
-            self._tuple_output = isinstance(output, tuple)
-            captured["h"] = output[0] if self._tuple_output else output
-
-        handle = self.blocks[self.layer].register_forward_hook(keep)
-        try:
-            logits = self.model(input_ids=input_ids, use_cache=False).logits
-        finally:
-            handle.remove()
-        return captured["h"], logits
+        return self._capturing_block_output(lambda: self.model(input_ids=input_ids, use_cache=False).logits)
 
     @torch.inference_mode()
     def clean_with_hidden(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block L output, the head's input, logits) of the unmodified model."""
+        h, hidden = self._capturing_block_output(
+            lambda: self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state)
+        return h, hidden, self.head(hidden)
+
+    def _capturing_block_output(self, forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block L output, what `forward()` returns), the block's output read by a hook during it."""
         captured = {}
 
         def keep(module, args, output):
@@ -63,10 +58,10 @@ class SplicedModel:
 
         handle = self.blocks[self.layer].register_forward_hook(keep)
         try:
-            hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            result = forward()
         finally:
             handle.remove()
-        return captured["h"], hidden, self.head(hidden)
+        return captured["h"], result
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the final norm's output: the output embedding and the model's soft-capping."""

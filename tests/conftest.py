@@ -5,6 +5,7 @@ of the seed's model at a size that runs in milliseconds.
 """
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -135,3 +136,12 @@ def interrupt_training_at(monkeypatch, step: int):
 
     monkeypatch.setattr(Trainer, "step", step_or_interrupt)
     return original
+
+
+@pytest.fixture
+def restored_environ():
+    """LocalCluster writes dask's worker environment (OMP_NUM_THREADS=1, ...) into this process's own."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -3,9 +3,7 @@ from elsewhere, a moved store with --shards, a SAELens directory with --shards; 
 gets a page (in chunks); the co-firing panel equals a hand computation of the correlations; the
 search and the filter's explanation of an empty result; nothing cut off at three window widths."""
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import torch
 from train.sae import SAE
 
 from .conftest import run_cli
-from .test_browser import _chromium, feature_pages, site_index
+from .test_browser import feature_pages, headless_chromium, site_index
 
 
 @pytest.fixture(scope="module")
@@ -104,23 +102,7 @@ WIDTHS = (1024, 1400, 1920)
 
 @pytest.fixture
 def chrome(tmp_path):
-    found = _chromium()
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium and chromium-driver are required in CI (.ci/run installs them)")
-        pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-
-    binary, driver_path = found
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(executable_path=driver_path, log_output=subprocess.DEVNULL)
-    browser = webdriver.Chrome(options=options, service=service)
+    browser = headless_chromium(tmp_path)
     yield browser
     browser.quit()
 

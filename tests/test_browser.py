@@ -350,13 +350,28 @@ def _chromium() -> tuple[str, str] | None:
     return (binary, driver) if binary and driver else None
 
 
-def test_the_site_works_in_headless_chromium(tiny_store, trained, tmp_path, monkeypatch):
+def headless_chromium(tmp_path: Path, window: str = "1400,900"):
+    """A Selenium driver of headless Chromium (the test fails in CI without it, and skips elsewhere)."""
     found = _chromium()
     if found is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium and chromium-driver are required in CI (.ci/run installs them)")
         pytest.skip("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
     from selenium import webdriver
+
+    binary, driver_path = found
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--window-size={window}", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=driver_path, log_output=subprocess.DEVNULL)
+    return webdriver.Chrome(options=options, service=service)
+
+
+def test_the_site_works_in_headless_chromium(tiny_store, trained, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
@@ -364,16 +379,7 @@ def test_the_site_works_in_headless_chromium(tiny_store, trained, tmp_path, monk
     out = tmp_path / "site"
     assert run_cli(monkeypatch, ["browse", str(trained), "--features", "top-r", "--top", "8", "--out", str(out)]) == 0
     index = site_index(out)
-    binary, driver_path = found
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1500,1000", f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(executable_path=driver_path, log_output=subprocess.DEVNULL)
-    browser = webdriver.Chrome(options=options, service=service)
+    browser = headless_chromium(tmp_path, "1500,1000")
     try:
         browser.get((out / "index.html").as_uri())
         wait = WebDriverWait(browser, 20)

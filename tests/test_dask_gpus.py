@@ -5,20 +5,10 @@ import os
 import sys
 import types
 
-import pytest
 import torch
 
 import train.distributed
 from train.distributed import connect, visible_gpus
-
-
-@pytest.fixture
-def restored_environ():
-    """LocalCluster writes dask's worker environment (OMP_NUM_THREADS=1, ...) into this process's own."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_local_workers_see_different_gpus(monkeypatch, restored_environ):

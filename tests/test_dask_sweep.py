@@ -1,7 +1,6 @@
 """pipeline train --sweep --dask: lockstep groups on dask.distributed workers, the same runs as on one machine."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -26,15 +25,6 @@ def sweep(tmp_path) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(SWEEP)
     return path
-
-
-@pytest.fixture
-def restored_environ():
-    """LocalCluster writes dask's worker environment (OMP_NUM_THREADS=1, ...) into this process's own."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture

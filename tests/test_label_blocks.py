@@ -16,9 +16,8 @@ from train.losses import block_supervision
 from train.sae import SAE
 from train.trainers import TRAINERS
 
-from .conftest import interrupt_training_at
 from .test_harvest import cli
-from .test_train import assert_same_weights, train_args
+from .test_train import assert_interrupted_run_resumes_bit_for_bit, assert_same_weights, train_args
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 D_IN, D_SAE, N_BLOCK, K = 12, 48, 8, 4
@@ -221,15 +220,7 @@ ROUTED = ("--arch", "topk", "--k", "8", "--routed-latents", "16", "--routing", "
 
 
 def test_a_routed_run_resumes_bit_for_bit_trains_in_lockstep_records_its_block_and_loads_in_sae_lens(tiny_store, tmp_path, monkeypatch):
-    from train.trainers.base import Trainer
-
-    assert cli(monkeypatch, train_args(tiny_store, tmp_path / "a", *ROUTED)) == 0
-    original = interrupt_training_at(monkeypatch, 27)
-    assert cli(monkeypatch, train_args(tiny_store, tmp_path / "b", *ROUTED)) == 130
-    monkeypatch.setattr(Trainer, "step", original)
-    assert cli(monkeypatch, ["train", "--resume", str(tmp_path / "b" / "run_1"), "--no-progress"]) == 0
-    run = tmp_path / "a" / "run_1"
-    assert_same_weights(run, tmp_path / "b" / "run_1")
+    run, _ = assert_interrupted_run_resumes_bit_for_bit(tiny_store, tmp_path, monkeypatch, *ROUTED)
     cfg = json.loads((run / "cfg.json").read_text())
     assert cfg["architecture"] == "topk"
     assert cfg["metadata"]["label_block"] == {"kind": "routed", "first": 80, "size": 16, "routing": "gradient"}

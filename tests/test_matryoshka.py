@@ -14,9 +14,8 @@ from train.config import TrainConfig
 from train.sae import SAE
 from train.trainers.baseline import BaselineTrainer
 
-from .conftest import interrupt_training_at
 from .test_harvest import cli
-from .test_train import assert_same_weights, train_args
+from .test_train import assert_interrupted_run_resumes_bit_for_bit, train_args
 
 # 4 tokens, d_in 3, d_sae 6 in groups of 1, 2 and 3 features; k = 2, so the batch keeps 8 activations
 HAND_X = torch.tensor([[1.0, -0.5, 2.0], [0.3, 0.8, -1.2], [-2.0, 0.1, 0.4], [0.5, 0.5, 0.5]])
@@ -93,16 +92,8 @@ def test_a_ratio_run_resumes_bit_for_bit_and_sae_lens_loads_it(tiny_store, tmp_p
     sae_lens = pytest.importorskip("sae_lens")
     extra = ("--arch", "matryoshka", "--k", "8", "--ortho", "0.01", "--ortho-normalize", "mean",
              "--dead-after-tokens", "640", "--matryoshka-groups", "0.25", "--matryoshka-groups", "0.75")
-    assert cli(monkeypatch, train_args(tiny_store, tmp_path / "a", *extra)) == 0
-    original = interrupt_training_at(monkeypatch, 27)
-    assert cli(monkeypatch, train_args(tiny_store, tmp_path / "b", *extra)) == 130
-    from train.trainers.base import Trainer
-
-    monkeypatch.setattr(Trainer, "step", original)
-    assert cli(monkeypatch, ["train", "--resume", str(tmp_path / "b" / "run_1"), "--no-progress"]) == 0
-    run = tmp_path / "a" / "run_1"
-    assert_same_weights(run, tmp_path / "b" / "run_1")
-    sparsity = [load_file(r / "sparsity.safetensors")["sparsity"] for r in (run, tmp_path / "b" / "run_1")]
+    run, resumed = assert_interrupted_run_resumes_bit_for_bit(tiny_store, tmp_path, monkeypatch, *extra)
+    sparsity = [load_file(r / "sparsity.safetensors")["sparsity"] for r in (run, resumed)]
     assert torch.equal(*sparsity)  # the resumed run's file too
     assert json.loads((run / "train_config.json").read_text())["matryoshka_groups"] == [0.25, 0.75]
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

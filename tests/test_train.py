@@ -43,6 +43,21 @@ def assert_same_weights(a: Path, b: Path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def assert_interrupted_run_resumes_bit_for_bit(store, tmp_path: Path, monkeypatch, *extra: str) -> tuple[Path, Path]:
+    """Train `extra` uninterrupted into tmp_path/a and interrupted at step 27, then resumed, into
+    tmp_path/b: the same weights. Returns both run directories."""
+    from train.trainers.base import Trainer
+
+    assert cli(monkeypatch, train_args(store, tmp_path / "a", *extra)) == 0
+    original = interrupt_training_at(monkeypatch, 27)
+    assert cli(monkeypatch, train_args(store, tmp_path / "b", *extra)) == 130
+    monkeypatch.setattr(Trainer, "step", original)
+    assert cli(monkeypatch, ["train", "--resume", str(tmp_path / "b" / "run_1"), "--no-progress"]) == 0
+    whole, resumed = tmp_path / "a" / "run_1", tmp_path / "b" / "run_1"
+    assert_same_weights(whole, resumed)
+    return whole, resumed
+
+
 def test_a_ratio_run_writes_the_run_directory(store, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     assert cli(monkeypatch, train_args(store, runs, "--ortho", "0.001")) == 0
