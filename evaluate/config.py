@@ -74,6 +74,12 @@ class EvalConfig(BaseModel):
     retain_sets: list[str] = Field(default_factory=list)
     """Retain sets, each scored separately: safe sources of the store by name, or `all-safe` (every safe
     document pooled). Empty: every safe source (and `all-safe` when it is the primary set)."""
+    retain_search: Literal["primary", "every"] = "primary"
+    """Where the multipliers are searched. `primary`: the method's multiplier for each target is found
+    on the primary retain set, and the controls' for the primary target alone (starting from the
+    method's); the other retain sets and targets are read from the points measured for it (log-log
+    between them), and a crossing beyond the largest of them is reported as not reached there. `every`:
+    every selection is searched on every retain set at every target (about twice the passes)."""
     primary_retain_set: str = ""
     """The retain set the top-level scores (and the report) read: empty means `pubmed-biomed` (near-domain
     biomedical text) when the store has that source, else `all-safe`."""

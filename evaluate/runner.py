@@ -225,8 +225,15 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
         family, forget, retain = families[0], forget_all, retain_all
     main = scorer(forget, retain, cfg.bootstrap_resamples)
     by_group: dict[str, list[Curve]] = {}
-    for curve in curves(family):
-        main.measure_curve(curve, list(main.sets), main.targets)
+    every = cfg.retain_search == "every"
+    start = None
+    for curve in curves(family):  # the method first: its root is where the controls' searches start
+        if curve.group == "method" or every:
+            main.measure_curve(curve, list(main.sets) if every else [primary], main.targets)
+        else:
+            main.measure_curve(curve, [primary], [cfg.primary], start=start)
+        if curve.group == "method":
+            start = curve.roots.get((primary, cfg.primary), {}).get("multiplier") or None
         by_group.setdefault(curve.group, []).append(curve)
 
     per_set, bootstrap = {}, {}
@@ -243,6 +250,7 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
             **scores.pop("method"),
             "multiplier_at_retain": {f"{t:g}": method_curve.roots[(name, t)]["multiplier"]
                                      for t in main.targets if (name, t) in method_curve.roots},
+            "searched": every or name == primary,
             "control_scores": scores}
     clean_f = float(main.clean_f.sum() / main.tokens_f.sum())
     clean_r = per_set[primary]["clean_loss"]
@@ -276,7 +284,7 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
     censored = {}
     for group, packed in top["control_scores"].items():
         for f, reached in packed["reached"].items():
-            if not reached:
+            if not reached and (every or float(f) == cfg.primary):  # other targets were not searched
                 censored.setdefault(group, {})[f] = True
                 warnings.append(f"the {group} control (a draw of it) never reaches a retain increase of {float(f):.1%} "
                                 f"on {primary}: its score there is a lower bound (censored)")
@@ -306,6 +314,7 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
                         else sorted({m for c in by_group["method"] for m in c.retain})),
         "root_finding": None if cfg.multipliers else {
             "tolerance": cfg.root_tolerance, "bracket_step": cfg.bracket_step, "range": list(cfg.multiplier_range),
+            "searched": cfg.retain_search,
             "evaluations": evaluations,
             "rule": "|retain increase at m* / target - 1| <= tolerance, on the sample itself; Brent's method in "
                     "log m on log retain increase"},

@@ -204,6 +204,10 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
         assert u["primary_retain_set"] == "all-safe"
         assert set(u["retain_sets"]) == {"all-safe", "safe.txt", "safe.parquet"}
         assert u["retain_sets"]["all-safe"]["score_at_retain"] == u["score_at_retain"]
+        # multipliers are searched on the primary set alone; the others are read from its points
+        assert u["root_finding"]["searched"] == "primary" and u["retain_sets"]["all-safe"]["searched"]
+        for name in ("safe.txt", "safe.parquet"):
+            assert not u["retain_sets"][name]["searched"] and u["retain_sets"][name]["multiplier_at_retain"] == {}
         random = u["control_scores"]["random"]
         assert random["draws"] == 2 and len(random["draw_values"]["0.01"]) == 2 and "0.01" in random["spread"]
         assert u["passes"] > 0 and u["seconds"] > 0 and u["root_finding"]["tolerance"] == 0.05
@@ -402,3 +406,22 @@ def test_an_interrupted_eval_resumes_with_the_same_scores(tiny_store, tmp_path, 
     calls.clear()
     assert run_cli(monkeypatch, [*args, "--seed", "1"]) == 0  # another config: everything again
     assert calls == [("finish", "run_1"), ("finish", "run_2")]
+
+
+def test_searching_every_retain_set_costs_more_and_finds_the_same_primary_multiplier(tiny_store, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.0")) == 0
+    common = ["eval", "run_1", "--runs-dir", str(runs), "--retain-threshold", "0.6", "--n-features", "4",
+              "--multiplier-range", "1", "300", "--control-repeats", "2", "--control", "random", *SMALL_EVAL]
+    found = {}
+    for mode in ("every", "primary"):
+        assert run_cli(monkeypatch, [*common, "--retain-search", mode]) == 0
+        found[mode] = json.loads((runs / "run_1" / "eval" / "unlearning.json").read_text())
+    every, primary = found["every"], found["primary"]
+    assert every["root_finding"]["searched"] == "every" and primary["root_finding"]["searched"] == "primary"
+    assert all(s["searched"] for s in every["retain_sets"].values())
+    assert [n for n, s in primary["retain_sets"].items() if s["searched"]] == ["all-safe"]
+    # the method's search on the primary set runs first in both modes, from the same points
+    assert primary["multiplier_at_retain"] == every["multiplier_at_retain"]
+    assert primary["root_finding"]["evaluations"] < every["root_finding"]["evaluations"]
+    assert primary["passes"] < every["passes"]

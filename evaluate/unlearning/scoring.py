@@ -9,7 +9,8 @@ reaches t of its clean loss is found on retain documents alone (`rootfind.find_m
 is then measured at m*, and for the primary retain set (the first) also at the 2.5th and 97.5th
 percentiles of the resampled crossing (so that nearly every resample reads forget between measured
 points), reusing a point already measured nearby. The other sets' resamples read forget between all
-the curve's measured points.
+the curve's measured points. Which sets and targets are searched is the caller's choice
+(`retain_search`): a set or target that is not is read from the points measured for the others.
 
 Per bootstrap resample: the crossing of t on the resampled retain curve (`rootfind.crossing`, in
 log-log), the forget increase there (`rootfind.interpolate`), pAUC over [0, tolerance] through the
@@ -76,7 +77,11 @@ class Scorer:
         clean = self.clean_r[idx].sum()
         return float((curve.retain[m][idx].sum() - clean) / clean)
 
-    def measure_curve(self, curve: Curve, set_names: list[str], targets: list[float], ends: bool = True) -> None:
+    def measure_curve(self, curve: Curve, set_names: list[str], targets: list[float], ends: bool = True,
+                      start: float | None = None) -> None:
+        """Measure m = 0 and, for each retain set of `set_names` and each target, the multiplier where the
+        set's retain increase reaches it and forget there (the first set's also at its interval's ends).
+        `start`: where the first search begins (another selection's root), else the range's middle."""
         cfg = self.cfg
         self._measure(curve, 0.0, forget=True)
         if len(self.clamps.features[curve.selection]) == 0:
@@ -86,7 +91,6 @@ class Scorer:
                 self._measure(curve, float(m), forget=True)
             return
         lo, hi = cfg.multiplier_range
-        start = None
         for name in set_names:
             for t in targets:
                 known = {m: self._fraction(curve, name, m) for m in curve.retain}
