@@ -74,6 +74,11 @@ class EvalConfig(BaseModel):
     retain_sets: list[str] = Field(default_factory=list)
     """Retain sets, each scored separately: safe sources of the store by name, or `all-safe` (every safe
     document pooled). Empty: every safe source (and `all-safe` when it is the primary set)."""
+    retain_sources: list[str] = Field(default_factory=list)
+    """Safe text from outside the store, each measured as a retain set of its own (named as the source
+    names it: `builtin:pubmed-biomed` gives `pubmed-biomed`): a `builtin:` corpus, a file or an `hf:`
+    id, as a harvest source. Each takes up to `heldout_docs` documents, none whose text the store
+    holds. For a retain set near the forget text's domain on a store harvested without one."""
     retain_search: Literal["primary", "every"] = "primary"
     """Where the multipliers are searched. `primary`: the method's multiplier for each target is found
     on the primary retain set, and the controls' for the primary target alone (starting from the

@@ -56,23 +56,37 @@ class HeldOut:
         return out
 
 
+def extra_sources(specs: list[str]) -> list[dict]:
+    """Safe sources from outside the store (`retain_sources`), in the store's `sources` format, marked
+    `extra`: each is measured as a retain set of its own, with a document quota of its own."""
+    out = []
+    for text in specs:
+        spec = SourceSpec(source=text)
+        out.append({"name": spec.name, "label": "safe", "spec": spec.model_dump(), "extra": True})
+    return out
+
+
 def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int, tokens_per_label: int,
-             min_docs: int = 2, select_set: bool = True) -> tuple[HeldOut, HeldOut]:
+             min_docs: int = 2, select_set: bool = True, extra: list[dict] | None = None) -> tuple[HeldOut, HeldOut]:
     """Disjoint (select, measure) sets, each with up to `docs_per_label` documents and `tokens_per_label`
     tokens per label, every document cut at `doc_tokens`. A label with fewer than `min_docs`
     documents in a set is refused; fewer than asked is allowed and said in `notes`. Without
-    `select_set`, the selection set is empty and every document found is measured."""
+    `select_set`, the selection set is empty and every document found is measured. `extra` sources
+    (`extra_sources`) follow the store's in `source` and take up to as many documents as a label,
+    measured only; none whose text the store holds."""
     attrs = store.attrs
     cap = min(doc_tokens, attrs["context_length"] - 1)
     bos, pad = special_ids(tokenizer)
     labels, docs_stored = store.read("label"), store.read("doc")
-    sources = attrs["sources"]
+    sources = [*attrs["sources"], *(extra or [])]
     bodies, doc_ids, src, notes = [], [], [], []
     sets: list[list[int]] = [[], []]  # rows of `bodies` in select, measure
     parts = (0, 1) if select_set else (1,)
     seen = set().union(*(_stored_keys(s, docs_stored[labels == i], attrs["seed"]) for i, s in enumerate(sources)))
-    for label in ("dangerous", "safe"):
-        members = [i for i, s in enumerate(sources) if s["label"] == label]
+    for label in ("dangerous", "safe", *(s["name"] for s in extra or [])):
+        members = [i for i, s in enumerate(sources) if (s["name"] if s.get("extra") else s["label"]) == label]
+        if label not in ("dangerous", "safe"):
+            parts = (1,)  # text from outside the store is measured, never selected on
         streams = {i: _tokenized(_unused(sources[i], docs_stored[labels == i], attrs["seed"], seen), tokenizer, cap)
                    for i in members}
         taken = dict.fromkeys(members, 0)

@@ -27,7 +27,7 @@ from train.validate import read_json_object
 from .unlearning import firing
 from .bootstrap import resample_id
 from .config import EvalConfig
-from .heldout import held_out
+from .heldout import extra_sources, held_out
 from .measure import Clamps, clean_pass, core_metrics
 from .resume import eval_key, finished, save_grid, saved_grid
 from .unlearning.scoring import ALL_SAFE, Curve, Scorer, pack, retain_sets
@@ -82,15 +82,16 @@ def _context(store: ShardStore, cfg: EvalConfig, progress) -> dict:
     attrs = store.attrs
     loaded = load_model(attrs["model"]["id"], layer=attrs["layer"], revision=attrs["model"].get("revision"),
                         trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
+    extra = extra_sources(cfg.retain_sources)
     select, measure_set = held_out(store, loaded.tokenizer, cfg.heldout_docs, cfg.heldout_doc_tokens,
-                                   cfg.heldout_tokens, select_set=cfg.select_from == "heldout")
+                                   cfg.heldout_tokens, select_set=cfg.select_from == "heldout", extra=extra)
     for note in select.notes:
         progress(f"note: {note}")
     started = time.perf_counter()
     clean = clean_pass(loaded, measure_set, cfg.batch_size)
     clean.seconds = time.perf_counter() - started
     return {"store": store, "loaded": loaded, "select": select, "measure": measure_set, "notes": select.notes,
-            "clean": clean}
+            "clean": clean, "sources": [*attrs["sources"], *extra]}
 
 
 def _load_sae(t: Target, device) -> SAE:
@@ -146,7 +147,7 @@ def _finish(t: Target, context: dict, cfg: EvalConfig, key: str) -> dict:
     results = dict(p["results"])
     measured_tokens = float(clean.tokens.sum())
     upper_tokens = 0
-    sources = attrs["sources"]
+    sources = context["sources"]
     documents = {"select": select.documents(sources) if cfg.select_from == "heldout" else {},
                  "measure": measure_set.documents(sources)}
     if "core" in cfg.suite:
@@ -335,12 +336,23 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
 
 
 def check_retain_sets(store: ShardStore, cfg: EvalConfig) -> None:
-    """Every named retain set is a safe source of the store (or `all-safe`): refused in one line otherwise."""
+    """Every named retain set is a safe source of the store, a `retain_sources` entry or `all-safe`, and
+    every `retain_sources` entry is a readable source not already in the store: refused in one line otherwise."""
     safe = [s["name"] for s in store.attrs["sources"] if s["label"] == "safe"]
+    stored = {s["name"] for s in store.attrs["sources"]}
+    try:
+        extra = [s["name"] for s in extra_sources(cfg.retain_sources)]
+    except ValueError as e:
+        raise TrainError(f"retain_sources: {e}") from None
+    for name in extra:
+        if name in stored:
+            raise TrainError(f"retain source {name!r} is already a source of the store {store.path}: name it in "
+                             "retain_sets instead (its held-out documents are measured already)")
     for name in [*cfg.retain_sets, *([cfg.primary_retain_set] if cfg.primary_retain_set else [])]:
-        if name != ALL_SAFE and name not in safe:
+        if name != ALL_SAFE and name not in safe and name not in extra:
             raise TrainError(f"retain set {name!r} is not a safe source of the store {store.path} (its safe sources: "
-                             f"{', '.join(safe)}; or {ALL_SAFE}, every safe document pooled)")
+                             f"{', '.join(safe)}; or {ALL_SAFE}, every safe document pooled; or a retain_sources "
+                             "entry)")
 
 
 def run_target(name: str, runs_dir: Path, shards: Path | None) -> Target:

@@ -167,3 +167,49 @@ def test_the_eval_table_prints_the_first_warnings_and_counts_the_rest():
     lines = [line for line in table([("run_1", results)], cfg=None) if line.startswith("warning:")]
     assert lines == [*(f"warning: run_1: warning number {i}" for i in range(SHOWN_WARNINGS)),
                      "warning: run_1: 4 more warnings, each in its unlearning.json (`warnings`)"]
+
+
+def test_a_retain_source_from_outside_the_store_is_measured_as_its_own_set(tiny_store, tiny_model, tmp_path,
+                                                                           monkeypatch, capsys):
+    from harvest.config import SourceSpec
+    from harvest.sources import iter_documents
+    from evaluate.heldout import extra_sources
+
+    from .conftest import SAFE_WORDS, make_docs, run_cli
+    from .test_train import train_args
+
+    attrs = tiny_store.attrs
+    i = next(k for k, s in enumerate(attrs["sources"]) if s["label"] == "safe")
+    stored = set(tiny_store.read("doc")[tiny_store.read("label") == i].tolist())
+    stored_text = next(d.text for d in iter_documents(SourceSpec(**attrs["sources"][i]["spec"]), attrs["seed"])
+                       if d.index in stored)
+    fresh = make_docs(SAFE_WORDS, 10, seed=99)
+    near = tmp_path / "near.jsonl"
+    near.write_text("".join(json.dumps({"text": t}) + "\n" for t in [stored_text.upper(), *fresh]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    _, plain = held_out(tiny_store, tokenizer, 6, 40, 10**9, select_set=False)
+    _, both = held_out(tiny_store, tokenizer, 6, 40, 10**9, select_set=False, extra=extra_sources([str(near)]))
+    extra_rows = both.source == len(attrs["sources"])
+    assert extra_rows.sum() == 6 and not both.dangerous[extra_rows].any()
+    assert 0 not in both.doc[extra_rows]  # the copy of a stored document (re-cased) is not held out
+    store_rows = ~extra_rows  # the store's own held-out documents are the same with or without it
+    assert sorted(zip(both.source[store_rows], both.doc[store_rows])) == sorted(zip(plain.source, plain.doc))
+
+    runs = tmp_path / "runs"
+    assert run_cli(monkeypatch, train_args(tiny_store, runs, "--ortho", "0.0")) == 0
+    small = ["--heldout-docs", "6", "--heldout-doc-tokens", "40", "--select-tokens", "1500", "--bootstrap-resamples",
+             "20", "--batch-size", "12", "--device", "cpu", "--dtype", "float32", "--retain-threshold", "0.6",
+             "--n-features", "4", "--multiplier-range", "1", "300", "--control", "random", "--control-repeats", "1",
+             "--suite", "unlearning"]
+    assert run_cli(monkeypatch, ["eval", "run_1", "--runs-dir", str(runs), "--retain-source", str(near),
+                                 "--primary-retain-set", "near.jsonl", *small]) == 0
+    u = json.loads((runs / "run_1" / "eval" / "unlearning.json").read_text())
+    assert u["primary_retain_set"] == "near.jsonl" and u["retain_sets"]["near.jsonl"]["documents"] == 6
+    assert set(u["retain_sets"]) == {"near.jsonl", "safe.txt", "safe.parquet"}
+    assert len(u["heldout_documents"]["measure"]["near.jsonl"]) == 6
+    # a source the store already holds is named in retain_sets, not added again
+    capsys.readouterr()
+    store_source = attrs["sources"][i]["spec"]["source"]
+    assert run_cli(monkeypatch, ["eval", "run_1", "--runs-dir", str(runs), "--retain-source", store_source, *small]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already a source of the store" in err[0]

@@ -193,15 +193,17 @@ def pack(draws_per_curve: list[dict], cfg) -> dict:
 
 def retain_sets(heldout, sources: list[dict], cfg) -> tuple[dict[str, np.ndarray], str]:
     """({retain set name: measurement rows}, the primary set's name). The sets are the safe sources (those
-    named in `retain_sets`, else every one) and `all-safe`, every safe document pooled, when it is the
-    primary set (the store has no near-domain source and none is named)."""
+    named in `retain_sets`, else every one, the `retain_sources` from outside the store included) and
+    `all-safe`, every safe document of the store's sources pooled, when it is the primary set (there is
+    no near-domain source and none is named)."""
     safe = [i for i, s in enumerate(sources) if s["label"] == "safe"]
     names = {sources[i]["name"]: i for i in safe}
     chosen = cfg.retain_sets or list(names)
     sets = {n: np.flatnonzero((heldout.source == names[n]) & ~heldout.dangerous) for n in chosen if n != ALL_SAFE}
     primary = cfg.primary_retain_set or (NEAR_DOMAIN if NEAR_DOMAIN in names else ALL_SAFE)
-    if primary == ALL_SAFE or ALL_SAFE in chosen:
-        sets = {ALL_SAFE: np.flatnonzero(~heldout.dangerous), **sets}
+    if primary == ALL_SAFE or ALL_SAFE in chosen:  # the store's safe text: sources from outside it are not pooled
+        stored = [i for i in safe if not sources[i].get("extra")]
+        sets = {ALL_SAFE: np.flatnonzero(np.isin(heldout.source, stored) & ~heldout.dangerous), **sets}
     if primary not in sets:
         sets = {primary: np.flatnonzero((heldout.source == names[primary]) & ~heldout.dangerous), **sets}
     sets = {primary: sets.pop(primary), **sets}
