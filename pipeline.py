@@ -455,13 +455,16 @@ def report(
              "holds.")] = 0.02,
     ev_threshold: Annotated[float, typer.Option(
         help="Runs with held-out explained variance below this are flagged wherever their scores appear.")] = 0.5,
+    eval_dir: Annotated[str, typer.Option(
+        help="Which eval directory of each run to read: `eval` (SAEBench's selection, static clamp) or the "
+             "eval-<select>-<clamp> that `pipeline eval --select/--clamp` wrote (one report per inference arm).")] = "eval",
 ):
     """A headline table per arm, the arms against a reference arm (two-way model, Holm, TOST), where the spread comes from, every run's columns (report.md, report.csv) and comparison plots."""
     from evaluate.report.main import report as make_report
 
     written = make_report(runs or [], runs_dir, out, equivalence_margin=equivalence_margin,
                           ev_threshold=ev_threshold, reference=reference,
-                          note=lambda line: typer.echo(line, err=True))
+                          note=lambda line: typer.echo(line, err=True), eval_dir=eval_dir)
     typer.echo(f"wrote {written}")
 
 
