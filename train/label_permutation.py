@@ -17,8 +17,6 @@ import torch
 
 from harvest.store import ShardStore
 
-PERMUTATIONS = ("none", "document")
-
 _STREAM = 0x1ABE15
 """Keeps the permutation's random stream apart from any other use of the same seed."""
 
