@@ -36,7 +36,8 @@ study: $(VENV)/.installed
 # sweep-shorter.yaml (run_37-42); each SAE evaluated four ways (SAEBench's selection and, for SAEs with a label
 # block, the block; each with the static and the conditional clamp), each into its own eval directory; one
 # report per inference arm (the block's against the permuted-label control, whose first run is STUDY2_PERMUTED;
-# the others against the baseline, run_1). Every step resumes when run again, as `make study` does. The run
+# the others against the baseline, run_1), and under SAEBench's selection and the static clamp two more, each arm
+# against each training control. Every step resumes when run again, as `make study` does. The run
 # numbers and STUDY2_BLOCK follow the sweep files (tests/test_study2_configs.py checks that they agree).
 STUDY2_RUNS := 36
 STUDY2_PERMUTED := 31
@@ -58,6 +59,8 @@ study2: $(VENV)/.installed
 	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --select block --n-features $(STUDY2_BLOCK)
 	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --select block --n-features $(STUDY2_BLOCK) --clamp conditional
 	$(STUDY2_REPORT) --out reports/study2 --reference run_1
+	$(STUDY2_REPORT) --out reports/study2-against-permuted --reference run_$(STUDY2_PERMUTED)
+	$(STUDY2_REPORT) --out reports/study2-against-shorter --reference run_$(STUDY2_SHORTER)
 	$(STUDY2_REPORT) --out reports/study2-saebench-conditional --eval-dir eval-saebench-conditional --reference run_1
 	$(STUDY2_REPORT) --out reports/study2-block-static --eval-dir eval-block-static --reference run_$(STUDY2_PERMUTED)
 	$(STUDY2_REPORT) --out reports/study2-block-conditional --eval-dir eval-block-conditional --reference run_$(STUDY2_PERMUTED)

@@ -129,6 +129,8 @@ def test_make_n_study2_shows_harvest_train_eval_per_inference_arm_and_reports():
         f"{eval_} $(for r in $(ls -d runs/study2/run_* | sort -t_ -k2 -n); do grep -q label_block $r/cfg.json && "
         f"echo $r; done) --select block --n-features {make['STUDY2_BLOCK']} --clamp conditional",
         f"{pipeline} report --runs-dir runs/study2 --out reports/study2 --reference run_1",
+        f"{pipeline} report --runs-dir runs/study2 --out reports/study2-against-permuted --reference run_31",
+        f"{pipeline} report --runs-dir runs/study2 --out reports/study2-against-shorter --reference run_37",
         f"{pipeline} report --runs-dir runs/study2 --out reports/study2-saebench-conditional "
         "--eval-dir eval-saebench-conditional --reference run_1",
         f"{pipeline} report --runs-dir runs/study2 --out reports/study2-block-static --eval-dir eval-block-static "
