@@ -74,7 +74,9 @@ def test_the_sweeps_make_the_runs_the_makefile_numbers():
                      (False, True, "activation", False, "none"): 6, (False, True, "gradient", False, "none"): 6,
                      (False, False, "activation", True, "none"): 6, (False, True, permuted.routing, False, "document"): 6}
     # every block is STUDY2_BLOCK wide, what the block evals clamp
-    assert {c.routed_latents or c.supervised_latents for c in runs} - {0} == {int(make["STUDY2_BLOCK"])}
+    assert {c.routed_latents or c.supervised_latents for c in runs} - {0} == {int(make["STUDY2_BLOCK"])}, (
+        "every block of sweep.yaml must be STUDY2_BLOCK wide: the block evals clamp that many latents and draw as "
+        "many random ones; blocks of two sizes need one block eval per size in the Makefile")
 
     # the shorter baseline: the baseline but for `tokens`, seeds 0-5
     assert sorted(c.seed for c in shorter) == list(range(6))
