@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip install --disable-pip-version-check --no-compile -q -c co
 
 SAEBENCH_VENV := .venv-saebench
 
-.PHONY: demo study test docs saebench-env peers-env clean-venv gpu-wheels
+.PHONY: demo study study2 test docs saebench-env peers-env clean-venv gpu-wheels
 
 # The main job on the embedded offline default: Gemma 3 270M, PubMed virology vs news + Wikipedia:
 # harvest once, train a baseline and a ratio-ranked TopK SAE at equal L0 in lockstep from the cache, evaluate them
@@ -29,6 +29,41 @@ study: $(VENV)/.installed
 	elif [ ! -e runs/study/run_12/final_info.json ]; then $(VENV)/bin/pipeline train --resume run_12 --runs-dir runs/study; fi
 	$(VENV)/bin/pipeline eval $$(ls -d runs/study/run_* | sort -t_ -k2 -n) --config configs/study/eval.yaml
 	$(VENV)/bin/pipeline report --runs-dir runs/study --out reports/study
+
+# The second study of docs/results.md: which label-aware method makes dangerous knowledge removable without
+# touching near-domain text. The store of configs/study2/harvest.yaml; the 36 full-length SAEs of
+# configs/study2/sweep.yaml in one lockstep group (run_1-36), then the baseline trained shorter of
+# sweep-shorter.yaml (run_37-42); each SAE evaluated four ways (SAEBench's selection and, for SAEs with a label
+# block, the block; each with the static and the conditional clamp), each into its own eval directory; one
+# report per inference arm (the block's against the permuted-label control, whose first run is STUDY2_PERMUTED;
+# the others against the baseline, run_1), and under SAEBench's selection and the static clamp two more, each arm
+# against each training control. Every step resumes when run again, as `make study` does. The run
+# numbers and STUDY2_BLOCK follow the sweep files (tests/test_study2_configs.py checks that they agree).
+STUDY2_RUNS := 36
+STUDY2_PERMUTED := 31
+STUDY2_SHORTER := 37
+STUDY2_LAST := 42
+STUDY2_BLOCK := 64
+STUDY2_EVAL := $(VENV)/bin/pipeline eval --config configs/study2/eval.yaml
+STUDY2_ALL := $$(ls -d runs/study2/run_* | sort -t_ -k2 -n)
+STUDY2_BLOCKS := $$(for r in $(STUDY2_ALL); do grep -q label_block $$r/cfg.json && echo $$r; done)
+STUDY2_REPORT := $(VENV)/bin/pipeline report --runs-dir runs/study2
+study2: $(VENV)/.installed
+	$(VENV)/bin/pipeline harvest --config configs/study2/harvest.yaml
+	if [ ! -e runs/study2/run_1/train_config.json ]; then $(VENV)/bin/pipeline train --sweep configs/study2/sweep.yaml; \
+	elif [ ! -e runs/study2/run_$(STUDY2_RUNS)/final_info.json ]; then $(VENV)/bin/pipeline train --resume run_$(STUDY2_RUNS) --runs-dir runs/study2; fi
+	if [ ! -e runs/study2/run_$(STUDY2_SHORTER)/train_config.json ]; then $(VENV)/bin/pipeline train --sweep configs/study2/sweep-shorter.yaml; \
+	elif [ ! -e runs/study2/run_$(STUDY2_LAST)/final_info.json ]; then $(VENV)/bin/pipeline train --resume run_$(STUDY2_LAST) --runs-dir runs/study2; fi
+	$(STUDY2_EVAL) $(STUDY2_ALL)
+	$(STUDY2_EVAL) $(STUDY2_ALL) --clamp conditional
+	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --select block --n-features $(STUDY2_BLOCK)
+	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --select block --n-features $(STUDY2_BLOCK) --clamp conditional
+	$(STUDY2_REPORT) --out reports/study2 --reference run_1
+	$(STUDY2_REPORT) --out reports/study2-against-permuted --reference run_$(STUDY2_PERMUTED)
+	$(STUDY2_REPORT) --out reports/study2-against-shorter --reference run_$(STUDY2_SHORTER)
+	$(STUDY2_REPORT) --out reports/study2-saebench-conditional --eval-dir eval-saebench-conditional --reference run_1
+	$(STUDY2_REPORT) --out reports/study2-block-static --eval-dir eval-block-static --reference run_$(STUDY2_PERMUTED)
+	$(STUDY2_REPORT) --out reports/study2-block-conditional --eval-dir eval-block-conditional --reference run_$(STUDY2_PERMUTED)
 
 # Both environments: the project's, and SAEBench's (for `pipeline eval --saebench`, the peer benchmarks and their tests).
 test: $(VENV)/.installed-dev $(SAEBENCH_VENV)/.installed $(SAEBENCH_VENV)/.peers-installed

@@ -233,6 +233,7 @@ def train(
     routing: Annotated[Optional[str], typer.Option(help=_tdoc("routing"), rich_help_panel=_LABELS)] = None,
     supervised_latents: Annotated[Optional[int], typer.Option(help=_tdoc("supervised_latents"), rich_help_panel=_LABELS)] = None,
     supervision_coeff: Annotated[Optional[float], typer.Option(help=_tdoc("supervision_coeff"), rich_help_panel=_LABELS)] = None,
+    permute_labels: Annotated[Optional[str], typer.Option(help=_tdoc("permute_labels"), rich_help_panel=_LABELS)] = None,
     lr: Annotated[Optional[float], typer.Option(help=_tdoc("lr"), rich_help_panel=_SCHEDULE)] = None,
     warmup_steps: Annotated[Optional[int], typer.Option(help=_tdoc("warmup_steps"), rich_help_panel=_SCHEDULE)] = None,
     lr_decay_fraction: Annotated[Optional[float], typer.Option(help=_tdoc("lr_decay_fraction"), rich_help_panel=_SCHEDULE)] = None,
@@ -275,7 +276,8 @@ def train(
                      batchtopk_threshold_lr=batchtopk_threshold_lr, target_l0=target_l0,
                      target_l0_gain=target_l0_gain, target_l0_rate=target_l0_rate,
                      target_l0_ramp=target_l0_ramp, wandb=wandb, routed_latents=routed_latents, routing=routing,
-                     supervised_latents=supervised_latents, supervision_coeff=supervision_coeff)
+                     supervised_latents=supervised_latents, supervision_coeff=supervision_coeff,
+                     permute_labels=permute_labels)
     overrides.update(matryoshka_groups=matryoshka_groups or None, matryoshka_weights=matryoshka_weights or None)
     for line in run_train(config=config, sweep=sweep, resume=resume, overrides=overrides, progress=progress,
                           dask=dask):
@@ -456,13 +458,16 @@ def report(
              "holds.")] = 0.02,
     ev_threshold: Annotated[float, typer.Option(
         help="Runs with held-out explained variance below this are flagged wherever their scores appear.")] = 0.5,
+    eval_dir: Annotated[str, typer.Option(
+        help="Which eval directory of each run to read: `eval` (SAEBench's selection, static clamp) or the "
+             "eval-<select>-<clamp> that `pipeline eval --select/--clamp` wrote (one report per inference arm).")] = "eval",
 ):
     """A headline table per arm, the arms against a reference arm (two-way model, Holm, TOST), where the spread comes from, every run's columns (report.md, report.csv) and comparison plots."""
     from evaluate.report.main import report as make_report
 
     written = make_report(runs or [], runs_dir, out, equivalence_margin=equivalence_margin,
                           ev_threshold=ev_threshold, reference=reference,
-                          note=lambda line: typer.echo(line, err=True))
+                          note=lambda line: typer.echo(line, err=True), eval_dir=eval_dir)
     typer.echo(f"wrote {written}")
 
 

@@ -123,6 +123,14 @@ class TrainConfig(BaseModel):
     `supervision_coeff`. cfg.json records the block. 0: none."""
     supervision_coeff: float = Field(0.1, gt=0)
     """`supervised_latents`: weight of the block's cross-entropy term."""
+    permute_labels: Literal["none", "document"] = "none"
+    """The control for label-aware training: `document` gives each document of the store the dangerous/safe
+    label of another, by a permutation of the documents' labels seeded by `seed` (each seed draws its own),
+    so as many documents are dangerous as before and a document's rows share one label, but which ones
+    are dangerous is random. Everything label-aware in training (the ratio term's rates, routed and
+    supervised latents) reads these labels; the batches stay those the true labels stratify, shared with
+    the rest of the lockstep group. cfg.json records it under `metadata.label_permutation`. `none`: the
+    store's labels."""
     lr: float = Field(3e-4, gt=0)
     """Adam learning rate."""
     warmup_steps: int = Field(1000, ge=0)

@@ -31,6 +31,7 @@ from .checkpointing import CheckpointJob, CheckpointWriter
 from .config import LOADER_KEYS, TrainConfig
 from .errors import TrainError
 from .label_blocks import RECORD_KEY
+from .label_permutation import PermutedLabels
 from .loader import ShardLoader
 from .memory import check_fits, group_step_bytes
 from .precision import resolve_autocast
@@ -218,6 +219,8 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
     loader = ShardLoader(store, batch_size=cfg0.batch_size, dangerous_fraction=cfg0.dangerous_fraction,
                          seed=cfg0.data_seed, window_chunks=cfg0.window_chunks, device=device,
                          resident=cfg0.resident, reserve_bytes=group_step_bytes(d_model, cfgs, device))
+    permutations: dict = {}  # one per seed, shared by the group's runs that ask for it
+    relabels = [PermutedLabels.for_config(c, store, device, permutations) for c in cfgs]
     mean, mean_norm = _sample_statistics(loader)
     store_mean, store_mean_norm = _store_statistics(store, cfgs, device)
     for trainer in trainers:
@@ -262,8 +265,11 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
             for i, trainer in enumerate(trainers):
                 if failed[i]:
                     continue
-                # the loader's stratified batches hold their dangerous rows first (train/loader.py, Batch)
-                metrics = trainer.step(batch.x, loader.n_dangerous, log=logging)
+                # the loader's stratified batches hold their dangerous rows first (train/loader.py, Batch);
+                # with permuted labels, the rows dangerous under those (train/label_permutation.py)
+                x, n_dangerous = ((batch.x, loader.n_dangerous) if relabels[i] is None
+                                  else relabels[i].reorder(batch.x, batch.rows))
+                metrics = trainer.step(x, n_dangerous, log=logging)
                 if metrics is None:
                     stop_if_nonfinite(i)
                     continue
@@ -307,7 +313,7 @@ def _train(store: ShardStore, cfgs: list[TrainConfig], trainers: list[Trainer], 
                 latest[i] = _last_logged(run_dir)
             save_checkpoint(run_dir, trainer.step_count, trainer.state_tensors(), {"trainer": trainer.name},
                             keep_previous=len(trainers) > 1)
-            saved[i].save(run_dir, metadata=_sae_metadata(store, trainer))
+            saved[i].save(run_dir, metadata=_sae_metadata(store, trainer, relabels[i]))
             write_sparsity(run_dir, rates[i])
             final = {
                 "training_steps": trainer.step_count, "final_loss": latest[i].get("loss"), "layer": store.attrs["layer"],
@@ -366,9 +372,11 @@ def _checkpoint_step(run_dir: Path) -> str:
     return f"checkpoint at {saved}" if saved.exists() else "no checkpoint yet"
 
 
-def _sae_metadata(store: ShardStore, trainer: Trainer) -> dict:
+def _sae_metadata(store: ShardStore, trainer: Trainer, relabel: PermutedLabels | None = None) -> dict:
     a = store.attrs
     block = {RECORD_KEY: trainer.label_block.record()} if trainer.label_block is not None else {}
+    if relabel is not None:
+        block["label_permutation"] = relabel.record(trainer.cfg.seed)
     return {**block, "model_name": a["model"]["id"], "hook_name": a["hook_name"], "hook_head_index": None,
             "prepend_bos": True, "context_size": a["context_length"], "dataset_path": str(store.path),
             "exclude_special_tokens": True, "sae_lens_training_version": None}

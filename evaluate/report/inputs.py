@@ -20,17 +20,22 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 DRAWS_FILE = "unlearning_bootstrap.npz"
 
 
-def load_run(run_dir: Path) -> dict:
-    """train_config.json, final_info.json and every eval JSON of a run ({} where absent)."""
-    data = {"dir": run_dir, "train": read_json_object(run_dir / "train_config.json")}
+DEFAULT_EVAL_DIR = "eval"
+"""Where `pipeline eval` writes SAEBench's selection with the static clamp; the other inference arms go to
+`eval-<select>-<clamp>/` (evaluate/cli.py, `eval_dir_name`), which the report reads when asked."""
+
+
+def load_run(run_dir: Path, eval_dir: str = DEFAULT_EVAL_DIR) -> dict:
+    """train_config.json, final_info.json and every eval JSON of a run's `eval_dir` ({} where absent)."""
+    data = {"dir": run_dir, "eval_dir": eval_dir, "train": read_json_object(run_dir / "train_config.json")}
     for name, path in (("final", run_dir / "final_info.json"),
-                       *((s, run_dir / "eval" / f"{s}.json") for s in EVALS)):
+                       *((s, run_dir / eval_dir / f"{s}.json") for s in EVALS)):
         data[name] = read_json_object(path) if path.exists() else {}
     return data
 
 
-def evaluated(run_dir: Path) -> bool:
-    return any((run_dir / "eval" / f"{s}.json").exists() for s in EVALS)
+def evaluated(run_dir: Path, eval_dir: str = DEFAULT_EVAL_DIR) -> bool:
+    return any((run_dir / eval_dir / f"{s}.json").exists() for s in EVALS)
 
 
 def primary_fraction(data: dict) -> str:
@@ -100,7 +105,7 @@ def explained_variance(data: dict) -> float | None:
 
 def draws(data: dict) -> dict | None:
     """The run's per-resample scores (row 0: the sample itself), or None where not written."""
-    path = data["dir"] / "eval" / DRAWS_FILE
+    path = data["dir"] / data.get("eval_dir", DEFAULT_EVAL_DIR) / DRAWS_FILE
     if not path.exists():
         return None
     return read_npz_arrays(path)

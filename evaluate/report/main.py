@@ -20,6 +20,7 @@ the same documents).
 import csv
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -36,6 +37,8 @@ from .twoway import compare, fit
 from .variance import decompose
 from ..output_dirs import REPORT_MARKER, check_output_dir, replace_dir
 
+EVAL_DIR = re.compile(r"eval(-[a-z]+-[a-z]+)?")
+"""`eval`, or `eval-<select>-<clamp>` (evaluate/cli.py, `eval_dir_name`)."""
 SCORES = (("at_0.5%", "score_at_retain", "0.005"), ("at_1%", "score_at_retain", "0.01"),
           ("at_2%", "score_at_retain", "0.02"), ("pauc", "pauc", None), ("saebench_style", "saebench_style_score", None))
 COLUMNS = [
@@ -121,18 +124,19 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _run_dirs(runs: list[str], runs_dir: Path) -> list[Path]:
+def _run_dirs(runs: list[str], runs_dir: Path, eval_dir: str = inputs.DEFAULT_EVAL_DIR) -> list[Path]:
+    where = "" if eval_dir == inputs.DEFAULT_EVAL_DIR else f" in {eval_dir}/"
     if runs:
         dirs = [resolve_run(r, runs_dir) for r in runs]
-        not_evaluated = [str(d) for d in dirs if not inputs.evaluated(d)]
+        not_evaluated = [str(d) for d in dirs if not inputs.evaluated(d, eval_dir)]
         if not_evaluated:
-            raise TrainError(f"{', '.join(not_evaluated)} has no eval results: run `pipeline eval` on it first, "
-                             "or leave it out of the report")
+            raise TrainError(f"{', '.join(not_evaluated)} has no eval results{where}: run `pipeline eval` on it "
+                             "first, or leave it out of the report")
     else:
-        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and inputs.evaluated(p)),
+        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and inputs.evaluated(p, eval_dir)),
                       key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []
     if not dirs:
-        raise TrainError(f"no evaluated runs in {runs_dir} (run `pipeline eval` first)")
+        raise TrainError(f"no evaluated runs{where} in {runs_dir} (run `pipeline eval` first)")
     return dirs
 
 
@@ -157,10 +161,15 @@ def _row(data: dict, ev_threshold: float) -> dict:
 
 
 def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float = EQUIVALENCE_MARGIN,
-           ev_threshold: float = EV_THRESHOLD, reference: str | None = None, note=_stderr) -> Path:
+           ev_threshold: float = EV_THRESHOLD, reference: str | None = None, note=_stderr,
+           eval_dir: str = inputs.DEFAULT_EVAL_DIR) -> Path:
     """Write the report into `out` whole: refused unless `out` is absent, empty or a report (marked by
     `.ratio-sae-report`); written beside it and swapped in, so an error (a full disk) leaves no report
-    without its plots (evaluate/output_dirs.py)."""
+    without its plots (evaluate/output_dirs.py). `eval_dir`: which of each run's eval directories (one
+    per inference arm: `eval`, `eval-<select>-<clamp>`) the report reads."""
+    if not EVAL_DIR.fullmatch(eval_dir):
+        raise TrainError(f"--eval-dir {eval_dir!r} is not an eval directory name: give `eval` (SAEBench's selection, "
+                         "static clamp) or eval-<select>-<clamp>, e.g. eval-block-conditional")
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file: the report is a directory (report.md, report.csv, plots); "
                          "name a directory")
@@ -171,7 +180,7 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
     check_output_dir(out, marker=REPORT_MARKER, kind="a report", own_name=_report_file,
                      legacy=lambda p: (p / "report.md").is_file(), made_by="pipeline report")
     replace_dir(out, lambda staging: _write_report(runs, runs_dir, staging, equivalence_margin, ev_threshold,
-                                                   reference, note), REPORT_MARKER)
+                                                   reference, note, eval_dir), REPORT_MARKER)
     return out / "report.md"
 
 
@@ -180,8 +189,9 @@ def _report_file(name: str) -> bool:
 
 
 def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float, ev_threshold: float,
-                  reference: str | None, note) -> None:
-    loaded, duplicates = collapse_duplicates([inputs.load_run(d) for d in _run_dirs(runs, runs_dir)])
+                  reference: str | None, note, eval_dir: str = inputs.DEFAULT_EVAL_DIR) -> None:
+    loaded, duplicates = collapse_duplicates([inputs.load_run(d, eval_dir)
+                                              for d in _run_dirs(runs, runs_dir, eval_dir)])
     rows = [_row(data, ev_threshold) for data in loaded]
     _name_arms(rows)
     groups = seed_groups(rows)
@@ -213,6 +223,9 @@ def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin
     primary_name = f"unlearning at +{float(fraction):.1%} retain" + (f" ({retain_set})" if retain_set else "")
 
     lines = ["# ratio-sae report", ""]
+    if eval_dir != inputs.DEFAULT_EVAL_DIR:
+        lines += [f"Every eval result below is read from each run's `{eval_dir}/` (select and clamp as its name "
+                  "says), not from `eval/` (SAEBench's selection, static clamp).", ""]
     lines += _headline(groups, rows, arm_scores, primary_name, ev_threshold)
     if duplicates:
         lines += ["", "Runs counted once (a rerun is not a seed):", "",
