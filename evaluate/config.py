@@ -74,6 +74,10 @@ class EvalConfig(BaseModel):
     retain_sets: list[str] = Field(default_factory=list)
     """Retain sets, each scored separately: safe sources of the store by name, or `all-safe` (every safe
     document pooled). Empty: every safe source (and `all-safe` when it is the primary set)."""
+    retain_docs: int | None = Field(None, gt=0)
+    """Measurement documents per safe source (each retain set its own quota, `retain_sources` included).
+    Unset: the safe label's `heldout_docs` and `heldout_tokens` are shared among its sources, a document
+    from each in turn, so with three safe sources each retain set holds about a third of them."""
     retain_sources: list[str] = Field(default_factory=list)
     """Safe text from outside the store, each measured as a retain set of its own (named as the source
     names it: `builtin:pubmed-biomed` gives `pubmed-biomed`): a `builtin:` corpus, a file or an `hf:`

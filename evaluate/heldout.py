@@ -67,13 +67,16 @@ def extra_sources(specs: list[str]) -> list[dict]:
 
 
 def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int, tokens_per_label: int,
-             min_docs: int = 2, select_set: bool = True, extra: list[dict] | None = None) -> tuple[HeldOut, HeldOut]:
+             min_docs: int = 2, select_set: bool = True, extra: list[dict] | None = None,
+             docs_per_safe_source: int | None = None) -> tuple[HeldOut, HeldOut]:
     """Disjoint (select, measure) sets, each with up to `docs_per_label` documents and `tokens_per_label`
     tokens per label, every document cut at `doc_tokens`. A label with fewer than `min_docs`
     documents in a set is refused; fewer than asked is allowed and said in `notes`. Without
     `select_set`, the selection set is empty and every document found is measured. `extra` sources
     (`extra_sources`) follow the store's in `source` and take up to as many documents as a label,
-    measured only; none whose text the store holds."""
+    measured only; none whose text the store holds. With `docs_per_safe_source`, each safe source
+    (extra ones included) has a quota of that many documents of its own instead of sharing the safe
+    label's."""
     attrs = store.attrs
     cap = min(doc_tokens, attrs["context_length"] - 1)
     bos, pad = special_ids(tokenizer)
@@ -81,20 +84,29 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
     sources = [*attrs["sources"], *(extra or [])]
     bodies, doc_ids, src, notes = [], [], [], []
     sets: list[list[int]] = [[], []]  # rows of `bodies` in select, measure
-    parts = (0, 1) if select_set else (1,)
     seen = set().union(*(_stored_keys(s, docs_stored[labels == i], attrs["seed"]) for i, s in enumerate(sources)))
-    for label in ("dangerous", "safe", *(s["name"] for s in extra or [])):
-        members = [i for i, s in enumerate(sources) if (s["name"] if s.get("extra") else s["label"]) == label]
-        if label not in ("dangerous", "safe"):
-            parts = (1,)  # text from outside the store is measured, never selected on
+    both = (0, 1) if select_set else (1,)
+    in_store = [i for i, s in enumerate(sources) if not s.get("extra")]
+    groups = [("dangerous", [i for i in in_store if sources[i]["label"] == "dangerous"], docs_per_label,
+               tokens_per_label, both)]  # (name, source indices, documents, tokens, sets)
+    if docs_per_safe_source is None:
+        groups.append(("safe", [i for i in in_store if sources[i]["label"] == "safe"], docs_per_label,
+                       tokens_per_label, both))
+    else:
+        groups += [(sources[i]["name"], [i], docs_per_safe_source, 10**15, both) for i in in_store
+                   if sources[i]["label"] == "safe"]
+    groups += [(sources[i]["name"], [i], docs_per_safe_source or docs_per_label,
+                tokens_per_label if docs_per_safe_source is None else 10**15, (1,))  # measured, never selected on
+               for i in range(len(sources)) if sources[i].get("extra")]
+    for label, members, docs_quota, tokens_quota, parts in groups:
         streams = {i: _tokenized(_unused(sources[i], docs_stored[labels == i], attrs["seed"], seen), tokenizer, cap)
                    for i in members}
         taken = dict.fromkeys(members, 0)
         counts = [[0, 0], [0, 0]]  # per set: documents, tokens
 
         def enough() -> bool:
-            return (sum(counts[p][0] for p in parts) >= len(parts) * docs_per_label
-                    or sum(counts[p][1] for p in parts) >= len(parts) * tokens_per_label)
+            return (sum(counts[p][0] for p in parts) >= len(parts) * docs_quota
+                    or sum(counts[p][1] for p in parts) >= len(parts) * tokens_quota)
 
         # one document from each source in turn, so the label's sources share it evenly and a source that
         # runs out leaves the rest to the others
@@ -123,10 +135,10 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
                 raise TrainError(f"the {label} sources have only {n_docs} held-out document(s) for the {name} set "
                                  f"beyond those the store used (at least {min_docs} needed); harvest fewer tokens, "
                                  "or add documents to the sources")
-            if n_docs < docs_per_label and n_tokens < tokens_per_label:
-                notes.append(f"{label} {name} set: {n_docs} documents, {n_tokens:,} tokens (asked up to "
-                             f"{docs_per_label} documents and {tokens_per_label:,} tokens: the sources hold no more "
-                             "beyond the store)")
+            if n_docs < docs_quota and n_tokens < tokens_quota:
+                asked = f"{docs_quota} documents" + (f" and {tokens_quota:,} tokens" if tokens_quota < 10**15 else "")
+                notes.append(f"{label} {name} set: {n_docs} documents, {n_tokens:,} tokens (asked up to {asked}: the "
+                             "sources hold no more beyond the store)")
     width = 1 + max(len(b) for b in bodies)
     input_ids = np.full((len(bodies), width), pad, dtype=np.int64)
     keep = np.zeros((len(bodies), width), dtype=bool)

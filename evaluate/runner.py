@@ -84,7 +84,8 @@ def _context(store: ShardStore, cfg: EvalConfig, progress) -> dict:
                         trust_remote_code=False, device=cfg.device, dtype=cfg.dtype, truncate=False)
     extra = extra_sources(cfg.retain_sources)
     select, measure_set = held_out(store, loaded.tokenizer, cfg.heldout_docs, cfg.heldout_doc_tokens,
-                                   cfg.heldout_tokens, select_set=cfg.select_from == "heldout", extra=extra)
+                                   cfg.heldout_tokens, select_set=cfg.select_from == "heldout", extra=extra,
+                                   docs_per_safe_source=cfg.retain_docs)
     for note in select.notes:
         progress(f"note: {note}")
     started = time.perf_counter()

@@ -213,3 +213,16 @@ def test_a_retain_source_from_outside_the_store_is_measured_as_its_own_set(tiny_
     assert run_cli(monkeypatch, ["eval", "run_1", "--runs-dir", str(runs), "--retain-source", store_source, *small]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already a source of the store" in err[0]
+
+
+def test_each_safe_source_takes_its_own_quota_when_asked(tiny_store, tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    _, shared = held_out(tiny_store, tokenizer, 6, 40, 10**9, select_set=False)
+    _, own = held_out(tiny_store, tokenizer, 6, 40, 10**9, select_set=False, docs_per_safe_source=5)
+    safe = [i for i, s in enumerate(tiny_store.attrs["sources"]) if s["label"] == "safe"]
+    assert sorted(np.bincount(shared.source[~shared.dangerous]).tolist()) == [0, 3, 3]  # six shared in turn
+    assert [int((own.source == i).sum()) for i in safe] == [5, 5]
+    # the dangerous side is unchanged, and so is each source's order: the first documents are the same ones
+    assert own.doc[own.dangerous].tolist() == shared.doc[shared.dangerous].tolist()
+    for i in safe:
+        assert own.doc[own.source == i][:3].tolist() == shared.doc[shared.source == i].tolist()

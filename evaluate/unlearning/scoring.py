@@ -42,7 +42,8 @@ class Curve:
     selection: int
     """Index of its features in `Clamps`."""
     retain: dict = field(default_factory=dict)
-    """m -> per-document loss sums over the scored retain documents."""
+    """m -> per-document loss sums over the scored retain documents (NaN for those not measured at m: a
+    search measures only the sets it searches on)."""
     forget: dict = field(default_factory=dict)
     """m -> per-document loss sums over the scored forget documents."""
     roots: dict = field(default_factory=dict)
@@ -66,11 +67,20 @@ class Scorer:
         self.targets = sorted(set(cfg.score_at) | {cfg.retain_tolerance})
 
     # --- measuring -----------------------------------------------------------------------------
-    def _measure(self, curve: Curve, m: float, forget: bool) -> None:
-        if m not in curve.retain:
-            curve.retain[m] = self.clamps.losses(curve.selection, m, self.retain_rows)
+    def _measure(self, curve: Curve, m: float, forget: bool, only: list[str] | None = None) -> None:
+        """Retain at m (on the sets in `only`, else every set) and, with `forget`, forget at m."""
+        values = curve.retain.setdefault(m, np.full(len(self.retain_rows), np.nan))
+        want = np.arange(len(self.retain_rows)) if only is None else np.concatenate([self.sets[n] for n in only])
+        want = want[np.isnan(values[want])]
+        if len(want):
+            values[want] = self.clamps.losses(curve.selection, m, self.retain_rows[want])
         if forget and m not in curve.forget:
             curve.forget[m] = self.clamps.losses(curve.selection, m, self.forget_rows)
+
+    def _measured(self, curve: Curve, name: str) -> list[float]:
+        """The multipliers at which every document of retain set `name` was measured."""
+        idx = self.sets[name]
+        return sorted(m for m, v in curve.retain.items() if not np.isnan(v[idx]).any())
 
     def _fraction(self, curve: Curve, name: str, m: float) -> float:
         idx = self.sets[name]
@@ -93,7 +103,7 @@ class Scorer:
         lo, hi = cfg.multiplier_range
         for name in set_names:
             for t in targets:
-                known = {m: self._fraction(curve, name, m) for m in curve.retain}
+                known = {m: self._fraction(curve, name, m) for m in self._measured(curve, name)}
                 if known[0.0] >= t:  # zero ablation already overshoots: the crossing is at m = 0, nothing to search
                     curve.roots[(name, t)] = {"multiplier": 0.0, "reached": True, "note": (
                         f"zero ablation of the selected features already raises the retain loss by {known[0.0]:.2%} "
@@ -101,7 +111,7 @@ class Scorer:
                     continue
 
                 def retain_increase(m: float, name=name) -> float:
-                    self._measure(curve, m, forget=False)
+                    self._measure(curve, m, forget=False, only=[name])  # the other sets at the forget points
                     return self._fraction(curve, name, m)
 
                 m_star, reached, note = find_multiplier(retain_increase, t, known, lo, hi, cfg.bracket_step,
@@ -125,7 +135,7 @@ class Scorer:
         """(multipliers, (resamples + 1, multipliers) retain increase as a fraction of the resample's clean)."""
         idx = self.sets[name]
         _, counts = self.counts[name]
-        ms = np.array(sorted(curve.retain))
+        ms = np.array(self._measured(curve, name))
         tokens = counts @ self.tokens_r[idx]
         clean = counts @ self.clean_r[idx] / tokens
         losses = np.stack([curve.retain[m][idx] for m in ms], 1)
