@@ -33,6 +33,18 @@ def evaluated(run_dir: Path) -> bool:
     return any((run_dir / "eval" / f"{s}.json").exists() for s in EVALS)
 
 
+def suites(data: dict) -> list[str]:
+    """The evals a run has results of."""
+    return [s for s in EVALS if data.get(s)]
+
+
+def eval_meta(data: dict, suite: str = "unlearning") -> dict:
+    """What the eval recorded about how it measured a suite (`meta`: eval_config, eval_key, the SAE's
+    weights digest); {} where the eval predates it."""
+    meta = data.get(suite, {}).get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
 def primary_fraction(data: dict) -> str:
     """The retain fraction the primary score is read at ("0.01" unless the eval says otherwise)."""
     return str(data.get("unlearning", {}).get("primary", "0.01"))

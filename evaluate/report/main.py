@@ -30,6 +30,7 @@ from train.errors import TrainError
 from train.runs import RUN_NAME, resolve_run
 
 from . import inputs
+from .coverage import select
 from .identity import arm, collapse_duplicates, replicate
 from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
 from .twoway import compare, fit
@@ -121,7 +122,9 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _run_dirs(runs: list[str], runs_dir: Path) -> list[Path]:
+def _run_dirs(runs: list[str], runs_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The evaluated runs to report, and the runs of the runs directory left out for having no eval."""
+    unevaluated = []
     if runs:
         dirs = [resolve_run(r, runs_dir) for r in runs]
         not_evaluated = [str(d) for d in dirs if not inputs.evaluated(d)]
@@ -129,11 +132,13 @@ def _run_dirs(runs: list[str], runs_dir: Path) -> list[Path]:
             raise TrainError(f"{', '.join(not_evaluated)} has no eval results: run `pipeline eval` on it first, "
                              "or leave it out of the report")
     else:
-        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and inputs.evaluated(p)),
-                      key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []
+        every = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and p.is_dir()),
+                       key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []
+        dirs = [p for p in every if inputs.evaluated(p)]
+        unevaluated = [p for p in every if not inputs.evaluated(p)]
     if not dirs:
         raise TrainError(f"no evaluated runs in {runs_dir} (run `pipeline eval` first)")
-    return dirs
+    return dirs, unevaluated
 
 
 def _row(data: dict, ev_threshold: float) -> dict:
@@ -157,10 +162,12 @@ def _row(data: dict, ev_threshold: float) -> dict:
 
 
 def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float = EQUIVALENCE_MARGIN,
-           ev_threshold: float = EV_THRESHOLD, reference: str | None = None, note=_stderr) -> Path:
+           ev_threshold: float = EV_THRESHOLD, reference: str | None = None, note=_stderr,
+           eval_config_of: str | None = None, say=print) -> Path:
     """Write the report into `out` whole: refused unless `out` is absent, empty or a report (marked by
     `.ratio-sae-report`); written beside it and swapped in, so an error (a full disk) leaves no report
-    without its plots (evaluate/output_dirs.py)."""
+    without its plots (evaluate/output_dirs.py). Each run left out, and each counted run with blank
+    cells, is one line through `say` (stdout) and in report.md (evaluate/report/coverage.py)."""
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file: the report is a directory (report.md, report.csv, plots); "
                          "name a directory")
@@ -171,7 +178,7 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
     check_output_dir(out, marker=REPORT_MARKER, kind="a report", own_name=_report_file,
                      legacy=lambda p: (p / "report.md").is_file(), made_by="pipeline report")
     replace_dir(out, lambda staging: _write_report(runs, runs_dir, staging, equivalence_margin, ev_threshold,
-                                                   reference, note), REPORT_MARKER)
+                                                   reference, note, eval_config_of, say), REPORT_MARKER)
     return out / "report.md"
 
 
@@ -180,12 +187,18 @@ def _report_file(name: str) -> bool:
 
 
 def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float, ev_threshold: float,
-                  reference: str | None, note) -> None:
-    loaded, duplicates = collapse_duplicates([inputs.load_run(d) for d in _run_dirs(runs, runs_dir)])
+                  reference: str | None, note, eval_config_of: str | None = None, say=print) -> None:
+    dirs, unevaluated = _run_dirs(runs, runs_dir)
+    selection = select([inputs.load_run(d) for d in dirs], unevaluated, eval_config_of)
+    loaded, duplicates = collapse_duplicates(selection.kept)
     rows = [_row(data, ev_threshold) for data in loaded]
     _name_arms(rows)
     groups = seed_groups(rows)
     base = _reference_group(groups, rows, reference)
+    for line in selection.left_out:
+        say(f"left out: {line}")
+    for line in selection.blanks:
+        say(f"note: {line}")
     for line in duplicates:
         note(line)
     low = [r for r in rows if r["low_ev"]]
@@ -214,6 +227,11 @@ def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin
 
     lines = ["# ratio-sae report", ""]
     lines += _headline(groups, rows, arm_scores, primary_name, ev_threshold)
+    if selection.left_out:
+        lines += ["", "Runs left out (not counted as seeds, in no table or plot):", "",
+                  *(f"- {line}" for line in selection.left_out)]
+    if selection.blanks:
+        lines += ["", "Runs counted with blank cells:", "", *(f"- {line}" for line in selection.blanks)]
     if duplicates:
         lines += ["", "Runs counted once (a rerun is not a seed):", "",
                   *(f"- {d.removeprefix('note: ')}" for d in duplicates)]
