@@ -152,3 +152,61 @@ def test_a_half_evaluated_runs_directory_on_the_tiny_store(half_evaluated, tmp_p
     text = (out / "report.md").read_text()
     assert "\n".join(f"- {x}" for x in left) in text
     assert [r.split(",")[0] for r in (out / "report.csv").read_text().splitlines()[1:]] == ["run_2"]
+
+
+BAD_SHAPES = {  # file, change, the line's field and message
+    "a score that is a string": ("eval/unlearning.json", lambda u: u["score_at_retain"].__setitem__(
+        "0.01", {"value": "a", "ci95": [0, 1]}),
+        "score_at_retain.0.01.value: Input should be a valid number, unable to parse string as a number, got 'a'"),
+    "an interval with one end": ("eval/unlearning.json", lambda u: u["score_at_retain"].__setitem__(
+        "0.01", {"value": 0.1, "ci95": [0]}), "score_at_retain.0.01.ci95.1: Field required"),
+    "the curve a string": ("eval/unlearning.json", lambda u: u.__setitem__("settings", "x"),
+                           "settings: Input should be a valid list, got 'x'"),
+    "a curve point without its retain increase": ("eval/unlearning.json", lambda u: u.__setitem__(
+        "settings", [{"forget_loss_increase": 1.0}]), "settings.0.retain_loss_increase: Field required"),
+    "the primary target not a number": ("eval/unlearning.json", lambda u: u.__setitem__("primary", "abc"),
+                                        "primary: Input should be a valid number, unable to parse string as a "
+                                        "number, got 'abc'"),
+    "the controls a list": ("eval/unlearning.json", lambda u: u.__setitem__("control_scores", [1]),
+                            "control_scores: Input should be a valid dictionary, got a JSON list"),
+    "reached a string": ("eval/unlearning.json", lambda u: u.__setitem__("reached", "x"),
+                         "reached: Input should be a valid dictionary, got 'x' (and 1 more)"),
+    "EV a word": ("eval/core.json", lambda c: c.__setitem__("explained_variance", "high"),
+                  "explained_variance: Input should be a valid number, unable to parse string as a number, got 'high'"),
+    "no r histogram": ("eval/specialization.json", lambda s: s.pop("r_histogram"), "r_histogram: Field required"),
+    "meta a string": ("eval/unlearning.json", lambda u: u.__setitem__("meta", "x"),
+                      "meta: Input should be a valid dictionary, got 'x'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SHAPES))
+def test_an_eval_file_of_the_wrong_shape_is_one_line_naming_the_file_and_field(case, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, 1, ortho=0.0, seed=0)
+    run = fake_run(runs, 2, ortho=0.0, seed=1)
+    name, change, expected = BAD_SHAPES[case]
+    data = json.loads((run / name).read_text())
+    change(data)
+    (run / name).write_text(json.dumps(data))
+    capsys.readouterr()
+    assert run_cli(monkeypatch, report_args(runs, tmp_path / "rep")) == 2
+    assert error_line(capsys) == f"error: {run / name}: {expected}; restore it, or evaluate the run again"
+    assert not (tmp_path / "rep").exists()
+
+
+def test_a_damaged_training_log_is_one_line_and_a_torn_last_row_is_read_past(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, 1, ortho=0.0, seed=0)
+    run = fake_run(runs, 2, ortho=0.0, seed=1)
+    log = run / "metrics.jsonl"
+    log.write_text('{"tokens": 128, "loss": 2.0, "recon": 1.5, "l0": 9}\n{"tokens": 256, "lo')  # killed mid-row
+    assert run_cli(monkeypatch, report_args(runs, tmp_path / "rep")) == 0
+    for text, expected in (('{"tokens": 128}\ngarbage\n', "line 2 is not JSON (Expecting value: line 1 column 1 "
+                                                          "(char 0))"),
+                           ('{"tokens": 128}\n[1]\n', "line 2 holds a JSON list, not an object"),
+                           ('{"loss": 2.0}\n', "line 1: tokens: Field required")):
+        log.write_text(text)
+        capsys.readouterr()
+        assert run_cli(monkeypatch, report_args(runs, tmp_path / "rep")) == 2
+        assert error_line(capsys) == f"error: {log}{' ' if expected.startswith('line') else ''}{expected}; " \
+                                     "restore it, or leave the run out of the report"
