@@ -84,8 +84,8 @@ def test_runs_measured_with_other_eval_configs_are_refused_unless_one_is_named(t
     capsys.readouterr()
     assert run_cli(monkeypatch, report_args(runs, out)) == 2
     assert error_line(capsys) == (
-        "error: the runs' primary scores were measured with 2 different eval configs (run_1, run_2, run_3 | run_4; "
-        "heldout_docs 100 vs 50, seed 0 vs 7): name the run whose eval config to report with --eval-config-of RUN "
+        "error: the runs' primary scores were measured with 2 different eval configs (config 1: run_1, run_2, run_3; "
+        "config 2: run_4; 1 and 2 differ in heldout_docs 100 vs 50, seed 0 vs 7): name the run whose eval config to report with --eval-config-of RUN "
         "(runs evaluated otherwise are left out), or evaluate them all with one config")
     assert not out.exists()
 
@@ -143,7 +143,7 @@ def test_a_half_evaluated_runs_directory_on_the_tiny_store(half_evaluated, tmp_p
     capsys.readouterr()
     assert run_cli(monkeypatch, report_args(runs, out)) == 2
     line = error_line(capsys)
-    assert "2 different eval configs (run_1 | run_2; heldout_docs 6 vs 4)" in line and "--eval-config-of" in line
+    assert "2 different eval configs (config 1: run_1; config 2: run_2; 1 and 2 differ in heldout_docs 6 vs 4)" in line and "--eval-config-of" in line
     assert not out.exists()
     assert run_cli(monkeypatch, report_args(runs, out, "--eval-config-of", "2")) == 0
     left = ["run_3: no eval results (`pipeline eval run_3` measures it)",

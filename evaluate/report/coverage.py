@@ -121,9 +121,11 @@ def _one_config(scored: list[dict], eval_config_of: str | None, left: list[str])
         if len(by_config) <= 1:
             return scored
         configs = list(by_config)
-        groups = " | ".join(", ".join(d["dir"].name for d in runs) for runs in by_config.values())
+        groups = "; ".join(f"config {i}: {', '.join(d['dir'].name for d in runs)}"
+                           for i, runs in enumerate(by_config.values(), 1))
         raise TrainError(f"the runs' primary scores were measured with {len(configs)} different eval configs "
-                         f"({groups}; {differences(configs[0], configs[1])}): name the run whose eval config to "
+                         f"({groups}; 1 and 2 differ in {differences(configs[0], configs[1])}): name the run whose "
+                         "eval config to "
                          "report with --eval-config-of RUN (runs evaluated otherwise are left out), or evaluate "
                          "them all with one config")
     name = _run_name(eval_config_of)
