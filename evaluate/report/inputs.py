@@ -172,16 +172,24 @@ def primary_draws(data: dict, loaded: dict | None, group: str = "method") -> np.
     return np.asarray(loaded[key], float) if key in loaded else None
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def weights_digest(run_dir: Path) -> str | None:
-    """sha256 of the SAE's weights file: runs with equal digests are one SAE."""
+    """sha256 of the SAE's weights file: runs with equal digests are one SAE (read once per file version:
+    the report asks twice, for duplicates and for evals of other weights)."""
     path = run_dir / WEIGHTS_FILE
     if not path.exists():
         return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def score_draws(data: dict, loaded: dict | None, group: str = "method", score: str | None = None) -> np.ndarray | None:
