@@ -210,3 +210,17 @@ def test_a_damaged_training_log_is_one_line_and_a_torn_last_row_is_read_past(tmp
         assert run_cli(monkeypatch, report_args(runs, tmp_path / "rep")) == 2
         assert error_line(capsys) == f"error: {log}{' ' if expected.startswith('line') else ''}{expected}; " \
                                      "restore it, or leave the run out of the report"
+
+
+def test_an_unlearning_eval_without_the_primary_target_is_left_out(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    fake_run(runs, 1, ortho=0.0, seed=0)
+    run = fake_run(runs, 2, ortho=0.0, seed=1)
+    path = run / "eval" / "unlearning.json"
+    data = json.loads(path.read_text())
+    data["score_at_retain"] = {"0.02": data["score_at_retain"]["0.01"]}  # scored at +2% only
+    path.write_text(json.dumps(data))
+    capsys.readouterr()
+    assert run_cli(monkeypatch, report_args(runs, tmp_path / "rep")) == 0
+    assert stdout_lines(capsys, "left out:") == [
+        "left out: run_2: its unlearning eval has no score at the primary target (+1.0%)"]

@@ -86,7 +86,8 @@ def select(loaded: list[dict], unevaluated: list[Path], eval_config_of: str | No
             if inputs.primary_score(data) is not None:
                 continue
             if data.get("unlearning"):
-                why = f"its unlearning eval has no score at the primary target (+{float(inputs.primary_fraction(data)):.1%})"
+                target = float(inputs.primary_fraction(data))
+                why = f"its unlearning eval has no score at the primary target (+{target:.1%})"
             else:
                 why = f"no unlearning eval (only {', '.join(inputs.suites(data))}), so no primary score"
             left.append(f"{data['dir'].name}: {why}")
