@@ -463,13 +463,17 @@ def report(
     eval_dir: Annotated[str, typer.Option(
         help="Which eval directory of each run to read: `eval` (SAEBench's selection, static clamp) or the "
              "eval-<select>-<clamp> that `pipeline eval --select/--clamp` wrote (one report per inference arm).")] = "eval",
+    eval_config_of: Annotated[Optional[str], typer.Option(
+        help="Where the runs' primary scores were measured with different eval configs: report the runs evaluated "
+             "with this run's config (the others are left out, each named). Default: refuse such a mix.")] = None,
 ):
     """A headline table per arm, the arms against a reference arm (two-way model, Holm, TOST), where the spread comes from, every run's columns (report.md, report.csv) and comparison plots."""
     from evaluate.report.main import report as make_report
 
     written = make_report(runs or [], runs_dir, out, equivalence_margin=equivalence_margin,
                           ev_threshold=ev_threshold, reference=reference,
-                          note=lambda line: typer.echo(line, err=True), eval_dir=eval_dir)
+                          note=lambda line: typer.echo(line, err=True), eval_dir=eval_dir,
+                          eval_config_of=eval_config_of, say=typer.echo)
     typer.echo(f"wrote {written}")
 
 

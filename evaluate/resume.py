@@ -33,16 +33,26 @@ def eval_key(members, cfg, store_fingerprint: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _read_object(path: Path) -> dict | None:
+    """A JSON object written by an earlier try; None where it is missing or damaged (not JSON, not an
+    object): that try's work is then measured again, under this try's key, never read back."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def saved_grid(members, key: str) -> tuple[list[float], dict | None] | None:
-    """The grid of an earlier try with this key, if every SAE holds it."""
+    """The grid of an earlier try with this key, if every SAE holds it whole."""
     found = []
     for t in members:
-        path = t.out_dir / GRID_FILE
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
+        data = _read_object(t.out_dir / GRID_FILE)
+        if data is None or data.get("key") != key:
             return None
-        if data.get("key") != key:
+        grid, probe = data.get("grid"), data.get("probe")
+        if not (isinstance(grid, list) and all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in grid)
+                and (probe is None or isinstance(probe, dict))):
             return None
         found.append(data)
     return found[0]["grid"], found[0]["probe"]
@@ -62,12 +72,11 @@ def finished(t, key: str, suites: list[str]) -> dict | None:
     if not suites:
         return None
     for suite in suites:
-        try:
-            data = json.loads((t.out_dir / f"{suite}.json").read_text())
-        except (OSError, ValueError):
+        data = _read_object(t.out_dir / f"{suite}.json")
+        if data is None:
             return None
         meta = data.pop("meta", {})
-        if meta.get("eval_key") != key:
+        if not isinstance(meta, dict) or meta.get("eval_key") != key:
             return None
         results[suite] = data
     results["meta"] = meta

@@ -29,7 +29,7 @@ from .bootstrap import resample_id
 from .config import EvalConfig
 from .heldout import extra_sources, held_out
 from .measure import Clamps, clean_pass, core_metrics
-from .resume import eval_key, finished, save_grid, saved_grid
+from .resume import eval_key, file_digest, finished, save_grid, saved_grid
 from .unlearning.scoring import ALL_SAFE, Curve, Scorer, pack, retain_sets
 from .specialization.metrics import specialization
 from .unlearning.features import (block_features, label_block, random_features, score, select_features,
@@ -166,7 +166,9 @@ def _finish(t: Target, context: dict, cfg: EvalConfig, key: str) -> dict:
     if "unlearning" in results:
         results["unlearning"].update(passes=round(passes, 2), seconds=round(seconds, 1))
     meta = {"run": str(t.sae_dir), "store": str(store.path), "external": t.external,
-            "eval_config": cfg.model_dump(mode="json"), "eval_key": key, "seconds": round(seconds, 1),
+            "eval_config": cfg.model_dump(mode="json"), "eval_key": key,
+            # the weights measured: the report tells an eval of a retrained or replaced SAE by it
+            "sae_weights_sha256": file_digest(t.sae_dir / WEIGHTS_FILE), "seconds": round(seconds, 1),
             "passes": round(passes, 2), "clean_pass_seconds": round(clean.seconds, 1),
             "heldout_tokens": {"select": int(select.keep.sum()) if cfg.select_from == "heldout" else 0,
                                "measure": int(measure_set.keep.sum())},

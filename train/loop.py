@@ -85,15 +85,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = None, run_dirs: list[Path] | None = None,
-                progress: bool = True) -> list[RunResult]:
-    """Train SAEs that share every loader setting in lockstep; new run directories unless resuming.
-
-    `run_dirs`: empty directories numbered beforehand (a sweep on dask numbers them on its client);
-    default: the next `run_<N>` of each run's runs_dir.
-    """
-    if run_dirs is not None and (resume_dirs is not None or len(run_dirs) != len(cfgs)):
-        raise ValueError("run_dirs: one new directory per config, and not when resuming")
+def preflight(cfgs: list[TrainConfig]) -> tuple[ShardStore, list[TrainConfig], torch.device]:
+    """What a lockstep group is checked for before anything is allocated or any run directory made: one
+    loader, its store, the device, the batch against the store, target L0 against the SAE's width, and
+    the memory its SAEs and a step need (train/memory.py). A sweep makes these checks for every group
+    before the first one trains. Returns the store, the configs as they will be recorded, the device."""
     if len({c.group_key() for c in cfgs}) != 1:
         raise TrainError(f"runs trained in lockstep must agree on {', '.join(LOADER_KEYS)}")
     cfg0 = cfgs[0]
@@ -113,13 +109,27 @@ def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = Non
         if c.target_l0 is not None and c.target_l0 > (c.dict_size or d_model):
             raise TrainError(f"--target-l0 {c.target_l0:g} is more than the SAE's {c.dict_size or d_model} features "
                              "(dict_size); choose target_l0 <= dict_size")
+    if (cfg0.tokens or store.rows_committed) // cfg0.batch_size == 0:
+        raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")
     check_fits(d_model, cfgs, device)
+    return store, cfgs, device
+
+
+def train_group(cfgs: list[TrainConfig], *, resume_dirs: list[Path] | None = None, run_dirs: list[Path] | None = None,
+                progress: bool = True) -> list[RunResult]:
+    """Train SAEs that share every loader setting in lockstep; new run directories unless resuming.
+
+    `run_dirs`: empty directories numbered beforehand (a sweep on dask numbers them on its client);
+    default: the next `run_<N>` of each run's runs_dir.
+    """
+    if run_dirs is not None and (resume_dirs is not None or len(run_dirs) != len(cfgs)):
+        raise ValueError("run_dirs: one new directory per config, and not when resuming")
+    store, cfgs, device = preflight(cfgs)
+    cfg0, d_model = cfgs[0], store.d_model
     trainers: list[Trainer] = [TRAINERS[c.trainer](c, d_model, device) for c in cfgs]
     if any(c.wandb for c in cfgs):
         require_wandb()  # before any run directory is made
     steps = (cfg0.tokens or store.rows_committed) // cfg0.batch_size
-    if steps == 0:
-        raise TrainError(f"--tokens {cfg0.tokens} is less than one batch of {cfg0.batch_size}")
     for trainer in trainers:
         trainer.plan(steps)
 

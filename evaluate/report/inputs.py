@@ -9,11 +9,15 @@ measured over several draws), it is read first and today's key is the fallback.
 """
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
+from train.errors import TrainError
+
 from ..read_inputs import read_json_object, read_npz_arrays
+from .schema import SHAPES, TrainingRecord, check_shape
 
 EVALS = ("unlearning", "core", "specialization", "saebench_unlearning")
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -26,16 +30,62 @@ DEFAULT_EVAL_DIR = "eval"
 
 
 def load_run(run_dir: Path, eval_dir: str = DEFAULT_EVAL_DIR) -> dict:
-    """train_config.json, final_info.json and every eval JSON of a run's `eval_dir` ({} where absent)."""
+    """train_config.json, final_info.json and every eval JSON of a run's `eval_dir` ({} where absent), each
+    eval JSON checked for the shape of what the report reads from it (evaluate/report/schema.py)."""
     data = {"dir": run_dir, "eval_dir": eval_dir, "train": read_json_object(run_dir / "train_config.json")}
     for name, path in (("final", run_dir / "final_info.json"),
                        *((s, run_dir / eval_dir / f"{s}.json") for s in EVALS)):
         data[name] = read_json_object(path) if path.exists() else {}
+        if data[name] and name in SHAPES:
+            check_shape(data[name], SHAPES[name], path)
     return data
+
+
+def training_records(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] where there is none); one line naming the file and the row
+    where one is not a JSON object with its token count."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainError(f"cannot read {path} ({exc}); restore it, or leave the run out of the report") from None
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # a row torn by a kill while it was written: the rows before it are whole
+            raise TrainError(f"{path} line {number} is not JSON ({exc}); restore it, or leave the run out of the "
+                             "report") from None
+        if not isinstance(record, dict):
+            raise TrainError(f"{path} line {number} holds a JSON {type(record).__name__}, not an object; restore "
+                             "it, or leave the run out of the report")
+        check_shape(record, TrainingRecord, path.with_name(f"{path.name} line {number}"),
+                    "restore it, or leave the run out of the report")
+        records.append(record)
+    return records
 
 
 def evaluated(run_dir: Path, eval_dir: str = DEFAULT_EVAL_DIR) -> bool:
     return any((run_dir / eval_dir / f"{s}.json").exists() for s in EVALS)
+
+
+def suites(data: dict) -> list[str]:
+    """The evals a run has results of."""
+    return [s for s in EVALS if data.get(s)]
+
+
+def eval_meta(data: dict, suite: str = "unlearning") -> dict:
+    """What the eval recorded about how it measured a suite (`meta`: eval_config, eval_key, the SAE's
+    weights digest); {} where the eval predates it."""
+    meta = data.get(suite, {}).get("meta")
+    return meta if isinstance(meta, dict) else {}
 
 
 def primary_fraction(data: dict) -> str:
@@ -127,16 +177,24 @@ def primary_draws(data: dict, loaded: dict | None, group: str = "method") -> np.
     return np.asarray(loaded[key], float) if key in loaded else None
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def weights_digest(run_dir: Path) -> str | None:
-    """sha256 of the SAE's weights file: runs with equal digests are one SAE."""
+    """sha256 of the SAE's weights file: runs with equal digests are one SAE (read once per file version:
+    the report asks twice, for duplicates and for evals of other weights)."""
     path = run_dir / WEIGHTS_FILE
     if not path.exists():
         return None
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
 
 
 def score_draws(data: dict, loaded: dict | None, group: str = "method", score: str | None = None) -> np.ndarray | None:

@@ -31,6 +31,7 @@ from train.errors import TrainError
 from train.runs import RUN_NAME, resolve_run
 
 from . import inputs
+from .coverage import select
 from .identity import arm, collapse_duplicates, replicate
 from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
 from .twoway import compare, fit
@@ -124,8 +125,11 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _run_dirs(runs: list[str], runs_dir: Path, eval_dir: str = inputs.DEFAULT_EVAL_DIR) -> list[Path]:
+def _run_dirs(runs: list[str], runs_dir: Path, eval_dir: str = inputs.DEFAULT_EVAL_DIR
+              ) -> tuple[list[Path], list[Path]]:
+    """The evaluated runs to report, and the runs of the runs directory left out for having no eval."""
     where = "" if eval_dir == inputs.DEFAULT_EVAL_DIR else f" in {eval_dir}/"
+    unevaluated = []
     if runs:
         dirs = [resolve_run(r, runs_dir) for r in runs]
         not_evaluated = [str(d) for d in dirs if not inputs.evaluated(d, eval_dir)]
@@ -133,11 +137,13 @@ def _run_dirs(runs: list[str], runs_dir: Path, eval_dir: str = inputs.DEFAULT_EV
             raise TrainError(f"{', '.join(not_evaluated)} has no eval results{where}: run `pipeline eval` on it "
                              "first, or leave it out of the report")
     else:
-        dirs = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and inputs.evaluated(p, eval_dir)),
-                      key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []
+        every = sorted((p for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and p.is_dir()),
+                       key=lambda p: int(RUN_NAME.match(p.name).group(1))) if runs_dir.is_dir() else []
+        dirs = [p for p in every if inputs.evaluated(p, eval_dir)]
+        unevaluated = [p for p in every if not inputs.evaluated(p, eval_dir)]
     if not dirs:
         raise TrainError(f"no evaluated runs{where} in {runs_dir} (run `pipeline eval` first)")
-    return dirs
+    return dirs, unevaluated
 
 
 def _row(data: dict, ev_threshold: float) -> dict:
@@ -162,11 +168,13 @@ def _row(data: dict, ev_threshold: float) -> dict:
 
 def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float = EQUIVALENCE_MARGIN,
            ev_threshold: float = EV_THRESHOLD, reference: str | None = None, note=_stderr,
-           eval_dir: str = inputs.DEFAULT_EVAL_DIR) -> Path:
+           eval_dir: str = inputs.DEFAULT_EVAL_DIR, eval_config_of: str | None = None, say=print) -> Path:
     """Write the report into `out` whole: refused unless `out` is absent, empty or a report (marked by
     `.ratio-sae-report`); written beside it and swapped in, so an error (a full disk) leaves no report
     without its plots (evaluate/output_dirs.py). `eval_dir`: which of each run's eval directories (one
-    per inference arm: `eval`, `eval-<select>-<clamp>`) the report reads."""
+    per inference arm: `eval`, `eval-<select>-<clamp>`) the report reads. Each run left out, and each
+    counted run with blank cells, is one line through `say` (stdout) and in report.md
+    (evaluate/report/coverage.py)."""
     if not EVAL_DIR.fullmatch(eval_dir):
         raise TrainError(f"--eval-dir {eval_dir!r} is not an eval directory name: give `eval` (SAEBench's selection, "
                          "static clamp) or eval-<select>-<clamp>, e.g. eval-block-conditional")
@@ -180,7 +188,7 @@ def report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float
     check_output_dir(out, marker=REPORT_MARKER, kind="a report", own_name=_report_file,
                      legacy=lambda p: (p / "report.md").is_file(), made_by="pipeline report")
     replace_dir(out, lambda staging: _write_report(runs, runs_dir, staging, equivalence_margin, ev_threshold,
-                                                   reference, note, eval_dir), REPORT_MARKER)
+                                                   reference, note, eval_dir, eval_config_of, say), REPORT_MARKER)
     return out / "report.md"
 
 
@@ -189,13 +197,19 @@ def _report_file(name: str) -> bool:
 
 
 def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin: float, ev_threshold: float,
-                  reference: str | None, note, eval_dir: str = inputs.DEFAULT_EVAL_DIR) -> None:
-    loaded, duplicates = collapse_duplicates([inputs.load_run(d, eval_dir)
-                                              for d in _run_dirs(runs, runs_dir, eval_dir)])
+                  reference: str | None, note, eval_dir: str = inputs.DEFAULT_EVAL_DIR,
+                  eval_config_of: str | None = None, say=print) -> None:
+    dirs, unevaluated = _run_dirs(runs, runs_dir, eval_dir)
+    selection = select([inputs.load_run(d, eval_dir) for d in dirs], unevaluated, eval_config_of)
+    loaded, duplicates = collapse_duplicates(selection.kept)
     rows = [_row(data, ev_threshold) for data in loaded]
     _name_arms(rows)
     groups = seed_groups(rows)
     base = _reference_group(groups, rows, reference)
+    for line in selection.left_out:
+        say(f"left out: {line}")
+    for line in selection.blanks:
+        say(f"note: {line}")
     for line in duplicates:
         note(line)
     low = [r for r in rows if r["low_ev"]]
@@ -227,6 +241,11 @@ def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin
         lines += [f"Every eval result below is read from each run's `{eval_dir}/` (select and clamp as its name "
                   "says), not from `eval/` (SAEBench's selection, static clamp).", ""]
     lines += _headline(groups, rows, arm_scores, primary_name, ev_threshold)
+    if selection.left_out:
+        lines += ["", "Runs left out (not counted as seeds, in no table or plot):", "",
+                  *(f"- {line}" for line in selection.left_out)]
+    if selection.blanks:
+        lines += ["", "Runs counted with blank cells:", "", *(f"- {line}" for line in selection.blanks)]
     if duplicates:
         lines += ["", "Runs counted once (a rerun is not a seed):", "",
                   *(f"- {d.removeprefix('note: ')}" for d in duplicates)]

@@ -8,7 +8,6 @@ when none is negative), not at a mirror image of the largest. A value that was n
 drawn as absent and labelled "n/a", never as a bar of height 0.
 """
 
-import json
 import math
 from pathlib import Path
 
@@ -49,10 +48,9 @@ def draw_training(loaded: list[dict], labels: list[str]):
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
         seen = set()
         for data, label in zip(loaded, labels):
-            log = data["dir"] / "metrics.jsonl"
-            if not log.exists():
+            records = inputs.training_records(data["dir"])
+            if not records:
                 continue
-            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             tokens = [r["tokens"] for r in records]
             for ax, key in zip(axes, ("loss", "recon", "l0")):
                 ax.plot(tokens, [r.get(key) for r in records], color=colours[label], lw=1,
