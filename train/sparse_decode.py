@@ -22,10 +22,18 @@ token, and token b's pairs are `offsets[b]:offsets[b + 1]`. `decode_topk` takes 
 values and indices; `decode_sparse_rows` the general form (BatchTopK). Which route is faster
 depends on k / d_sae and on the hardware: `pipeline bench` times both (bench/README.md), and the
 `auto` route takes the gathered one when the code's density is at most `GATHERED_MAX_DENSITY`.
+
+Gradient routing (train/label_blocks.py) needs a decode whose weight gradient skips some (token,
+latent) pairs of the code while its forward value and its gradient to the values read every pair.
+Each decode here takes `teaches`, None (every pair teaches the decoder) or a function of the pairs'
+token rows and latents giving True where the pair's product may teach W_dec. The gathered route
+then reads, in its weight gradient, the values with the other pairs at zero (the same work as
+without); the dense route multiplies the code so masked (`DenseDecode`). One decode either way, of
+the same cost as the plain one.
 """
 
 import warnings
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,29 +45,65 @@ from 1/320 to 1/40, forward and both gradients; bench/RESULTS.md), so the cut-of
 where a dense matmul, several times more efficient per FLOP than a gather, would be expected to win."""
 
 Route = Literal["auto", "gathered", "dense"]
+Teaches = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""teaches(rows, latents) -> bool, broadcast: whether the code's pair (token row, latent) may teach W_dec."""
 
 
 class GatheredRowsSum(torch.autograd.Function):
     """out[b] = sum over p in offsets[b]:offsets[b+1] of values[p] * weight[latents[p]], with gradients to
-    `values` and to the used rows of `weight`."""
+    `values` and to the used rows of `weight`. `weight_values` (default: `values`): the values the weight
+    gradient reads, zero at the pairs that are not to teach `weight` (no gradient flows to them)."""
 
     @staticmethod
     def forward(ctx, values: torch.Tensor, latents: torch.Tensor, offsets: torch.Tensor,
-                weight: torch.Tensor) -> torch.Tensor:
+                weight: torch.Tensor, weight_values: torch.Tensor | None = None) -> torch.Tensor:
         values = values.to(weight.dtype)
-        ctx.save_for_backward(values, latents, offsets, weight)
+        # the weight gradient is all that reads the values in the backward pass
+        ctx.save_for_backward(values if weight_values is None else weight_values.detach().to(weight.dtype),
+                              latents, offsets, weight)
         return F.embedding_bag(latents, weight, offsets[:-1], per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        values, latents, offsets, weight = ctx.saved_tensors
+        weight_values, latents, offsets, weight = ctx.saved_tensors
         grad_out = grad_out.to(weight.dtype).contiguous()
         grad_values = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_values = _value_grad(grad_out, latents, offsets, weight)
         if ctx.needs_input_grad[3]:
-            grad_weight = _row_grad(grad_out, values, latents, offsets, weight.shape[0])
-        return grad_values, None, None, grad_weight
+            grad_weight = _row_grad(grad_out, weight_values, latents, offsets, weight.shape[0])
+        return grad_values, None, None, grad_weight, None
+
+
+class DenseDecode(torch.autograd.Function):
+    """bias + code @ weight, whose weight gradient reads `weight_code` (the code with the pairs that are
+    not to teach `weight` at zero) in place of `code`. Under autocast it computes in autocast's dtype,
+    the gradients cast back to the inputs' dtypes, as autocast's own `addmm` does."""
+
+    @staticmethod
+    def forward(ctx, code: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                weight_code: torch.Tensor) -> torch.Tensor:
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        ctx.dtypes = code.dtype, weight.dtype, bias.dtype
+        with torch.autocast(device, enabled=False):
+            weight_c = weight.to(dtype)
+            ctx.save_for_backward(weight_c, weight_code.detach().to(dtype))
+            return torch.addmm(bias.to(dtype), code.to(dtype), weight_c)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, weight_code = ctx.saved_tensors
+        code_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        grad_out = grad_out.to(weight.dtype)
+        grad_code = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_code = (grad_out @ weight.T).to(code_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (weight_code.T @ grad_out).to(weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(dim=0).to(bias_dtype)
+        return grad_code, grad_weight, grad_bias, None
 
 
 def _value_grad(grad_out: torch.Tensor, latents: torch.Tensor, offsets: torch.Tensor,
@@ -75,7 +119,9 @@ def _value_grad(grad_out: torch.Tensor, latents: torch.Tensor, offsets: torch.Te
 def _row_grad(grad_out: torch.Tensor, values: torch.Tensor, latents: torch.Tensor, offsets: torch.Tensor,
               n_rows: int) -> torch.Tensor:
     """For each row i: the sum over pairs p with latents[p] = i of values[p] * grad_out[token of p] (0 if unused)."""
-    ordered, order = torch.sort(latents)
+    # stable: each row's pairs summed in token order, so that pairs of zero weight (gradient routing's
+    # skipped pairs) change no bit of the others' sum wherever they fall
+    ordered, order = torch.sort(latents, stable=True)
     # where each row's pairs begin in latent order (a bincount's output size would wait for the largest latent)
     starts = torch.searchsorted(ordered, torch.arange(n_rows, device=latents.device))
     tokens = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=latents.device), offsets.diff(),
@@ -96,26 +142,47 @@ def choose_route(nonzeros: int, tokens: int, d_sae: int, route: Route = "auto") 
     return "gathered" if nonzeros <= GATHERED_MAX_DENSITY * tokens * d_sae else "dense"
 
 
+def decode_dense(code: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                 teaches: Teaches | None = None) -> torch.Tensor:
+    """`code @ W_dec + b_dec` for a dense code (tokens, d_sae); with `teaches`, W_dec learns only from the
+    pairs it allows."""
+    if teaches is None:
+        return torch.addmm(b_dec, code, W_dec)
+    rows = torch.arange(code.shape[0], device=code.device)[:, None]
+    latents = torch.arange(code.shape[1], device=code.device)[None, :]
+    return DenseDecode.apply(code, W_dec, b_dec, torch.where(teaches(rows, latents), code, 0))
+
+
 def decode_topk(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
-                route: Route = "auto") -> torch.Tensor:
+                route: Route = "auto", teaches: Teaches | None = None) -> torch.Tensor:
     """x_hat from each token's k (value, latent index) pairs: `values`, `indices` (tokens, k), `W_dec`
-    (d_sae, d_in). Equal to `code @ W_dec + b_dec` for the dense code those pairs describe."""
+    (d_sae, d_in). Equal to `code @ W_dec + b_dec` for the dense code those pairs describe; with
+    `teaches`, W_dec learns only from the pairs it allows."""
     tokens, k = indices.shape
     if choose_route(tokens * k, tokens, W_dec.shape[0], route) == "dense":
-        return torch.addmm(b_dec, values.new_zeros(tokens, W_dec.shape[0]).scatter(1, indices, values), W_dec)
+        return decode_dense(values.new_zeros(tokens, W_dec.shape[0]).scatter(1, indices, values), W_dec, b_dec,
+                            teaches)
     offsets = torch.arange(0, tokens * k + 1, k, device=indices.device)
-    return GatheredRowsSum.apply(values.reshape(-1), indices.reshape(-1), offsets, W_dec) + b_dec
+    weight_values = None
+    if teaches is not None:
+        rows = torch.arange(tokens, device=indices.device)[:, None]
+        weight_values = torch.where(teaches(rows, indices), values, 0).reshape(-1)
+    return GatheredRowsSum.apply(values.reshape(-1), indices.reshape(-1), offsets, W_dec, weight_values) + b_dec
 
 
 def decode_sparse_rows(values: torch.Tensor, flat_indices: torch.Tensor, tokens: int, W_dec: torch.Tensor,
-                       b_dec: torch.Tensor, route: Route = "auto") -> torch.Tensor:
+                       b_dec: torch.Tensor, route: Route = "auto", teaches: Teaches | None = None) -> torch.Tensor:
     """x_hat from a code given as its nonzeros: `flat_indices` into the row-major (tokens, d_sae) code, each
-    at most once, and their `values` (BatchTopK's top k x batch over the flattened batch)."""
+    at most once, and their `values` (BatchTopK's top k x batch over the flattened batch); with `teaches`,
+    W_dec learns only from the pairs it allows."""
     d_sae = W_dec.shape[0]
     if choose_route(flat_indices.shape[0], tokens, d_sae, route) == "dense":
         code = values.new_zeros(tokens * d_sae).scatter(0, flat_indices, values).view(tokens, d_sae)
-        return torch.addmm(b_dec, code, W_dec)
+        return decode_dense(code, W_dec, b_dec, teaches)
     flat_indices, order = torch.sort(flat_indices)  # token-major, as compressed rows need
     rows = flat_indices // d_sae
+    latents = flat_indices - rows * d_sae
     offsets = torch.searchsorted(flat_indices, torch.arange(tokens + 1, device=flat_indices.device) * d_sae)
-    return GatheredRowsSum.apply(values[order], flat_indices - rows * d_sae, offsets, W_dec) + b_dec
+    values = values[order]
+    weight_values = None if teaches is None else torch.where(teaches(rows, latents), values, 0)
+    return GatheredRowsSum.apply(values, latents, offsets, W_dec, weight_values) + b_dec
