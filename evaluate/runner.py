@@ -251,14 +251,20 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
     for group, group_curves in by_group.items():
         for c in group_curves:
             s = selections[c.selection]
+            gate = None
+            if "gate" in s:  # conditional clamping: the gate as set on the store, and as open on the scored documents
+                gate = {**s["gate"], "measurement_open_rate": {
+                    "forget": clamps.open_rate(c.selection, forget), "retain": clamps.open_rate(c.selection, retain),
+                    "retain_sets": {name: clamps.open_rate(c.selection, retain[idx]) for name, idx in main.sets.items()},
+                    "measured_on": "the document tokens of the measurement documents the scores are read on"}}
             for m in sorted(set(c.forget) & set(c.retain)):
                 row = {"retain_threshold": s["retain_threshold"], "n_features": s["n_features"],
                        "features": s["features"], "multiplier": m,
                        "forget_loss_increase": float((c.forget[m].sum() - main.clean_f.sum()) / main.tokens_f.sum()),
                        "retain_loss_increase": float((c.retain[m][primary_idx].sum() - main.clean_r[primary_idx].sum())
                                                      / main.tokens_r[primary_idx].sum())}
-                if "gate" in s:  # conditional clamping: the gate's threshold and open rates
-                    row["gate"] = s["gate"]
+                if gate is not None:
+                    row["gate"] = gate
                 if group == "method":
                     settings.append(row)
                 else:
