@@ -444,4 +444,17 @@ def _unlearning_warnings(settings: list[dict], stats: dict, cfg: EvalConfig) -> 
     if all(not s["features"] for s in settings):
         warnings.append("the unlearning score is 0.0 because no setting clamped any feature, not because "
                         "clamping failed")
+    closed = {}  # conditional clamping: selections whose gate never opens on the forget documents measured
+    for s in settings:
+        gate = s.get("gate")
+        if s["features"] and gate and gate["measurement_open_rate"]["forget"] == 0:
+            closed.setdefault((s["retain_threshold"], s["n_features"]), gate)
+    for (threshold, n), gate in closed.items():
+        why = (f"a threshold of {gate['threshold']:g} cannot be exceeded: on at least {1 - gate['quantile']:.0%} of the "
+               "store's safe rows the selected features fired on every document token so far"
+               if gate["threshold"] >= 1 else
+               f"open on {gate['open_rate']['forget']:.1%} of the store's forget rows")
+        warnings.append(f"the conditional clamp of {n} features (retain threshold {threshold}) never opens its gate on "
+                        f"the forget measurement documents ({why}), so it changes nothing there and its forget "
+                        "increase is 0 for that reason; a lower --gate-quantile may open it")
     return warnings

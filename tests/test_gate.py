@@ -148,3 +148,26 @@ def test_the_measurement_open_rate_is_the_share_of_document_tokens_under_an_open
         assert clamps.open_rate(0, np.array(rows)) == pytest.approx(expected)
         assert clamps.open_rate(1, np.array(rows)) == 1.0  # a static clamp edits every document token
     assert clamps.open_rate(0, np.array([], dtype=np.int64)) == 0.0
+
+
+def test_a_gate_that_never_opens_on_the_forget_documents_is_warned_about():
+    """A conditional clamp whose gate stays shut on the forget measurement documents scores 0 for that reason
+    alone: said once per selection, with why (a threshold of 1 can never be exceeded)."""
+    from evaluate.config import EvalConfig
+    from evaluate.runner import _unlearning_warnings
+
+    def setting(n, multiplier, threshold, forget_open):
+        gate = {"scope": "causal", "quantile": 0.95, "threshold": threshold, "open_rate": {"forget": 0.0, "retain": 0.0},
+                "measurement_open_rate": {"forget": forget_open, "retain": 0.0, "retain_sets": {}}}
+        return {"retain_threshold": 0.01, "n_features": n, "features": list(range(n)), "multiplier": multiplier,
+                "gate": gate}
+
+    stats = {"forget_rate": np.ones(8), "retain_rate": np.zeros(8)}
+    cfg = EvalConfig(retain_thresholds=[0.01])
+    shut = _unlearning_warnings([setting(4, m, 1.0, 0.0) for m in (0.0, 10.0, 100.0)]
+                                + [setting(8, m, 0.5, 0.0) for m in (0.0, 10.0)], stats, cfg)
+    assert len(shut) == 2
+    assert "conditional clamp of 4 features" in shut[0] and "a threshold of 1 cannot be exceeded" in shut[0]
+    assert "conditional clamp of 8 features" in shut[1] and "open on 0.0% of the store's forget rows" in shut[1]
+    assert _unlearning_warnings([setting(4, m, 0.5, 0.2) for m in (0.0, 10.0)], stats, cfg) == []
+    assert _unlearning_warnings([{**setting(4, 0.0, 1.0, 0.0), "gate": None}], stats, cfg) == []
