@@ -32,7 +32,7 @@ import torch
 
 from .errors import TrainError
 from .losses import block_supervision
-from .sparse_decode import Teaches
+from .sparse_decode import SkippedPairs
 
 RECORD_KEY = "label_block"
 """The key of cfg.json's `metadata` that records the block (read by the eval's `--select block`)."""
@@ -135,18 +135,13 @@ class BlockStep:
         safe, in_block = self._masks(torch.Size((batch, param.shape[0])), param.device)
         return torch.where(~safe & ~in_block, param.detach(), param)
 
-    def decode(self, decode: Callable[[Teaches | None], torch.Tensor]) -> torch.Tensor:
-        """The batch's reconstruction: `decode(teaches)` decodes the whole batch in one call, its decoder
-        learning only from the (row, latent) pairs of the code that `teaches` allows (None: every pair;
-        train/sparse_decode.py). Under `gradient` routing the pairs of a dangerous row and a latent
-        outside the block teach the decoder nothing; their values are decoded, and learn, as any."""
+    def decode(self, decode: Callable[[SkippedPairs | None], torch.Tensor]) -> torch.Tensor:
+        """The batch's reconstruction: `decode(skip)` decodes the whole batch in one call, the (row, latent)
+        pairs of the code in `skip` teaching its decoder nothing (train/sparse_decode.py). Under `gradient`
+        routing those are the pairs of a dangerous row and a latent outside the block; their values are
+        decoded, and learn, as any. Otherwise None: every pair teaches the decoder."""
         self.decoded = True
-        return decode(self.teaches_decoder if self.routes_gradient else None)
-
-    def teaches_decoder(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """Under `gradient` routing, whether the code's pair (row, latent) may teach W_dec: on safe rows every
-        latent, on dangerous rows the block's alone (broadcast over `rows` and `latents`)."""
-        return (rows >= self.n_dangerous) | (latents >= self.block.start)
+        return decode(SkippedPairs(self.n_dangerous, self.block.start) if self.routes_gradient else None)
 
     def losses(self) -> dict[str, torch.Tensor]:
         """The block's own loss terms, unweighted, with their weights: {name: (value, weight)}."""

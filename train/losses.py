@@ -72,8 +72,8 @@ def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor | None, w
     # step's label block if any (under gradient routing the dangerous rows teach only the block's rows)
     values, no_bias = values.relu(), w_dec.new_zeros(w_dec.shape[1])
 
-    def decode(teaches):
-        return decode_topk(values, indices, w_dec, no_bias, teaches=teaches)
+    def decode(skip):
+        return decode_topk(values, indices, w_dec, no_bias, skip=skip)
 
     error = (decode(None) if labels is None else labels.decode(decode)).float() - residual
     variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()

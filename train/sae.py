@@ -101,7 +101,7 @@ class SAE(nn.Module):
         (train/label_blocks.py `BlockStep`), or None; an architecture honours it by computing its
         pre-activations with `training_pre_acts` and decoding with `training_decode`."""
         f = self.activation(self.training_pre_acts(x, labels))
-        x_hat = self.training_decode(lambda teaches: decode_dense(f, self.W_dec, self.b_dec, teaches), labels)
+        x_hat = self.training_decode(lambda skip: decode_dense(f, self.W_dec, self.b_dec, skip), labels)
         return TrainingOutput(x_hat, f, sparsity=l1(f))
 
     def training_pre_acts(self, x: torch.Tensor, labels=None) -> torch.Tensor:
@@ -110,9 +110,9 @@ class SAE(nn.Module):
         return pre if labels is None else labels.pre_acts(pre)
 
     def training_decode(self, decode, labels=None) -> torch.Tensor:
-        """The training batch's reconstruction: `decode(teaches)` decodes the whole batch, its decoder learning
-        only from the (row, latent) pairs of the code that `teaches` allows (None: every pair;
-        train/sparse_decode.py); the step's label block says which (train/label_blocks.py `BlockStep.decode`)."""
+        """The training batch's reconstruction: `decode(skip)` decodes the whole batch, the (row, latent) pairs
+        of the code in `skip` teaching its decoder nothing (None: every pair teaches it; train/sparse_decode.py
+        `SkippedPairs`); the step's label block says which (train/label_blocks.py `BlockStep.decode`)."""
         return decode(None) if labels is None else labels.decode(decode)
 
     @torch.no_grad()

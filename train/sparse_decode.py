@@ -24,16 +24,17 @@ depends on k / d_sae and on the hardware: `pipeline bench` times both (bench/REA
 `auto` route takes the gathered one when the code's density is at most `GATHERED_MAX_DENSITY`.
 
 Gradient routing (train/label_blocks.py) needs a decode whose weight gradient skips some (token,
-latent) pairs of the code while its forward value and its gradient to the values read every pair.
-Each decode here takes `teaches`, None (every pair teaches the decoder) or a function of the pairs'
-token rows and latents giving True where the pair's product may teach W_dec. The gathered route
-then reads, in its weight gradient, the values with the other pairs at zero (the same work as
-without); the dense route multiplies the code so masked (`DenseDecode`). One decode either way, of
-the same cost as the plain one.
+latent) pairs of the code while its forward value and its gradient to the values read every pair:
+the pairs of the batch's first rows (the dangerous ones) and first latents (those outside the
+block), `SkippedPairs`. Each decode here takes `skip`, None or those pairs. The gathered route then
+reads, in its weight gradient, the values with the skipped pairs at zero (the same work as without);
+the dense route leaves the skipped corner of the code out of its weight gradient's product
+(`DenseDecode`, less work than without). One decode either way.
 """
 
 import warnings
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,19 @@ from 1/320 to 1/40, forward and both gradients; bench/RESULTS.md), so the cut-of
 where a dense matmul, several times more efficient per FLOP than a gather, would be expected to win."""
 
 Route = Literal["auto", "gathered", "dense"]
-Teaches = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""teaches(rows, latents) -> bool, broadcast: whether the code's pair (token row, latent) may teach W_dec."""
+
+
+@dataclass(frozen=True)
+class SkippedPairs:
+    """The code's pairs (row, latent) with row < `rows` and latent < `latents`, whose products teach W_dec
+    nothing (gradient routing: the batch's dangerous rows, its first, and the latents before the block)."""
+
+    rows: int
+    latents: int
+
+    def teaches(self, rows: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """Whether each pair (row, latent), broadcast, may teach W_dec."""
+        return (rows >= self.rows) | (latents >= self.latents)
 
 
 class GatheredRowsSum(torch.autograd.Function):
@@ -76,31 +88,33 @@ class GatheredRowsSum(torch.autograd.Function):
 
 
 class DenseDecode(torch.autograd.Function):
-    """bias + code @ weight, whose weight gradient reads `weight_code` (the code with the pairs that are
-    not to teach `weight` at zero) in place of `code`. Under autocast it computes in autocast's dtype,
-    the gradients cast back to the inputs' dtypes, as autocast's own `addmm` does."""
+    """bias + code @ weight, whose weight gradient leaves out the code's `skip` corner (its pairs teach
+    `weight` nothing): the rows of `weight` before `skip.latents` learn from the rows of the code from
+    `skip.rows` on, the others from every row. Under autocast it computes in autocast's dtype, each
+    gradient cast back to its input's dtype, as autocast's own `addmm` does."""
 
     @staticmethod
-    def forward(ctx, code: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                weight_code: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, code: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, skip: SkippedPairs) -> torch.Tensor:
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        ctx.dtypes = code.dtype, weight.dtype, bias.dtype
+        ctx.dtypes, ctx.skip = (code.dtype, weight.dtype, bias.dtype), skip
         with torch.autocast(device, enabled=False):
-            weight_c = weight.to(dtype)
-            ctx.save_for_backward(weight_c, weight_code.detach().to(dtype))
-            return torch.addmm(bias.to(dtype), code.to(dtype), weight_c)
+            code_c, weight_c = code.to(dtype), weight.to(dtype)
+            ctx.save_for_backward(code_c, weight_c)
+            return torch.addmm(bias.to(dtype), code_c, weight_c)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weight, weight_code = ctx.saved_tensors
+        code, weight = ctx.saved_tensors
         code_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        rows, latents = ctx.skip.rows, ctx.skip.latents
         grad_out = grad_out.to(weight.dtype)
         grad_code = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_code = (grad_out @ weight.T).to(code_dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = (weight_code.T @ grad_out).to(weight_dtype)
+            grad_weight = torch.cat([code[rows:, :latents].T @ grad_out[rows:], code[:, latents:].T @ grad_out])
+            grad_weight = grad_weight.to(weight_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum(dim=0).to(bias_dtype)
         return grad_code, grad_weight, grad_bias, None
@@ -143,46 +157,42 @@ def choose_route(nonzeros: int, tokens: int, d_sae: int, route: Route = "auto") 
 
 
 def decode_dense(code: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
-                 teaches: Teaches | None = None) -> torch.Tensor:
-    """`code @ W_dec + b_dec` for a dense code (tokens, d_sae); with `teaches`, W_dec learns only from the
-    pairs it allows."""
-    if teaches is None:
+                 skip: SkippedPairs | None = None) -> torch.Tensor:
+    """`code @ W_dec + b_dec` for a dense code (tokens, d_sae); with `skip`, those pairs teach W_dec nothing."""
+    if skip is None:
         return torch.addmm(b_dec, code, W_dec)
-    rows = torch.arange(code.shape[0], device=code.device)[:, None]
-    latents = torch.arange(code.shape[1], device=code.device)[None, :]
-    return DenseDecode.apply(code, W_dec, b_dec, torch.where(teaches(rows, latents), code, 0))
+    return DenseDecode.apply(code, W_dec, b_dec, skip)
 
 
 def decode_topk(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
-                route: Route = "auto", teaches: Teaches | None = None) -> torch.Tensor:
+                route: Route = "auto", skip: SkippedPairs | None = None) -> torch.Tensor:
     """x_hat from each token's k (value, latent index) pairs: `values`, `indices` (tokens, k), `W_dec`
-    (d_sae, d_in). Equal to `code @ W_dec + b_dec` for the dense code those pairs describe; with
-    `teaches`, W_dec learns only from the pairs it allows."""
+    (d_sae, d_in). Equal to `code @ W_dec + b_dec` for the dense code those pairs describe; with `skip`,
+    those pairs teach W_dec nothing."""
     tokens, k = indices.shape
     if choose_route(tokens * k, tokens, W_dec.shape[0], route) == "dense":
-        return decode_dense(values.new_zeros(tokens, W_dec.shape[0]).scatter(1, indices, values), W_dec, b_dec,
-                            teaches)
+        return decode_dense(values.new_zeros(tokens, W_dec.shape[0]).scatter(1, indices, values), W_dec, b_dec, skip)
     offsets = torch.arange(0, tokens * k + 1, k, device=indices.device)
     weight_values = None
-    if teaches is not None:
+    if skip is not None:
         rows = torch.arange(tokens, device=indices.device)[:, None]
-        weight_values = torch.where(teaches(rows, indices), values, 0).reshape(-1)
+        weight_values = torch.where(skip.teaches(rows, indices), values, 0).reshape(-1)
     return GatheredRowsSum.apply(values.reshape(-1), indices.reshape(-1), offsets, W_dec, weight_values) + b_dec
 
 
 def decode_sparse_rows(values: torch.Tensor, flat_indices: torch.Tensor, tokens: int, W_dec: torch.Tensor,
-                       b_dec: torch.Tensor, route: Route = "auto", teaches: Teaches | None = None) -> torch.Tensor:
+                       b_dec: torch.Tensor, route: Route = "auto", skip: SkippedPairs | None = None) -> torch.Tensor:
     """x_hat from a code given as its nonzeros: `flat_indices` into the row-major (tokens, d_sae) code, each
-    at most once, and their `values` (BatchTopK's top k x batch over the flattened batch); with `teaches`,
-    W_dec learns only from the pairs it allows."""
+    at most once, and their `values` (BatchTopK's top k x batch over the flattened batch); with `skip`,
+    those pairs teach W_dec nothing."""
     d_sae = W_dec.shape[0]
     if choose_route(flat_indices.shape[0], tokens, d_sae, route) == "dense":
         code = values.new_zeros(tokens * d_sae).scatter(0, flat_indices, values).view(tokens, d_sae)
-        return decode_dense(code, W_dec, b_dec, teaches)
+        return decode_dense(code, W_dec, b_dec, skip)
     flat_indices, order = torch.sort(flat_indices)  # token-major, as compressed rows need
     rows = flat_indices // d_sae
     latents = flat_indices - rows * d_sae
     offsets = torch.searchsorted(flat_indices, torch.arange(tokens + 1, device=flat_indices.device) * d_sae)
     values = values[order]
-    weight_values = None if teaches is None else torch.where(teaches(rows, latents), values, 0)
+    weight_values = None if skip is None else torch.where(skip.teaches(rows, latents), values, 0)
     return GatheredRowsSum.apply(values, latents, offsets, W_dec, weight_values) + b_dec

@@ -52,8 +52,8 @@ class BatchTopKSAE(SAE):
         values, indices = acts.topk(min(self.k * len(pre), acts.numel()), sorted=False)
         f = torch.zeros_like(acts).scatter(-1, indices, values).view(pre.shape)
         # the chosen decoder rows of each token, not the dense code (train/sparse_decode.py)
-        x_hat = self.training_decode(lambda teaches: decode_sparse_rows(values, indices, len(pre), self.W_dec,
-                                                                        self.b_dec, teaches=teaches), labels)
+        x_hat = self.training_decode(lambda skip: decode_sparse_rows(values, indices, len(pre), self.W_dec,
+                                                                     self.b_dec, skip=skip), labels)
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
             out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k, labels)

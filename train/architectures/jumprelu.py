@@ -88,7 +88,7 @@ class JumpReLUSAE(SAE):
         if labels is not None:  # per token under gradient routing (label_blocks.BlockStep.per_latent)
             threshold = labels.per_latent(threshold, len(pre))
         f = _JumpReLU.apply(pre, threshold, self.bandwidth)
-        x_hat = self.training_decode(lambda teaches: decode_dense(f, self.W_dec, self.b_dec, teaches), labels)
+        x_hat = self.training_decode(lambda skip: decode_dense(f, self.W_dec, self.b_dec, skip), labels)
         return TrainingOutput(x_hat, f, sparsity=step_l0(pre, threshold, self.bandwidth))
 
     @torch.no_grad()
