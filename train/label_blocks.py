@@ -9,8 +9,8 @@ The block is the SAE's last N latents. Two kinds (DESIGN.md, "The SAE and its lo
   also detaches the other latents on dangerous rows: they fire and reconstruct there as usual, but
   their encoder (W_enc columns, b_enc, JumpReLU thresholds) and decoder rows learn from safe rows
   alone, so what only dangerous text needs can be learnt only by the block. The batch is decoded
-  once: the decode's weight gradient skips the (dangerous row, other latent) pairs of the code. b_dec, shared by every
-  latent, learns from every row.
+  once: the decode's weight gradient skips the (dangerous row, other latent) pairs of the code.
+  b_dec, shared by every latent, learns from every row.
 - **supervised** (`--supervised-latents N --supervision-coeff C`; G-SAE, Härle et al. 2025, arXiv
   2506.19382): a binary cross-entropy term (`losses.block_supervision`) between each row's block
   score, the block's largest pre-activation read as a logit, and the row's dangerous label.
@@ -139,7 +139,8 @@ class BlockStep:
         """The batch's reconstruction: `decode(skip)` decodes the whole batch in one call, the (row, latent)
         pairs of the code in `skip` teaching its decoder nothing (train/sparse_decode.py). Under `gradient`
         routing those are the pairs of a dangerous row and a latent outside the block; their values are
-        decoded, and learn, as any. Otherwise None: every pair teaches the decoder."""
+        decoded, and get a gradient, as any (`pre_acts`' mask stops it before the encoder). Otherwise None:
+        every pair teaches the decoder."""
         self.decoded = True
         return decode(SkippedPairs(self.n_dangerous, self.block.start) if self.routes_gradient else None)
 
