@@ -95,6 +95,13 @@ class Clamps:
         self.cache: dict[tuple[int, float], dict[int, float]] = {}
         self.upper_tokens = 0
 
+    def open_rate(self, selection: int, rows: np.ndarray) -> float:
+        """The share of the document tokens of the documents `rows` on which the selection's clamp may edit
+        (for a conditional clamp: where its gate is open; 1 for a static clamp)."""
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64), device=self.keep.device)
+        tokens = int(self.keep[rows].sum())
+        return int(self.edit[selection][rows].sum()) / tokens if tokens else 0.0
+
     def documents_changed(self, selection: int) -> np.ndarray:
         return self.changed[selection].any(1).cpu().numpy()
 

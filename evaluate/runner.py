@@ -263,14 +263,20 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
     for group, group_curves in by_group.items():
         for c in group_curves:
             s = selections[c.selection]
+            gate = None
+            if "gate" in s:  # conditional clamping: the gate as set on the store, and as open on the scored documents
+                gate = {**s["gate"], "measurement_open_rate": {
+                    "forget": clamps.open_rate(c.selection, forget), "retain": clamps.open_rate(c.selection, retain),
+                    "retain_sets": {name: clamps.open_rate(c.selection, retain[idx]) for name, idx in main.sets.items()},
+                    "measured_on": "the document tokens of the measurement documents the scores are read on"}}
             for m in sorted(set(c.forget) & set(c.retain)):
                 row = {"retain_threshold": s["retain_threshold"], "n_features": s["n_features"],
                        "features": s["features"], "multiplier": m,
                        "forget_loss_increase": float((c.forget[m].sum() - main.clean_f.sum()) / main.tokens_f.sum()),
                        "retain_loss_increase": float((c.retain[m][primary_idx].sum() - main.clean_r[primary_idx].sum())
                                                      / main.tokens_r[primary_idx].sum())}
-                if "gate" in s:  # conditional clamping: the gate's threshold and open rates
-                    row["gate"] = s["gate"]
+                if gate is not None:
+                    row["gate"] = gate
                 if group == "method":
                     settings.append(row)
                 else:
@@ -462,4 +468,17 @@ def _unlearning_warnings(settings: list[dict], stats: dict, cfg: EvalConfig) -> 
     if all(not s["features"] for s in settings):
         warnings.append("the unlearning score is 0.0 because no setting clamped any feature, not because "
                         "clamping failed")
+    closed = {}  # conditional clamping: selections whose gate never opens on the forget documents measured
+    for s in settings:
+        gate = s.get("gate")
+        if s["features"] and gate and gate["measurement_open_rate"]["forget"] == 0:
+            closed.setdefault((s["retain_threshold"], s["n_features"]), gate)
+    for (threshold, n), gate in closed.items():
+        why = (f"a threshold of {gate['threshold']:g} cannot be exceeded: on at least {1 - gate['quantile']:.0%} of the "
+               "store's safe rows the selected features fired on every document token so far"
+               if gate["threshold"] >= 1 else
+               f"open on {gate['open_rate']['forget']:.1%} of the store's forget rows")
+        warnings.append(f"the conditional clamp of {n} features (retain threshold {threshold}) never opens its gate on "
+                        f"the forget measurement documents ({why}), so it changes nothing there and its forget "
+                        "increase is 0 for that reason; a lower --gate-quantile may open it")
     return warnings

@@ -119,3 +119,55 @@ def test_pipeline_eval_clamps_a_routed_block_conditionally_and_records_the_gate(
         assert gate["scope"] == "causal" and gate["quantile"] == 0.95 and 0 <= gate["threshold"] <= 1
         assert set(gate["open_rate"]) == {"forget", "retain"}
         assert gate["open_rate"]["retain"] <= 0.05 + 1e-9  # above the retain side's 95th percentile
+        # and as open on the measurement documents the scores are read on, each side and each retain set
+        measured = gate["measurement_open_rate"]
+        assert set(measured) == {"forget", "retain", "retain_sets", "measured_on"}
+        assert all(0 <= measured[side] <= 1 for side in ("forget", "retain"))
+        assert measured["retain_sets"] and all(0 <= r <= 1 for r in measured["retain_sets"].values())
+    # the same selection's gate reads the same at every multiplier
+    by_features = {}
+    for setting in out["settings"]:
+        by_features.setdefault(tuple(setting["features"]), []).append(setting["gate"]["measurement_open_rate"])
+    assert all(all(r == rates[0] for r in rates) for rates in by_features.values())
+
+
+def test_the_measurement_open_rate_is_the_share_of_document_tokens_under_an_open_gate():
+    """`Clamps.open_rate`: per set of documents, the tokens whose gate is open over the document tokens,
+    counted here by hand from `open_gate`."""
+    from evaluate.measure import Clamps
+
+    h, f, w, keep = example(2)
+    threshold = 0.3
+    clamps = Clamps.__new__(Clamps)  # the gate's part of Clamps only: no model
+    clamps.keep = keep
+    clamps.edit = [gated_keep(f, keep, {"gate": {"threshold": threshold, "scope": "causal"}}), gated_keep(f, keep, {})]
+    opened = open_gate(f, keep, threshold)
+    assert 0 < opened.sum() < keep.sum()  # some tokens open, some not: the rate can be wrong either way
+    for rows in ([0], [1, 2], [0, 1, 2]):
+        expected = sum(int(opened[r].sum()) for r in rows) / sum(int(keep[r].sum()) for r in rows)
+        assert clamps.open_rate(0, np.array(rows)) == pytest.approx(expected)
+        assert clamps.open_rate(1, np.array(rows)) == 1.0  # a static clamp edits every document token
+    assert clamps.open_rate(0, np.array([], dtype=np.int64)) == 0.0
+
+
+def test_a_gate_that_never_opens_on_the_forget_documents_is_warned_about():
+    """A conditional clamp whose gate stays shut on the forget measurement documents scores 0 for that reason
+    alone: said once per selection, with why (a threshold of 1 can never be exceeded)."""
+    from evaluate.config import EvalConfig
+    from evaluate.runner import _unlearning_warnings
+
+    def setting(n, multiplier, threshold, forget_open):
+        gate = {"scope": "causal", "quantile": 0.95, "threshold": threshold, "open_rate": {"forget": 0.0, "retain": 0.0},
+                "measurement_open_rate": {"forget": forget_open, "retain": 0.0, "retain_sets": {}}}
+        return {"retain_threshold": 0.01, "n_features": n, "features": list(range(n)), "multiplier": multiplier,
+                "gate": gate}
+
+    stats = {"forget_rate": np.ones(8), "retain_rate": np.zeros(8)}
+    cfg = EvalConfig(retain_thresholds=[0.01])
+    shut = _unlearning_warnings([setting(4, m, 1.0, 0.0) for m in (0.0, 10.0, 100.0)]
+                                + [setting(8, m, 0.5, 0.0) for m in (0.0, 10.0)], stats, cfg)
+    assert len(shut) == 2
+    assert "conditional clamp of 4 features" in shut[0] and "a threshold of 1 cannot be exceeded" in shut[0]
+    assert "conditional clamp of 8 features" in shut[1] and "open on 0.0% of the store's forget rows" in shut[1]
+    assert _unlearning_warnings([setting(4, m, 0.5, 0.2) for m in (0.0, 10.0)], stats, cfg) == []
+    assert _unlearning_warnings([{**setting(4, 0.0, 1.0, 0.0), "gate": None}], stats, cfg) == []

@@ -122,6 +122,68 @@ def test_gradient_routing_keeps_the_other_latents_from_learning_on_dangerous_row
     assert grads["W_dec"][:start].abs().sum() > 0 and grads["W_enc"][:start].abs().sum() > 0
 
 
+def reference_gradient_routing(sae: SAE, x: torch.Tensor, n_dangerous: int, start: int):
+    """Gradient routing written out plainly, on the dense code: the block masked on safe rows, the other
+    latents' pre-activations (and JumpReLU thresholds) detached on dangerous rows, and their code there
+    decoded through a detached W_dec, the rest through W_dec."""
+    from train.architectures.jumprelu import _JumpReLU
+
+    dangerous = (torch.arange(len(x)) < n_dangerous)[:, None]
+    block = (torch.arange(sae.d_sae) >= start)[None, :]
+    pre = sae.pre_acts(x)
+    pre = torch.where(~dangerous & block, torch.finfo(pre.dtype).min, pre)
+    pre = torch.where(dangerous & ~block, pre.detach(), pre)
+    if sae.architecture == "jumprelu":
+        threshold = sae.threshold.expand(len(x), -1)
+        f = _JumpReLU.apply(pre, torch.where(dangerous & ~block, threshold.detach(), threshold), sae.bandwidth)
+    else:  # relu, TopK, BatchTopK: the activation as training applies it
+        f = sae.activation(pre)
+    skipped = dangerous & ~block
+    return torch.where(skipped, f, 0) @ sae.W_dec.detach() + torch.where(skipped, 0, f) @ sae.W_dec + sae.b_dec, f
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_routing_equals_its_plain_two_pass_formulation(arch, autocast):
+    """The single decode whose weight gradient skips the (dangerous row, other latent) pairs gives the
+    forward values and every parameter's gradient of the plain formulation (`reference_gradient_routing`)."""
+    start = D_SAE - N_BLOCK
+    x = batches(1)[0]
+    g = torch.Generator().manual_seed(7)
+    out_weight, code_weight = torch.randn(64, D_IN, generator=g), torch.rand(64, D_SAE, generator=g)
+    results = []
+    for forward in ("ours", "reference"):
+        t = trainer(arch, routed_latents=N_BLOCK, routing="gradient")
+        sae = with_random_biases(t.sae)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if forward == "ours":
+                out = sae.training_forward(x, None, t.label_block.for_step(32))
+                x_hat, f = out.x_hat, out.f
+            else:
+                x_hat, f = reference_gradient_routing(sae, x, 32, start)
+        # every row and latent weighted differently, so that a gradient sent to the wrong place shows
+        ((x - x_hat.float()) * out_weight).pow(2).sum().backward(retain_graph=True)
+        (f.float() * code_weight).sum().backward()
+        grads = {name: p.grad.clone() for name, p in sae.named_parameters()}
+        results.append((x_hat.detach().float(), f.detach().float(), grads))
+    (x_ours, f_ours, ours), (x_ref, f_ref, ref) = results
+    assert torch.equal(f_ours > 0, f_ref > 0)  # the same latents fire: the comparison is of like with like
+
+    def assert_close(got, expected, msg=""):
+        # float32: to float32's rounding; under autocast each side rounds its bf16 matmuls (at different
+        # places: one decode against two), so to 1% of the tensor's largest entry, bf16's few bits
+        atol = 1e-2 * expected.abs().max().item() if autocast else 1e-5
+        torch.testing.assert_close(got, expected, rtol=1e-2 if autocast else 1e-5, atol=atol, msg=msg)
+
+    assert_close(x_ours, x_ref, "x_hat")
+    assert_close(f_ours, f_ref, "f")
+    assert set(ours) == set(ref) >= {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name in ref:
+        assert_close(ours[name], ref[name], name)
+    # the decoder gradient of the other latents did differ between the two formulations of routing
+    assert ours["W_dec"][:start].abs().sum() > 0 and ours["W_dec"][start:].abs().sum() > 0
+
+
 @pytest.mark.parametrize("routing", ["activation", "gradient"])
 def test_auxk_under_gradient_routing_leaves_the_other_decoder_rows_to_safe_rows(routing):
     """AuxK decodes through the block too: under gradient routing what the dangerous rows' dead latents

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from train import sparse_decode
-from train.sparse_decode import GatheredRowsSum, decode_sparse_rows, decode_topk, dense_decode
+from train.sparse_decode import GatheredRowsSum, SkippedPairs, decode_sparse_rows, decode_topk, dense_decode
 
 
 def _case(tokens=37, d_in=24, d_sae=96, k=5, seed=0, dtype=torch.float64):
@@ -99,3 +99,50 @@ def test_centred_affine_equals_the_plain_expression_and_its_gradients(centred):
             assert o is None, name
         else:
             torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("skip", [SkippedPairs(8, 25), SkippedPairs(0, 40), SkippedPairs(20, 0), SkippedPairs(20, 40)])
+@pytest.mark.parametrize("route", ["gathered", "dense"])
+@pytest.mark.parametrize("code", ["topk", "sparse rows"])
+def test_a_decode_that_skips_pairs_in_its_weight_gradient_equals_two_decodes_one_detached(code, route, skip):
+    """`skip`: one decode whose W_dec gradient leaves out the skipped pairs equals, values and every
+    gradient, the plain two-term formulation: the skipped pairs decoded through a detached W_dec."""
+    values, indices, W, b, grad = _case(tokens=20, d_in=12, d_sae=40, k=4)
+    tokens, d_sae = indices.shape[0], W.shape[0]
+    flat = (indices + torch.arange(tokens)[:, None] * d_sae).flatten()
+
+    def reference(v, w, bb):
+        code = torch.zeros(tokens * d_sae, dtype=v.dtype).scatter(0, flat, v.flatten()).view(tokens, d_sae)
+        skipped = (torch.arange(tokens)[:, None] < skip.rows) & (torch.arange(d_sae)[None, :] < skip.latents)
+        return torch.where(skipped, 0, code) @ w + torch.where(skipped, code, 0) @ w.detach() + bb
+
+    def ours(v, w, bb):
+        if code == "topk":
+            return decode_topk(v, indices, w, bb, route=route, skip=skip)
+        return decode_sparse_rows(v.flatten(), flat, tokens, w, bb, route=route, skip=skip)
+
+    ref, got = _grads(lambda v, i, w, bb: reference(v, w, bb), values, indices, W, b, grad), \
+        _grads(lambda v, i, w, bb: ours(v, w, bb), values, indices, W, b, grad)
+    for name, r, o in zip(("x_hat", "values", "W_dec", "b_dec"), ref, got):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12, msg=name)
+    if skip.rows and skip.latents:  # the skipped pairs did reach W_dec's gradient in the plain decode
+        plain = _grads(lambda v, i, w, bb: decode_topk(v, i, w, bb, route=route), values, indices, W, b, grad)
+        assert not torch.allclose(plain[2], got[2])
+
+
+def test_the_dense_decode_that_skips_pairs_follows_autocast_as_addmm_does():
+    """Under bf16 autocast the dense decode that skips pairs computes in bf16 and returns each gradient in
+    its input's dtype, as autocast's own addmm (its reference here, with no pair skipped) does."""
+    values, indices, W, b, grad = _case(tokens=16, d_in=8, d_sae=24, k=3, dtype=torch.float32)
+    code = torch.zeros(16, 24).scatter(1, indices, values)
+    results = []
+    for fn in (lambda c, w, bb: torch.addmm(bb, c, w),
+               lambda c, w, bb: sparse_decode.decode_dense(c, w, bb, skip=SkippedPairs(0, 0))):
+        c, w, bb = (t.clone().requires_grad_() for t in (code, W, b))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(c, w, bb)
+        out.backward(grad.to(out.dtype))
+        results.append((out, c.grad, w.grad, bb.grad))
+    for name, r, o in zip(("x_hat", "code", "W_dec", "b_dec"), *results):
+        assert o.dtype == r.dtype, name
+        torch.testing.assert_close(o, r, rtol=2e-2, atol=2e-2, msg=name)

@@ -8,8 +8,9 @@ The block is the SAE's last N latents. Two kinds (DESIGN.md, "The SAE and its lo
   neither fires nor takes a slot). `--routing activation` is the mask alone. `--routing gradient`
   also detaches the other latents on dangerous rows: they fire and reconstruct there as usual, but
   their encoder (W_enc columns, b_enc, JumpReLU thresholds) and decoder rows learn from safe rows
-  alone, so what only dangerous text needs can be learnt only by the block. b_dec, shared by every
-  latent, learns from every row.
+  alone, so what only dangerous text needs can be learnt only by the block. The batch is decoded
+  once: the decode's weight gradient skips the (dangerous row, other latent) pairs of the code.
+  b_dec, shared by every latent, learns from every row.
 - **supervised** (`--supervised-latents N --supervision-coeff C`; G-SAE, Härle et al. 2025, arXiv
   2506.19382): a binary cross-entropy term (`losses.block_supervision`) between each row's block
   score, the block's largest pre-activation read as a logit, and the row's dangerous label.
@@ -31,6 +32,7 @@ import torch
 
 from .errors import TrainError
 from .losses import block_supervision
+from .sparse_decode import SkippedPairs
 
 RECORD_KEY = "label_block"
 """The key of cfg.json's `metadata` that records the block (read by the eval's `--select block`)."""
@@ -133,24 +135,14 @@ class BlockStep:
         safe, in_block = self._masks(torch.Size((batch, param.shape[0])), param.device)
         return torch.where(~safe & ~in_block, param.detach(), param)
 
-    def decode(self, decode_rows: Callable[[torch.Tensor, slice], torch.Tensor], W_dec: torch.Tensor,
-               code: Callable[[slice], torch.Tensor]) -> torch.Tensor:
-        """The batch's reconstruction. `decode_rows(W, rows)`: the reconstruction of the batch's `rows` (a
-        slice) decoded with decoder weight W; `code(rows)`: those rows' dense code (rows, d_sae), read only
-        under `gradient` routing.
-
-        Under `gradient` routing the dangerous rows decode with W_dec detached, so that no decoder row
-        learns from them through the decode (which then skips that weight gradient), and the block's rows
-        get theirs from a narrow product, the block's code on those rows times its decoder rows, added as
-        (B - B.detach()): exactly zero in value, the block's decoder gradient in the backward pass."""
+    def decode(self, decode: Callable[[SkippedPairs | None], torch.Tensor]) -> torch.Tensor:
+        """The batch's reconstruction: `decode(skip)` decodes the whole batch in one call, the (row, latent)
+        pairs of the code in `skip` teaching its decoder nothing (train/sparse_decode.py). Under `gradient`
+        routing those are the pairs of a dangerous row and a latent outside the block; their values are
+        decoded, and get a gradient, as any (`pre_acts`' mask stops it before the encoder). Otherwise None:
+        every pair teaches the decoder."""
         self.decoded = True
-        if not self.routes_gradient:
-            return decode_rows(W_dec, slice(None))
-        dangerous, start = slice(0, self.n_dangerous), self.block.start
-        x_dangerous = decode_rows(W_dec.detach(), dangerous)
-        block = code(dangerous)[:, start:].detach() @ W_dec[start:]
-        return torch.cat([x_dangerous + (block - block.detach()).to(x_dangerous.dtype),
-                          decode_rows(W_dec, slice(self.n_dangerous, None))])
+        return decode(SkippedPairs(self.n_dangerous, self.block.start) if self.routes_gradient else None)
 
     def losses(self) -> dict[str, torch.Tensor]:
         """The block's own loss terms, unweighted, with their weights: {name: (value, weight)}."""

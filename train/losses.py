@@ -69,18 +69,13 @@ def auxk(residual: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor | None, w
     k = min(aux_k, dead.shape[0])
     values, indices = torch.where(dead[None], pre, -torch.inf).topk(k, dim=-1, sorted=False)
     # from the chosen decoder rows, without the decoder bias (train/sparse_decode.py); through the
-    # step's label block if any (gradient routing decodes dangerous rows with detached shared rows)
+    # step's label block if any (under gradient routing the dangerous rows teach only the block's rows)
     values, no_bias = values.relu(), w_dec.new_zeros(w_dec.shape[1])
 
-    def decode_rows(w, rows):
-        return decode_topk(values[rows], indices[rows], w, no_bias)
+    def decode(skip):
+        return decode_topk(values, indices, w_dec, no_bias, skip=skip)
 
-    def code(rows):
-        return torch.zeros(values[rows].shape[0], w_dec.shape[0], dtype=values.dtype,
-                           device=values.device).scatter(1, indices[rows], values[rows])
-
-    error = (decode_rows(w_dec, slice(None)) if labels is None
-             else labels.decode(decode_rows, w_dec, code)).float() - residual
+    error = (decode(None) if labels is None else labels.decode(decode)).float() - residual
     variance = (residual - residual.mean(dim=0)).pow(2).sum(dim=-1).mean()
     loss = error.pow(2).sum(dim=-1).mean() / variance
     return (dead.sum() / aux_k).clamp(max=1.0) * loss.nan_to_num(0.0)

@@ -27,6 +27,7 @@ from .encoder import centered_affine
 from .errors import TrainError
 from .losses import l1
 from .sae_files import check_finite, check_weights_header, expected_shapes, read_sae_config
+from .sparse_decode import decode_dense
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
@@ -100,8 +101,7 @@ class SAE(nn.Module):
         (train/label_blocks.py `BlockStep`), or None; an architecture honours it by computing its
         pre-activations with `training_pre_acts` and decoding with `training_decode`."""
         f = self.activation(self.training_pre_acts(x, labels))
-        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels,
-                                     lambda rows: f[rows])
+        x_hat = self.training_decode(lambda skip: decode_dense(f, self.W_dec, self.b_dec, skip), labels)
         return TrainingOutput(x_hat, f, sparsity=l1(f))
 
     def training_pre_acts(self, x: torch.Tensor, labels=None) -> torch.Tensor:
@@ -109,12 +109,11 @@ class SAE(nn.Module):
         pre = self.pre_acts(x)
         return pre if labels is None else labels.pre_acts(pre)
 
-    def training_decode(self, decode_rows, labels=None, code=None) -> torch.Tensor:
-        """The training batch's reconstruction: `decode_rows(W, rows)` decodes the batch's `rows` (a
-        slice) with decoder weight W; the step's label block may decode row groups differently, reading
-        `code(rows)`, those rows' dense code (train/label_blocks.py `BlockStep.decode`)."""
-        return (decode_rows(self.W_dec, slice(None)) if labels is None
-                else labels.decode(decode_rows, self.W_dec, code))
+    def training_decode(self, decode, labels=None) -> torch.Tensor:
+        """The training batch's reconstruction: `decode(skip)` decodes the whole batch, the (row, latent) pairs
+        of the code in `skip` teaching its decoder nothing (None: every pair teaches it; train/sparse_decode.py
+        `SkippedPairs`); the step's label block says which (train/label_blocks.py `BlockStep.decode`)."""
+        return decode(None) if labels is None else labels.decode(decode)
 
     @torch.no_grad()
     def after_step(self, f: torch.Tensor, applied: torch.Tensor | None = None) -> None:

@@ -52,8 +52,8 @@ class BatchTopKSAE(SAE):
         values, indices = acts.topk(min(self.k * len(pre), acts.numel()), sorted=False)
         f = torch.zeros_like(acts).scatter(-1, indices, values).view(pre.shape)
         # the chosen decoder rows of each token, not the dense code (train/sparse_decode.py)
-        x_hat = self.training_decode(lambda W, rows: _decode_rows(values, indices, len(pre), W, self.b_dec, rows),
-                                     labels, lambda rows: f[rows])
+        x_hat = self.training_decode(lambda skip: decode_sparse_rows(values, indices, len(pre), self.W_dec,
+                                                                     self.b_dec, skip=skip), labels)
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
             out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k, labels)
@@ -86,14 +86,3 @@ class BatchTopKSAE(SAE):
         if self.topk_threshold > 0:
             self.topk_threshold /= scale
 
-
-def _decode_rows(values: torch.Tensor, flat_indices: torch.Tensor, tokens: int, W_dec: torch.Tensor,
-                 b_dec: torch.Tensor, rows: slice) -> torch.Tensor:
-    """The reconstruction of the tokens `rows` from the batch's chosen (flat index, value) pairs: the
-    pairs of other tokens weigh 0 (a fixed shape; which pairs are whose is known only on the device)."""
-    if rows == slice(None):
-        return decode_sparse_rows(values, flat_indices, tokens, W_dec, b_dec)
-    start, stop, _ = rows.indices(tokens)
-    d_sae = W_dec.shape[0]
-    mine = (flat_indices >= start * d_sae) & (flat_indices < stop * d_sae)
-    return decode_sparse_rows(torch.where(mine, values, 0.0), flat_indices, tokens, W_dec, b_dec)[rows]

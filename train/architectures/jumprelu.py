@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..sae import SAE, TrainingOutput
+from ..sparse_decode import decode_dense
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,7 @@ class JumpReLUSAE(SAE):
         if labels is not None:  # per token under gradient routing (label_blocks.BlockStep.per_latent)
             threshold = labels.per_latent(threshold, len(pre))
         f = _JumpReLU.apply(pre, threshold, self.bandwidth)
-        x_hat = self.training_decode(lambda W, rows: torch.addmm(self.b_dec, f[rows], W), labels,
-                                     lambda rows: f[rows])
+        x_hat = self.training_decode(lambda skip: decode_dense(f, self.W_dec, self.b_dec, skip), labels)
         return TrainingOutput(x_hat, f, sparsity=step_l0(pre, threshold, self.bandwidth))
 
     @torch.no_grad()

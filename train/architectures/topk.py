@@ -50,8 +50,8 @@ class TopKSAE(SAE):
         values = values.relu()
         f = torch.zeros_like(pre).scatter(-1, indices, values)
         # the k chosen decoder rows per token, not the dense code (train/sparse_decode.py)
-        x_hat = self.training_decode(lambda W, rows: decode_topk(values[rows], indices[rows], W, self.b_dec), labels,
-                                     lambda rows: f[rows])
+        x_hat = self.training_decode(lambda skip: decode_topk(values, indices, self.W_dec, self.b_dec, skip=skip),
+                                     labels)
         out = TrainingOutput(x_hat, f)
         if self.aux_coeff > 0:
             out.auxiliary["auxk"] = self.aux_coeff * auxk(x - x_hat, pre, dead, self.W_dec, self.aux_k, labels)
