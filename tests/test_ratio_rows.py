@@ -135,3 +135,83 @@ def test_the_flop_count_is_that_of_the_blocks_formed(monkeypatch):
         head = sampled_rows(rows, n) if rows < 1 else None
         assert sum(flops) == pairwise_term_flops(n, 8, block, head), (n, block, rows)
     assert pairwise_term_flops(16384, 2304, 4096) == 3 * 16384 ** 2 * 2304 + 16384 * 4096 * 2304
+
+
+def test_draws_put_the_weighted_rows_first_and_sample_them_uniformly():
+    from scipy.stats import chisquare
+
+    s = weights("rank")  # 7 of 8 rows weighted
+    counts = dict.fromkeys(itertools.combinations(range(7), 3), 0)
+    for seed in range(3500):
+        order = train.losses.draw_row_order(s, torch.Generator().manual_seed(seed))
+        assert sorted(order.tolist()) == list(range(N)) and order[-1] == 7  # a permutation, the unweighted last
+        counts[tuple(sorted(order[:3].tolist()))] += 1
+    assert min(counts.values()) > 0 and chisquare(list(counts.values())).pvalue > 1e-3
+
+
+def test_the_trainer_samples_by_seed_and_step_and_under_autocast_uses_bf16_blocks(monkeypatch):
+    from train.precision import bf16_is_native
+
+    seen = []
+    real = train.losses.draw_row_order
+    monkeypatch.setattr(train.losses, "draw_row_order", lambda s, g: seen.append(real(s, g)) or seen[-1])
+    autocast = bf16_is_native(torch.device("cpu"))
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    for seed in (0, 0, 1):
+        trainer = TRAINERS["ratio"](TrainConfig(trainer="ratio", dict_size=64, ortho=1e-2, ortho_rows=0.25,
+                                                seed=seed, autocast=autocast), 16, torch.device("cpu"))
+        for _ in range(2):
+            trainer.step(x, 16, log=False)
+    assert [len(o) for o in seen] == [64] * 6
+    assert torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])  # the same seed and step
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[4])  # another step, another seed
+    trainer = TRAINERS["ratio"](TrainConfig(trainer="ratio", dict_size=64, ortho=1e-2), 16, torch.device("cpu"))
+    trainer.step(x, 16, log=False)
+    assert len(seen) == 6  # ortho_rows 1: no sample is drawn
+
+
+@pytest.fixture
+def store(tiny_store):
+    return tiny_store
+
+
+def test_a_resumed_run_draws_the_same_samples(store, tmp_path, monkeypatch):
+    drawn = []
+    real = train.losses.draw_row_order
+    monkeypatch.setattr(train.losses, "draw_row_order",
+                        lambda s, g: drawn.append((g.initial_seed(), real(s, g))) or drawn[-1][1])
+    whole, resumed = assert_interrupted_run_resumes_bit_for_bit(store, tmp_path, monkeypatch, "--ortho-rows", "0.3",
+                                                                "--ortho", "0.05")
+    assert json.loads((whole / "train_config.json").read_text())["ortho_rows"] == 0.3
+    steps = json.loads((whole / "train_config.json").read_text())["steps"]
+    first = dict(drawn[:steps])  # the uninterrupted run's, by seed
+    assert len(first) == steps  # a seed of its own each step
+    for seed, order in drawn[steps:]:  # the interrupted run's, then the resumed run's from its checkpoint
+        assert torch.equal(order, first[seed])
+    assert len(drawn) > 2 * steps  # the resumed run redrew the steps after its checkpoint
+
+
+def test_a_lockstep_sweep_draws_each_run_its_own_samples(store, tmp_path, monkeypatch):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: {trainer: ratio, ortho: 0.05, ortho_rows: 0.3, ortho_normalize: mean}\n"
+                     "grid:\n  - {seed: [0], ortho_weighting: [rank]}\n  - {seed: [1], ortho_weighting: [top]}\n")
+    runs = tmp_path / "runs"
+    short = ("--tokens", "3840")
+    assert cli(monkeypatch, [*train_args(store, runs / "sweep", *short), "--sweep", str(sweep)]) == 0
+    for n, (seed, weighting) in enumerate([(0, "rank"), (1, "top")], 1):
+        alone = runs / f"alone_{n}"
+        assert cli(monkeypatch, train_args(store, alone, *short, "--seed", str(seed), "--ortho-weighting", weighting,
+                                           "--ortho", "0.05", "--ortho-rows", "0.3", "--ortho-normalize", "mean")) == 0
+        assert_same_weights(alone / "run_1", runs / "sweep" / f"run_{n}")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "ortho_rows: Input should be greater than 0"),
+    ("1.5", "ortho_rows: Input should be less than or equal to 1"),
+    ("-0.2", "ortho_rows: Input should be greater than 0")])
+def test_a_fraction_outside_0_to_1_is_refused_in_one_line(store, tmp_path, monkeypatch, capsys, value, message):
+    runs = tmp_path / "runs"
+    assert cli(monkeypatch, train_args(store, runs, "--ortho-rows", value)) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: invalid training config: {message}"
+    assert not runs.exists()
