@@ -50,13 +50,16 @@ class Case:
 
 
 def cases() -> list[Case]:
-    """Every trainer on every architecture; the ratio trainer with each weighting and without its term.
+    """Every trainer on every architecture; the ratio trainer with each weighting and without its term,
+    and (TopK) with its sampled term.
     The seed's trainers need d_sae == d_in; TopK's AuxK runs with every feature counted dead."""
     found = []
     for arch in ARCHS:
         found.append(Case("baseline", arch, {}))
         found.append(Case("ratio", arch, {"ortho": 0.0}))
         found += [Case("ratio", arch, {"ortho_weighting": w}) for w in WEIGHTINGS]
+        if arch == "topk":  # the sampled term draws on the host and sorts on the device: no wait either
+            found += [Case("ratio", arch, {"ortho_rows": 0.3, "ortho_weighting": w}) for w in ("rank", "top")]
         found.append(Case("seed_halves", arch, {}))
         found.append(Case("seed_coactivation", arch, {}))
     return found

@@ -59,6 +59,13 @@ class TrainConfig(BaseModel):
     """`sum` (the seed's): sum over pairs i != j of s_i s_j |cos(w_i, w_j)|; `mean`: that divided by the
     sum of s_i s_j over the pairs, a weighted mean |cos| in [0, 1], so that lambda_2 means the same at
     every d_sae and weighting."""
+    ortho_rows: float = Field(1.0, gt=0, le=1)
+    """`ratio` trainer: fraction of the term's rows sampled each step. 1 (every row) is the exact term;
+    below 1, an unbiased estimate of it and of its gradient from the pairs with at least one row among
+    ceil(ortho_rows x n) weighted rows (n: d_sae, or `top`'s capacity) drawn by the run's seed and the
+    step, Horvitz-Thompson weighted (train/losses.py), at about 2 ortho_rows - ortho_rows^2 of the cost
+    and with a noisier gradient: 0.2 puts the term at 31% of a step's matmuls at d_sae 16384, batch 4096
+    (docs/scaling.md)."""
     l1: float = Field(0.04, ge=0)
     """lambda_1, weight of mean ||f||_1 (`relu`; the starting value when `target_l0` adapts it)."""
     k: int = Field(32, gt=0)

@@ -27,6 +27,8 @@ features fired, how many are dead, how many are weighted): on CUDA a data-depend
 host wait for the device (bench/syncs.py counts these waits).
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -212,22 +214,30 @@ class _PairwiseAbsCosine(torch.autograd.Function):
     `gram_dtype` (bf16), the Gram blocks and the sign products run on `w` and `s w` cast once to it
     (float32 accumulation inside the matmul, each block's result rounded to it once), and everything
     summed across blocks stays in the accumulation dtype; the sign matrix is exact in bf16.
+
+    With `head` (fewer than the rows), only the pairs with at least one row among the first `head`:
+    the blocks of those rows with themselves and with every later row, so 6 head n - 3 head^2 (plus
+    the diagonal blocks' waste) instead of 3 n^2 times d FLOP (pairwise_term_flops). Every row's gradient
+    is that of the pairs it is in: a row past `head` gets it from its pairs with the first `head`.
     """
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, s: torch.Tensor, block: int, gram_dtype: torch.dtype | None = None
-                ) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, s: torch.Tensor, block: int, gram_dtype: torch.dtype | None = None,
+                head: int | None = None) -> torch.Tensor:
         total = torch.zeros((), dtype=w.dtype, device=w.device)
         need_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(w) if need_grad else None
         weighted = s[:, None] * w
         low = gram_dtype or w.dtype
         w_low, weighted_low = w.to(low), weighted.to(low)
-        starts = range(0, w.shape[0], block)
+        n = w.shape[0]
+        head = n if head is None else head
+        starts = range(0, head, block)  # row blocks: the first `head` rows (every row by default)
+        column_starts = [*starts, *range(head, n, block)]  # ... and the rest, as columns only
         for a in starts:
-            rows_a = slice(a, a + block)
-            for b in (b for b in starts if b >= a):
-                rows_b = slice(b, b + block)
+            rows_a = slice(a, min(a + block, head))
+            for b in (b for b in column_starts if b >= a):
+                rows_b = slice(b, min(b + block, head if b < head else n))
                 gram = (w_low[rows_a] @ w_low[rows_b].T).to(w.dtype)
                 if a == b:
                     gram.fill_diagonal_(0)  # a row with itself is not a pair
@@ -248,12 +258,50 @@ class _PairwiseAbsCosine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out, None, None, None
+        return grad * grad_out, None, None, None, None
+
+
+def pairwise_term_flops(n: int, d: int, block: int, head: int | None = None) -> int:
+    """Matmul FLOP of the pairwise term over n rows of width d in blocks of `block` rows, forward and
+    gradient: each row block of the first `head` rows (every row by default) of h rows forms its
+    diagonal block's Gram and sign product (4 h^2 d) and, with each later block, a Gram block and
+    the sign products of both sides (6 h d per later row). Every row: 3 n^2 d + n block d."""
+    head = n if head is None else min(head, n)
+    return sum(4 * h * h * d + 6 * h * (n - a - h) * d
+               for a in range(0, head, block) for h in [min(block, head - a)])
+
+
+def sampled_rows(rows: float, n: int) -> int:
+    """How many rows the sampled term pairs with every row: ceil(rows x n), at least 1."""
+    return max(1, math.ceil(rows * n - 1e-9))  # 1e-9: 0.3 x 10 is 3, not 4 from rounding
+
+
+def draw_row_order(s: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A random order of the rows for the sampled term: the weighted rows first, in a uniformly random
+    order, then the others; so its first m rows are a uniform m-subset of the weighted rows (every
+    weighted row when fewer than m are weighted). Drawn on the host with `generator` (the trainer seeds
+    it by the run's seed and the step) and moved to s's device without a wait; sorted there, so that
+    how many rows are weighted is never read on the host."""
+    shuffled = to_device(torch.randperm(len(s), generator=generator), s.device)
+    unweighted = (s.index_select(0, shuffled) <= 0).to(torch.uint8)
+    return shuffled.index_select(0, torch.sort(unweighted, stable=True).indices)
+
+
+def pair_inclusion(s: torch.Tensor, head: int) -> torch.Tensor:
+    """The probability that a pair of weighted rows has at least one of them among the first `head`
+    of draw_row_order's order: 1 - C(w - head, 2) / C(w, 2) for w weighted rows (1 when w <= head).
+    On the device: the pair counts in integers, their ratio rounded once to float64."""
+    weighted = (s > 0).sum()
+    left = (weighted - head).clamp_min(0)
+    pairs = (weighted * (weighted - 1)).clamp_min(1)
+    return (pairs - left * (left - 1)).double() / pairs.double()
 
 
 def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048,
                         normalize: str = "sum", capacity: int | None = None,
-                        gram_dtype: torch.dtype | None = None) -> torch.Tensor:
+                        gram_dtype: torch.dtype | None = None, rows: float = 1.0,
+                        generator: torch.Generator | None = None, order: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """L_ortho over the unit decoder rows, in float32 whatever the autocast (TF32 matmuls on CUDA),
     except the Gram blocks and sign products, which run in `gram_dtype` where given (bf16: within
     GRAM_BF16_TERM_TOLERANCE of float32, at the bf16 matmul rate, twice TF32's on an H100).
@@ -263,17 +311,43 @@ def ratio_orthogonality(w_dec: torch.Tensor, s: torch.Tensor, block: int = 2048,
     waits on the host for how many rows are weighted. Over every row by default; with `capacity`
     (fewer than the rows), over the `capacity` rows of largest weight, in their order: the same
     result while at most `capacity` rows are weighted, at (capacity / rows)^2 of the cost, which is
-    what makes `top` (few weighted rows) cheap. Rows beyond it are left out of the term."""
+    what makes `top` (few weighted rows) cheap. Rows beyond it are left out of the term.
+
+    `rows` below 1: an unbiased estimate of the term, and of its gradient, at a fraction of the cost.
+    A sample S of m = ceil(rows x n) rows (n: the rows the term runs over, so that m is a fixed shape)
+    is drawn uniformly from the weighted rows (draw_row_order, with `generator`; `order` gives the
+    order instead, e.g. to enumerate every sample); the pairs with at least one row in S are summed
+    exactly and divided by the probability p that a pair is among them (Horvitz-Thompson; pair_inclusion:
+    1 - (1 - m/w)^2 roughly, for w weighted rows; 1 when w <= m, where the estimate is the exact term).
+    Each pair of weighted rows is in the sum with probability p whatever its weights, so the mean over
+    samples of the estimate is the term, and that of its gradient (linear in the sum's terms; S does not
+    depend on the weights of the SAE) the term's gradient. `mean` divides by the exact sum of s_i s_j,
+    which needs no sample. The cost is pairwise_term_flops(n, d, block, m): 6 m n - 3 m^2 (plus m block)
+    times d FLOP instead of 3 n^2 + n block; at n 16384, m 0.2 n, 4096-row blocks it is 0.35 of the
+    exact term's (docs/scaling.md).
+    Why pairs with a sampled row, not rows of S against every row (the sum over i in S of row i's
+    pairs, divided by m/w): the same pairs at the same cost, but each pair once, with one weight; the
+    row estimate weighs a pair inside S twice as much as one across S, which adds variance."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if not 0 < rows <= 1:
+        raise ValueError(f"rows is a fraction of the rows in (0, 1], not {rows}")
     if capacity is not None and capacity < len(s):
-        rows = torch.topk(s, capacity, sorted=False).indices.sort().values
-        w_dec, s = w_dec.index_select(0, rows), s.index_select(0, rows)
+        rows_kept = torch.topk(s, capacity, sorted=False).indices.sort().values
+        w_dec, s = w_dec.index_select(0, rows_kept), s.index_select(0, rows_kept)
+    head = sampled_rows(rows, len(s)) if rows < 1 else None
+    if head is not None and head >= len(s):
+        head = None  # every row is in the sample: the exact term
+    if head is not None:
+        order = draw_row_order(s, generator) if order is None else order
+        w_dec, s = w_dec.index_select(0, order), s.index_select(0, order)
     with torch.autocast(w_dec.device.type, enabled=False):
         w = w_dec.to(torch.promote_types(w_dec.dtype, torch.float32))
         w = w / w.norm(dim=1, keepdim=True)
         s = s.to(w.dtype)
-        total = _PairwiseAbsCosine.apply(w, s, block, gram_dtype)
+        total = _PairwiseAbsCosine.apply(w, s, block, gram_dtype, head)
+        if head is not None:
+            total = total / pair_inclusion(s, head).to(total.dtype)
         if normalize == "mean":
             pairs = s.sum() ** 2 - (s * s).sum()  # sum over i != j of s_i s_j
             total = total / torch.where(pairs > 0, pairs, 1.0)  # no pair: the sum is 0 already

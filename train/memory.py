@@ -35,17 +35,21 @@ def state_bytes(d_in: int, d_sae: int) -> int:
     return COPIES_PER_PARAMETER * FLOAT32 * parameters + 5 * FLOAT32 + 8 * d_sae
 
 
-def step_bytes(d_in: int, d_sae: int, batch_size: int, *, autocast: bool, ortho_block: int | None = None) -> int:
+def step_bytes(d_in: int, d_sae: int, batch_size: int, *, autocast: bool, ortho_block: int | None = None,
+               sampled: bool = False) -> int:
     """One step's transient buffers: the batch x d_sae activations and their gradients; under bf16
     autocast the weights' bf16 copies; with the ratio term (`ortho_block`: its block rows), the float32
     unit rows and their gradient, their bf16 copies (train/losses.py) and one block's Gram matrix,
-    signs and float32 copy."""
+    signs and float32 copy; `sampled` (ortho_rows below 1), the decoder rows in the sample's order and
+    their gradient put back in the decoder's."""
     need = BATCH_BY_LATENT_TENSORS * FLOAT32 * batch_size * d_sae + batch_size * d_in * 2 * FLOAT32
     if autocast:
         need += 2 * BF16 * d_in * d_sae
     if ortho_block is not None:
         block = min(ortho_block, d_sae)
         need += 2 * FLOAT32 * d_sae * d_in + 2 * BF16 * d_sae * d_in + block * block * (2 * FLOAT32 + BF16)
+        if sampled:
+            need += 2 * FLOAT32 * d_sae * d_in
     return need
 
 
@@ -54,7 +58,8 @@ def group_step_bytes(d_in: int, cfgs: list, device: torch.device) -> int:
     def one(c) -> int:
         ratio = c.trainer == "ratio" and c.ortho != 0
         block = (c.ortho_block or (4096 if device.type == "cuda" else 2048)) if ratio else None
-        return step_bytes(d_in, c.dict_size or d_in, c.batch_size, autocast=bool(c.autocast), ortho_block=block)
+        return step_bytes(d_in, c.dict_size or d_in, c.batch_size, autocast=bool(c.autocast), ortho_block=block,
+                          sampled=ratio and c.ortho_rows < 1)
     return max(one(c) for c in cfgs)
 
 

@@ -5,14 +5,20 @@
 over a fixed number of rows, `ortho_capacity`: all of them until the first logging step, then twice
 the weighted rows counted on the last logging step, as a power of two (a shape that changes seldom).
 Between logging steps the count may outgrow it; `ortho_overflow` in metrics.jsonl is the most rows
-left out of any step since the last logged one (0: every step's term was exact)."""
+left out of any step since the last logged one (0: every step's term was exact).
 
+`--ortho-rows` below 1 estimates the term without bias from the pairs of a random sample of the rows
+(train/losses.py ratio_orthogonality), drawn each step from the run's seed and the step."""
+
+import numpy as np
 import torch
 
 from ..losses import ratio_orthogonality, ratio_weights
 from .base import Trainer
 
 MIN_CAPACITY = 64
+ROW_SAMPLE_STREAM = 0x726F7773
+"""Tags the row samples' seeds (train/losses.py draw_row_order), so that no other draw shares them."""
 
 
 def capacity_for(weighted: float, d_sae: int) -> int:
@@ -46,7 +52,8 @@ class RatioTrainer(Trainer):
                              min_count=cfg.ortho_min_count, generator=generator)
         # under bf16 autocast the term's Gram blocks run in bf16 too (float32 sums; train/losses.py)
         ortho = ratio_orthogonality(self.sae.W_dec, s, block=self.ortho_block, normalize=cfg.ortho_normalize,
-                                    capacity=self.ortho_capacity, gram_dtype=torch.bfloat16 if self.autocast else None)
+                                    capacity=self.ortho_capacity, gram_dtype=torch.bfloat16 if self.autocast else None,
+                                    rows=cfg.ortho_rows, generator=self.row_sample_generator())
         weighted = (s > 0).sum()
         terms["ortho"] = ortho
         terms["ranked"] = weighted
@@ -54,6 +61,15 @@ class RatioTrainer(Trainer):
             self._ortho_overflow = torch.maximum(self._ortho_overflow, weighted - self.ortho_capacity)
             terms["ortho_overflow"] = self._ortho_overflow
         return loss + cfg.ortho * ortho, terms, f
+
+    def row_sample_generator(self) -> torch.Generator | None:
+        """The generator of this step's row sample (`ortho_rows` below 1), from the run's seed and the step
+        alone, so that a resumed run, or one trained in lockstep with others, draws the same samples.
+        Its own stream (SeedSequence), apart from `shuffled`'s permutations."""
+        if self.cfg.ortho_rows == 1:
+            return None
+        entropy = (self.cfg.seed % 2 ** 63, self.step_count, ROW_SAMPLE_STREAM)
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]))
 
     def step(self, x, n_dangerous, log=True):
         metrics = super().step(x, n_dangerous, log=log)
