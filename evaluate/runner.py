@@ -255,6 +255,7 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
             "multiplier_at_retain": {f"{t:g}": method_curve.roots[(name, t)]["multiplier"]
                                      for t in main.targets if (name, t) in method_curve.roots},
             "searched": every or name == primary,
+            "zero_ablation_retain_increase": main.retain_fraction(method_curve, name, 0.0),
             "control_scores": scores}
     clean_f = float(main.clean_f.sum() / main.tokens_f.sum())
     clean_r = per_set[primary]["clean_loss"]
@@ -286,6 +287,12 @@ def _unlearning(loaded, sae, clean, p, cfg: EvalConfig, sources: list[dict], doc
     control_score, control_best = score([c for c in controls if c["control"] == "random"], tolerance)
     top = per_set[primary]
     warnings = _unlearning_warnings(settings, p["rates"], cfg)
+    for name, entry in per_set.items():
+        over = [t for t in main.targets if entry["zero_ablation_retain_increase"] >= t]
+        if over and not entry["searched"]:  # a searched set says so through its root's note
+            warnings.append(f"zero ablation of the selected features already raises the retain loss on {name} by "
+                            f"{entry['zero_ablation_retain_increase']:.2%} (target {min(over):.1%}): its score there is "
+                            "zero ablation's forget increase, at more retain damage")
     for f, reached in top["reached"].items():
         if not reached:
             warnings.append(f"the retain-loss increase on {primary} never reaches {float(f):.1%} of its clean loss "

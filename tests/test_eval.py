@@ -208,6 +208,10 @@ def test_eval_and_report_write_their_files(tiny_store, tmp_path, monkeypatch, ca
         assert u["root_finding"]["searched"] == "primary" and u["retain_sets"]["all-safe"]["searched"]
         for name in ("safe.txt", "safe.parquet"):
             assert not u["retain_sets"][name]["searched"] and u["retain_sets"][name]["multiplier_at_retain"] == {}
+        zero = next(r for r in u["settings"] if r["multiplier"] == 0.0 and r["features"] == u["selected_features"])
+        clean = u["retain_sets"]["all-safe"]["clean_loss"]  # the settings' retain increase is in nats on all-safe
+        assert u["retain_sets"]["all-safe"]["zero_ablation_retain_increase"] == pytest.approx(
+            zero["retain_loss_increase"] / clean, rel=1e-9)
         random = u["control_scores"]["random"]
         assert random["draws"] == 2 and len(random["draw_values"]["0.01"]) == 2 and "0.01" in random["spread"]
         assert u["passes"] > 0 and u["seconds"] > 0 and u["root_finding"]["tolerance"] == 0.05

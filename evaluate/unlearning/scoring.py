@@ -82,6 +82,10 @@ class Scorer:
         idx = self.sets[name]
         return sorted(m for m, v in curve.retain.items() if not np.isnan(v[idx]).any())
 
+    def retain_fraction(self, curve: Curve, name: str, m: float) -> float:
+        """Retain set `name`'s loss increase at a measured m, as a fraction of its clean loss (on the sample)."""
+        return self._fraction(curve, name, m)
+
     def _fraction(self, curve: Curve, name: str, m: float) -> float:
         idx = self.sets[name]
         clean = self.clean_r[idx].sum()
