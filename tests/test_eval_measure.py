@@ -226,3 +226,34 @@ def test_each_safe_source_takes_its_own_quota_when_asked(tiny_store, tiny_model)
     assert own.doc[own.dangerous].tolist() == shared.doc[shared.dangerous].tolist()
     for i in safe:
         assert own.doc[own.source == i][:3].tolist() == shared.doc[shared.source == i].tolist()
+
+
+def test_a_root_found_just_below_its_target_gets_a_measured_point_above_it():
+    """A first step that lands within tolerance but below the target must not leave the sample's crossing
+    'never reached': the scorer measures a point above it, so the score is read between the two."""
+    from types import SimpleNamespace
+
+    from evaluate.unlearning.scoring import Curve, Scorer
+
+    docs, m0 = 6, 322.7  # the retain increase reaches 1% at m0; the first step, sqrt(10 * 10^4) = 316.2, gives 0.97%
+    clean = SimpleNamespace(tokens=np.full(2 * docs, 10.0), clean=np.full(2 * docs, 30.0))
+
+    class Power:
+        features = [[1, 2]]
+
+        def losses(self, selection, m, rows):
+            rows = np.asarray(rows)
+            return np.where(rows < docs, 30.0 + 2.0 * m / m0, 30.0 * (1 + 1e-2 * (m / m0) ** 1.5))
+
+    cfg = SimpleNamespace(score_at=[0.01], retain_tolerance=0.01, seed=0, multipliers=None,
+                          multiplier_range=(10.0, 1e4), bracket_step=4.0, root_tolerance=0.05)
+    scorer = Scorer(Power(), clean, np.arange(docs), np.arange(docs, 2 * docs), {"all": np.arange(docs)}, cfg, 50)
+    curve = Curve("method", 0, (0.02, 2), 0)
+    scorer.measure_curve(curve, ["all"], [0.01])
+    m_star = curve.roots[("all", 0.01)]["multiplier"]
+    assert m_star == pytest.approx(316.23, rel=1e-3)  # accepted within the 5% tolerance, below the target
+    assert max(curve.retain) > m_star  # and a point above it was measured
+    draws = scorer.draws(curve, "all")
+    assert draws["reached_0.01"][0] == 1.0  # so the sample's crossing is reached, not censored
+    forget_at = lambda m: 0.2 * m / m0
+    assert forget_at(m_star) - 1e-9 <= draws["at_retain_0.01"][0] <= forget_at(1.25 * m_star)

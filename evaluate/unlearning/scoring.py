@@ -32,6 +32,7 @@ ALL_SAFE = "all-safe"
 NEAR_DOMAIN = "pubmed-biomed"
 _SAME_POINT = 1.02  # a multiplier within this factor of a measured one is that point
 _NEAR_POINT = 1.15  # a percentile end within this factor of a measured forget point needs no new one
+_ABOVE_STEP = 1.25  # the step above a root that landed just below its target
 
 
 @dataclass
@@ -121,12 +122,22 @@ class Scorer:
                 m_star, reached, note = find_multiplier(retain_increase, t, known, lo, hi, cfg.bracket_step,
                                                         cfg.root_tolerance, start=start)
                 curve.roots[(name, t)] = {"multiplier": m_star, "reached": reached, "note": note}
+                if reached:
+                    self._bracket_above(curve, name, t, m_star, hi)
                 start = m_star
                 self._add_forget(curve, m_star, _SAME_POINT)
                 if ends and reached and name == set_names[0]:  # the primary set's interval ends
                     crossings = self._crossings(curve, name, t)
                     for m in np.percentile(crossings, [2.5, 97.5]):
                         self._add_forget(curve, float(min(max(m, lo), hi)), _NEAR_POINT)
+
+    def _bracket_above(self, curve: Curve, name: str, t: float, m: float, hi: float) -> None:
+        """A root accepted within tolerance but below the target (a first step that landed close) leaves no
+        measured point at or above it, and the sample's crossing would read as never reached: measure retain
+        a little higher until one is."""
+        while m < hi and max(self._fraction(curve, name, x) for x in self._measured(curve, name)) < t:
+            m = min(m * _ABOVE_STEP, hi)
+            self._measure(curve, m, forget=False, only=[name])
 
     def _add_forget(self, curve: Curve, m: float, factor: float) -> None:
         if m <= 0:
