@@ -29,7 +29,7 @@ from .bootstrap import resample_id
 from .config import EvalConfig
 from .heldout import extra_sources, held_out
 from .measure import Clamps, clean_pass, core_metrics
-from .resume import eval_key, file_digest, finished, save_grid, saved_grid
+from .resume import eval_key, file_digest, finished, save_grid
 from .unlearning.scoring import ALL_SAFE, Curve, Scorer, pack, retain_sets
 from .specialization.metrics import specialization
 from .unlearning.features import (block_features, label_block, random_features, score, select_features,
@@ -57,8 +57,9 @@ def evaluate_targets(targets: list[Target], cfg: EvalConfig, progress=print):
                           []).append(t)
     for members in groups.values():
         key = eval_key(members, cfg, store_fingerprint(members[0].store.attrs))
-        saved = saved_grid(members, key)
-        done = [finished(t, key, cfg.suite) if saved else None for t in members]  # by position: names can repeat
+        # the key names the config, the store and every SAE of the call, and nothing else is shared between
+        # SAEs (each finds its own multipliers): an SAE whose files carry the key is done, whatever the others
+        done = [finished(t, key, cfg.suite) for t in members]  # by position: names can repeat
         remaining = [t for t, d in zip(members, done) if d is None]
         for t, d in zip(members, done):
             if d is not None:
@@ -68,10 +69,9 @@ def evaluate_targets(targets: list[Target], cfg: EvalConfig, progress=print):
             continue
         check_retain_sets(members[0].store, cfg)
         context = _context(members[0].store, cfg, progress)
-        if saved:
+        if len(remaining) < len(members):
             progress(f"resuming: {len(members) - len(remaining)} of {len(members)} SAEs done")
-        else:
-            save_grid(members, key, list(cfg.multipliers or []), None)
+        save_grid(remaining, key, list(cfg.multipliers or []), None)
         for t in remaining:
             _prepare(t, context, cfg)
             yield t, _finish(t, context, cfg, key)

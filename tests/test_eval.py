@@ -407,6 +407,15 @@ def test_an_interrupted_eval_resumes_with_the_same_scores(tiny_store, tmp_path, 
         for key in ("multipliers", "score_at_retain", "pauc", "control_scores", "settings", "selected_features"):
             assert resumed[key] == reference[r][key], (r, key)
 
+    # a finished SAE is read back by its own files' key, whatever became of another SAE's directory
+    for f in (runs / "run_2" / "eval").iterdir():
+        f.unlink()
+    calls.clear()
+    assert run_cli(monkeypatch, args) == 0
+    assert calls == [("finish", "run_2")]
+    assert json.loads((runs / "run_2" / "eval" / "unlearning.json").read_text())["score_at_retain"] == \
+        reference["run_2"]["score_at_retain"]
+
     calls.clear()
     assert run_cli(monkeypatch, [*args, "--seed", "1"]) == 0  # another config: everything again
     assert calls == [("finish", "run_1"), ("finish", "run_2")]
