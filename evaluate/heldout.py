@@ -12,6 +12,7 @@ files 98 of its 2,225 articles twice), and a copy of a stored text is not held o
 not the token, is the unit of the bootstrap: a window is a document.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,10 +94,10 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
         groups.append(("safe", [i for i in in_store if sources[i]["label"] == "safe"], docs_per_label,
                        tokens_per_label, both))
     else:
-        groups += [(sources[i]["name"], [i], docs_per_safe_source, 10**15, both) for i in in_store
+        groups += [(sources[i]["name"], [i], docs_per_safe_source, math.inf, both) for i in in_store
                    if sources[i]["label"] == "safe"]
     groups += [(sources[i]["name"], [i], docs_per_safe_source or docs_per_label,
-                tokens_per_label if docs_per_safe_source is None else 10**15, (1,))  # measured, never selected on
+                tokens_per_label if docs_per_safe_source is None else math.inf, (1,))  # measured, never selected on
                for i in range(len(sources)) if sources[i].get("extra")]
     for label, members, docs_quota, tokens_quota, parts in groups:
         streams = {i: _tokenized(_unused(sources[i], docs_stored[labels == i], attrs["seed"], seen), tokenizer, cap)
@@ -136,7 +137,7 @@ def held_out(store: ShardStore, tokenizer, docs_per_label: int, doc_tokens: int,
                                  f"beyond those the store used (at least {min_docs} needed); harvest fewer tokens, "
                                  "or add documents to the sources")
             if n_docs < docs_quota and n_tokens < tokens_quota:
-                asked = f"{docs_quota} documents" + (f" and {tokens_quota:,} tokens" if tokens_quota < 10**15 else "")
+                asked = f"{docs_quota} documents" + (f" and {tokens_quota:,} tokens" if tokens_quota < math.inf else "")
                 notes.append(f"{label} {name} set: {n_docs} documents, {n_tokens:,} tokens (asked up to {asked}: the "
                              "sources hold no more beyond the store)")
     width = 1 + max(len(b) for b in bodies)

@@ -4,8 +4,9 @@ rest under the same key.
 
 The key of an eval names everything its numbers depend on: the configuration, the store, and each
 SAE's weights and cfg.json (by content), in order. `grid.json` (the explicit multipliers, if any) is
-written beside each SAE's results before the first measurement, marking the eval as begun under that
-key; an SAE whose result files carry the same key is finished and is read back, not measured again.
+written beside each SAE's results before its first measurement, marking it as begun under that key; an
+SAE whose result files carry the same key is finished and is read back, not measured again, whatever
+became of the other SAEs' files.
 Anything else (another config, a retrained SAE, another set of SAEs) starts afresh.
 """
 
@@ -41,21 +42,6 @@ def _read_object(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def saved_grid(members, key: str) -> tuple[list[float], dict | None] | None:
-    """The grid of an earlier try with this key, if every SAE holds it whole."""
-    found = []
-    for t in members:
-        data = _read_object(t.out_dir / GRID_FILE)
-        if data is None or data.get("key") != key:
-            return None
-        grid, probe = data.get("grid"), data.get("probe")
-        if not (isinstance(grid, list) and all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in grid)
-                and (probe is None or isinstance(probe, dict))):
-            return None
-        found.append(data)
-    return found[0]["grid"], found[0]["probe"]
 
 
 def save_grid(members, key: str, grid: list[float], probe: dict | None) -> None:

@@ -85,9 +85,6 @@ class Scorer:
 
     def retain_fraction(self, curve: Curve, name: str, m: float) -> float:
         """Retain set `name`'s loss increase at a measured m, as a fraction of its clean loss (on the sample)."""
-        return self._fraction(curve, name, m)
-
-    def _fraction(self, curve: Curve, name: str, m: float) -> float:
         idx = self.sets[name]
         clean = self.clean_r[idx].sum()
         return float((curve.retain[m][idx].sum() - clean) / clean)
@@ -108,7 +105,7 @@ class Scorer:
         lo, hi = cfg.multiplier_range
         for name in set_names:
             for t in targets:
-                known = {m: self._fraction(curve, name, m) for m in self._measured(curve, name)}
+                known = {m: self.retain_fraction(curve, name, m) for m in self._measured(curve, name)}
                 if known[0.0] >= t:  # zero ablation already overshoots: the crossing is at m = 0, nothing to search
                     curve.roots[(name, t)] = {"multiplier": 0.0, "reached": True, "note": (
                         f"zero ablation of the selected features already raises the retain loss by {known[0.0]:.2%} "
@@ -117,7 +114,7 @@ class Scorer:
 
                 def retain_increase(m: float, name=name) -> float:
                     self._measure(curve, m, forget=False, only=[name])  # the other sets at the forget points
-                    return self._fraction(curve, name, m)
+                    return self.retain_fraction(curve, name, m)
 
                 m_star, reached, note = find_multiplier(retain_increase, t, known, lo, hi, cfg.bracket_step,
                                                         cfg.root_tolerance, start=start)
@@ -135,7 +132,7 @@ class Scorer:
         """A root accepted within tolerance but below the target (a first step that landed close) leaves no
         measured point at or above it, and the sample's crossing would read as never reached: measure retain
         a little higher until one is."""
-        while m < hi and max(self._fraction(curve, name, x) for x in self._measured(curve, name)) < t:
+        while m < hi and max(self.retain_fraction(curve, name, x) for x in self._measured(curve, name)) < t:
             m = min(m * _ABOVE_STEP, hi)
             self._measure(curve, m, forget=False, only=[name])
 
