@@ -3,6 +3,7 @@ class that reads it, without training; the sweeps make the arms, seeds, lockstep
 Makefile's resume and eval steps assume; the eval's retain sets are safe sources of the store; and
 `make -n study2` shows the harvest -> train (or resume) -> eval per inference arm -> report sequence."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -114,8 +115,10 @@ def test_make_n_study2_shows_harvest_train_eval_per_inference_arm_and_reports():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     # -o: the environment counts as installed, so only the study's own commands are shown
-    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "study2"], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout
+    # a clean environment: under `make test` the inherited MAKELEVEL would make this make print its directory
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "study2"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env).stdout
     make = makefile_variables()
     pipeline, eval_ = ".venv/bin/pipeline", ".venv/bin/pipeline eval --config configs/study2/eval.yaml"
     expected = [
