@@ -131,6 +131,11 @@ def test_variance_decomposition_splits_seed_and_document_noise():
     assert parts["variance"](seeds, k_half) == pytest.approx(total / 4)
     # seed noise alone above a quarter: more documents cannot halve the interval
     assert decompose(arm, ref, 1.0)["documents_to_halve"] is None
+    # the interval with the documents left to vary: the seed-mean difference's percentiles over the resamples
+    assert parts["document_interval"] == pytest.approx(tuple(np.percentile(d.mean(0), [2.5, 97.5])))
+    lo, hi = decompose(arm, ref, model_se, level=0.99)["document_interval"]
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(d.mean(0), [0.5, 99.5]))) and lo < parts["document_interval"][0]
+    assert lo < 0.05 < hi
 
 
 def paired_draws(rng, value, common):
@@ -144,13 +149,13 @@ def test_report_tests_arms_counts_a_rerun_once_and_flags_low_ev(tmp_path, monkey
     rng = np.random.default_rng(1)
     common = rng.normal(0, 0.02, RESAMPLES + 1)
     arms = {"base": [0.30, 0.25, 0.36], "rank": [0.22, 0.20, 0.31], "uniform": [0.41, 0.33, 0.42]}
-    n = 0
+    n, draws = 0, {}
     for name, values in arms.items():
         for seed, value in enumerate(values):
             n += 1
+            draws[name, seed] = paired_draws(rng, value, common)
             fake_run(runs, n, weighting="rank" if name == "base" else name, ortho=0.0 if name == "base" else 100.0,
-                     seed=seed, score=value, ev=0.2 if (name, seed) == ("rank", 1) else 0.8,
-                     draws=paired_draws(rng, value, common))
+                     seed=seed, score=value, ev=0.2 if (name, seed) == ("rank", 1) else 0.8, draws=draws[name, seed])
     shutil.copytree(runs / "run_1", runs / "run_10")  # a rerun of the sweep's first run
     (runs / "run_10" / "sae_weights.safetensors").write_bytes(b"another initialisation")
     shutil.copytree(runs / "run_2", runs / "run_11")  # identical weights under another config
@@ -184,6 +189,16 @@ def test_report_tests_arms_counts_a_rerun_once_and_flags_low_ev(tmp_path, monkey
     assert (f"| {rank} | {uniform} | {control['difference']:+.4f} | [{control['ci95'][0]:+.4f}, "
             f"{control['ci95'][1]:+.4f}] | {control['p_holm']:.3g} |") in text
     assert "## Where the spread of a difference comes from" in text and "halve with seeds per arm" in text
+    assert "| documents resampled: simultaneous 95% |" in text
+    # rank minus base with the documents resampled: simultaneous over the two comparisons (97.5% each)
+    d = np.mean([draws["rank", s][1:] - draws["base", s][1:] for s in range(3)], axis=0)
+    lo, hi = np.percentile(d, [1.25, 98.75])
+    assert f"| {rank} | 3 | [{lo:+.4f}, {hi:+.4f}] |" in text
+    from evaluate.report.planning import plan
+
+    now = plan(model.residual_sd, 3, 2, 3, 0.02)  # this study's own row: its simultaneous half-width is the table's
+    assert now["simultaneous_half_width"] == pytest.approx(c["ci95"][1] - c["difference"])
+    assert f"| 3 (this study) | 4 | {now['se']:.4f} | {now['half_width']:.4f} | {now['simultaneous_half_width']:.4f} |" in text
     assert "The same on the log score" in text
     for section in ("## Each arm against", "The same on the log score", "## Where the spread", "## Arms: more scores"):
         part = text[text.index(section):]
@@ -294,3 +309,27 @@ def test_report_reads_the_primary_retain_set_and_each_set_beside_it(tmp_path):
     assert "| eval_passes | eval_seconds |" in header
     csv = (tmp_path / "rep" / "report.csv").read_text().splitlines()
     assert "primary_on_all-safe_ci95_lo" in csv[0] and ",0.45," in csv[2]
+
+
+def test_seed_planning_equals_the_t_formulas_and_a_simulated_tost():
+    from evaluate.report.planning import plan, seeds_for
+
+    sd, arms, family, n, margin = 0.02, 3, 2, 16, 0.02
+    p = plan(sd, arms, family, n, margin)
+    se, df = sd * math.sqrt(2 / n), (arms - 1) * (n - 1)
+    assert (p["df"], p["se"]) == (df, pytest.approx(se))
+    assert p["half_width"] == pytest.approx(stats.t.ppf(0.975, df) * se)
+    assert p["simultaneous_half_width"] == pytest.approx(stats.t.ppf(1 - 0.05 / 4, df) * se)
+    assert p["detectable_80"] == pytest.approx((stats.t.ppf(1 - 0.05 / 4, df) + stats.t.ppf(0.8, df)) * se)
+    # the TOST power at a true 0: the share of simulated two-arm studies (the two-way model is then the paired
+    # t test) whose TOST passes at Holm's first step, 0.05 / 2
+    two = plan(sd, 2, family, n, margin)
+    rng = np.random.default_rng(0)
+    d = rng.normal(0, sd * math.sqrt(2), (20000, n))  # each seed's difference; no arm effect
+    est, se_hat = d.mean(1), d.std(1, ddof=1) / math.sqrt(n)
+    tost = np.maximum(stats.t.sf((est + margin) / se_hat, n - 1), stats.t.cdf((est - margin) / se_hat, n - 1))
+    assert (tost < 0.05 / family).mean() == pytest.approx(two["tost_power_at_0"], abs=0.03)
+    fewest = seeds_for(sd, arms, family, margin, tost_power=0.8)
+    assert plan(sd, arms, family, fewest, margin)["tost_power_at_0"] >= 0.8 > plan(sd, arms, family, fewest - 1, margin)[
+        "tost_power_at_0"]
+    assert seeds_for(sd, arms, family, margin, half_width=p["simultaneous_half_width"]) == n

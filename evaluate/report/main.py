@@ -4,7 +4,8 @@ report.md opens with a headline table (per arm: L0, EV, the primary score with i
 controls), then the arms' comparisons with a reference arm under a two-way model (arm fixed, seed a
 block; evaluate/report/twoway.py) with Holm-adjusted p-values, simultaneous intervals and an
 equivalence test, how much of each difference's spread is document noise and how much seed noise
-(evaluate/report/variance.py), and then the wide per-run table (also report.csv) and the plots
+(evaluate/report/variance.py), how many seeds a study of this design needs (evaluate/report/planning.py),
+and then the wide per-run table (also report.csv) and the plots
 (evaluate/report/plots.py).
 
 What it reads from each run goes through evaluate/report/inputs.py. Runs that are one run (the same
@@ -35,6 +36,7 @@ from .coverage import select
 from .identity import arm, collapse_duplicates, replicate
 from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
 from .twoway import compare, fit
+from .planning import plan, seeds_for
 from .variance import decompose
 from ..output_dirs import REPORT_MARKER, check_output_dir, replace_dir
 
@@ -540,6 +542,29 @@ def _analysis(groups, rows, base, draws_of, primary_name, margin) -> list[str]:
     else:
         lines += ["", "No variance decomposition: the runs were not all measured on the same document resamples "
                       "(one `pipeline eval` of every run gives them)."]
+    return lines + _planning(model, len(seeds), margin)
+
+
+def _planning(model, seeds: int, margin: float) -> list[str]:
+    """The seeds per arm a study of this design needs, from this one's residual sd."""
+    arms, family = len(model.arms), len(model.arms) - 1
+    counts = sorted({seeds, 6, 8, 12, 16, 24, 32})
+    lines = ["", "## Seeds for a study of this design", "",
+             f"This study's residual sd ({model.residual_sd:.4f}, {model.df} degrees of freedom) carried to n seeds per "
+             f"arm, with {arms} arms and each arm against the reference a family of {family}: each comparison's 95% "
+             "half-width, the Bonferroni-simultaneous one the report prints, the difference found with 80% power and "
+             f"the equivalence test's power at ±{margin:g} nats when the true difference is 0, both at Holm's first "
+             "step (evaluate/report/planning.py). The residual sd is itself an estimate on the degrees of freedom "
+             "above, and the model holds the measurement documents fixed.", "",
+             "| seeds per arm | degrees of freedom | se of a difference | 95% half-width | simultaneous 95% half-width "
+             "| detectable (80%) | TOST power at 0 |", "|---|---|---|---|---|---|---|"]
+    for n in counts:
+        p = plan(model.residual_sd, arms, family, n, margin)
+        lines.append(f"| {n}{' (this study)' if n == seeds else ''} | {p['df']} | {p['se']:.4f} | {p['half_width']:.4f} "
+                     f"| {p['simultaneous_half_width']:.4f} | {p['detectable_80']:.4f} | {p['tost_power_at_0']:.2f} |")
+    tost = seeds_for(model.residual_sd, arms, family, margin, tost_power=0.8)
+    lines += ["", f"80% power to show equivalence at ±{margin:g} when the true difference is 0: "
+                  + (f"{tost} seeds per arm." if tost else "more than 1000 seeds per arm.")]
     return lines
 
 
@@ -588,12 +613,13 @@ def _decomposition(groups, rows, model, b, draws_of) -> list[str]:
         return out
 
     reference = per_seed(b)
+    compared = [i for i in range(len(groups)) if i != b and i in model.index]
+    level = 1 - 0.05 / max(len(compared), 1)  # Bonferroni-simultaneous, as the model's intervals
     table = []
-    for i, g in enumerate(groups):
-        if i == b or i not in model.index:
-            continue
+    for i in compared:
+        g = groups[i]
         _, se = model.contrast(i, b)
-        parts = decompose(per_seed(i), reference, se)
+        parts = decompose(per_seed(i), reference, se, level)
         if parts is not None:
             table.append((i, g, parts))
     if not table:
@@ -605,13 +631,17 @@ def _decomposition(groups, rows, model, b, draws_of) -> list[str]:
              "and what the seeds add (the two-way model's variance less the documents' part), and what halves the "
              "interval: more seeds per arm at today's documents, or more documents (a multiple of today's) at today's "
              "seeds. Document noise that every seed shares does not shrink with seeds; seed noise does not shrink with "
-             "documents (evaluate/report/variance.py).", "",
-             "| arm | seeds | sd from seeds | sd from documents | documents' share | of which shared by seeds (sd) "
-             "| halve with seeds per arm | halve with documents | flags |", "|---|---|---|---|---|---|---|---|---|"]
+             "documents (evaluate/report/variance.py). `documents resampled`: the seed-mean difference's interval "
+             "with the documents left to vary (its percentiles over the document resamples, paired by resample; "
+             "Bonferroni-simultaneous over the table's rows), beside the two-way model's, which holds them fixed.", "",
+             "| arm | seeds | documents resampled: simultaneous 95% | sd from seeds | sd from documents | documents' share "
+             "| of which shared by seeds (sd) | halve with seeds per arm | halve with documents | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i, g, p in table:
         seeds = f"{p['seeds_to_halve']}" if p["seeds_to_halve"] is not None else "not by seeds alone"
         docs = f"{p['documents_to_halve']:.1f}x" if p["documents_to_halve"] is not None else "not by documents alone"
-        lines.append(f"| {g['label']} | {p['seeds']} | {math.sqrt(p['seed_variance']):.4f} | "
+        lo, hi = p["document_interval"]
+        lines.append(f"| {g['label']} | {p['seeds']} | [{lo:+.4f}, {hi:+.4f}] | {math.sqrt(p['seed_variance']):.4f} | "
                      f"{math.sqrt(p['document_variance']):.4f} | {p['document_share']:.0%} | "
                      f"{math.sqrt(p['shared_document_variance']):.4f} | {seeds} | {docs} | "
                      f"{_low_ev(groups, (i, b), by_run)} |")

@@ -27,10 +27,14 @@ import math
 import numpy as np
 
 
-def decompose(arm: dict[int, np.ndarray], reference: dict[int, np.ndarray], model_se: float) -> dict | None:
+def decompose(arm: dict[int, np.ndarray], reference: dict[int, np.ndarray], model_se: float,
+              level: float = 0.95) -> dict | None:
     """arm, reference: seed -> per-resample scores (row 0 the sample, rows 1.. the resamples, the same
     resamples for every run); model_se: the two-way model's standard error of the difference.
-    None with fewer than two seeds in common (seed and document noise cannot be told apart)."""
+    None with fewer than two seeds in common (seed and document noise cannot be told apart).
+    `document_interval`: the seed-mean difference's percentile interval at `level` over the document
+    resamples, paired by resample: the interval with the documents left to vary and these seeds held,
+    which the two-way model (conditioning on the documents) does not give."""
     seeds = sorted(set(arm) & set(reference))
     if len(seeds) < 2 or not math.isfinite(model_se):
         return None
@@ -54,7 +58,9 @@ def decompose(arm: dict[int, np.ndarray], reference: dict[int, np.ndarray], mode
     seeds_to_halve = (math.ceil((seed_sd2 + per_seed - shared) / (target - shared) - 1e-9)
                       if total > 0 and shared < target else None)
     docs_to_halve = doc / (target - seed) if total > 0 and seed < target else None
-    return {"seeds": n, "document_variance": doc, "seed_variance": seed, "total_variance": total,
+    tail = 100 * (1 - level) / 2
+    interval = tuple(float(x) for x in np.percentile(d.mean(0), [tail, 100 - tail]))
+    return {"seeds": n, "document_interval": interval, "document_variance": doc, "seed_variance": seed, "total_variance": total,
             "document_share": doc / total if total > 0 else float("nan"), "shared_document_variance": shared,
             "seed_sd": math.sqrt(seed_sd2), "document_sd_per_run_difference": math.sqrt(per_seed),
             "seeds_to_halve": seeds_to_halve, "documents_to_halve": docs_to_halve, "variance": variance}
