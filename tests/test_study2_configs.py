@@ -90,15 +90,18 @@ def test_the_sweeps_make_the_runs_the_makefile_numbers():
 def test_the_pilot_sweeps_what_its_comments_say():
     runs = load_sweep(STUDY2 / "pilot.yaml", {})
     one_epoch = [c for c in runs if c.tokens == 1048576]
-    assert len({c.group_key() for c in one_epoch}) == 1 and {c.seed for c in runs} == {0}
+    assert len({c.group_key() for c in one_epoch[:12]}) == 1 and {c.seed for c in runs} == {0}
     assert all((c.arch, c.k, c.dict_size) == ("topk", 32, 2560) for c in runs)
     assert sorted(c.ortho for c in one_epoch if c.ortho) == [30.0, 100.0, 200.0, 300.0]
     assert sorted((c.routed_latents, c.routing) for c in one_epoch if c.routed_latents) == [
         (64, "activation"), (64, "gradient"), (128, "activation"), (128, "gradient")]
     assert sorted((c.supervised_latents, c.supervision_coeff) for c in one_epoch if c.supervised_latents) == [
-        (64, 0.03), (64, 0.1), (64, 0.3)]
+        (64, 0.03), (64, 0.1), (64, 0.3), (64, 1.0), (64, 3.0), (64, 10.0)]
     baselines = [c for c in runs if not (c.ortho or c.routed_latents or c.supervised_latents)]
-    assert sorted(c.tokens for c in baselines) == [262144, 524288, 786432, 1048576, 2097152]
+    assert sorted(c.tokens for c in baselines) == [262144, 524288, 786432, 1048576, 2097152, 3145728, 4194304]
+    # the runs that trained first keep their numbers: the additions come after them
+    assert [c.tokens for c in runs[12:18]] == [262144, 524288, 786432, 2097152, 3145728, 4194304]
+    assert [c.supervision_coeff for c in runs[18:]] == [1.0, 3.0, 10.0]
     assert not any(c.permute_labels != "none" for c in runs)
 
 
