@@ -333,3 +333,14 @@ def test_seed_planning_equals_the_t_formulas_and_a_simulated_tost():
     assert plan(sd, arms, family, fewest, margin)["tost_power_at_0"] >= 0.8 > plan(sd, arms, family, fewest - 1, margin)[
         "tost_power_at_0"]
     assert seeds_for(sd, arms, family, margin, half_width=p["simultaneous_half_width"]) == n
+
+
+def test_seed_planning_is_left_out_when_the_residual_is_exactly_zero():
+    from types import SimpleNamespace
+
+    from evaluate.report.main import _planning
+
+    lines = _planning(SimpleNamespace(arms=[0, 1, 2], residual_sd=0.0, df=4), 3, 0.02)
+    assert lines[-1].startswith("No seed planning: the two-way model's residual sd is 0")
+    table = _planning(SimpleNamespace(arms=[0, 1, 2], residual_sd=0.01, df=4), 3, 0.02)
+    assert "| 3 (this study) | 4 |" in "\n".join(table)

@@ -34,9 +34,9 @@ from train.runs import RUN_NAME, resolve_run
 from . import inputs
 from .coverage import select
 from .identity import arm, collapse_duplicates, replicate
-from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
-from .twoway import compare, fit
 from .planning import plan, seeds_for
+from .plots import draw_bars, draw_r_histograms, draw_tradeoff, draw_training, save
+from .twoway import ALPHA, compare, fit
 from .variance import decompose
 from ..output_dirs import REPORT_MARKER, check_output_dir, replace_dir
 
@@ -548,6 +548,9 @@ def _analysis(groups, rows, base, draws_of, primary_name, margin) -> list[str]:
 def _planning(model, seeds: int, margin: float) -> list[str]:
     """The seeds per arm a study of this design needs, from this one's residual sd."""
     arms, family = len(model.arms), len(model.arms) - 1
+    if not (model.residual_sd > 0 and math.isfinite(model.residual_sd)):
+        return ["", f"No seed planning: the two-way model's residual sd is {model.residual_sd:g}, which carries to no "
+                    "other number of seeds."]
     counts = sorted({seeds, 6, 8, 12, 16, 24, 32})
     lines = ["", "## Seeds for a study of this design", "",
              f"This study's residual sd ({model.residual_sd:.4f}, {model.df} degrees of freedom) carried to n seeds per "
@@ -614,7 +617,7 @@ def _decomposition(groups, rows, model, b, draws_of) -> list[str]:
 
     reference = per_seed(b)
     compared = [i for i in range(len(groups)) if i != b and i in model.index]
-    level = 1 - 0.05 / max(len(compared), 1)  # Bonferroni-simultaneous, as the model's intervals
+    level = 1 - ALPHA / max(len(compared), 1)  # Bonferroni-simultaneous, as the model's intervals
     table = []
     for i in compared:
         g = groups[i]
