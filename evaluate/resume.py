@@ -44,12 +44,12 @@ def _read_object(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def save_grid(members, key: str, grid: list[float], probe: dict | None) -> None:
+def save_grid(members, key: str, grid: list[float]) -> None:
     from train.runs import write_json
 
     for t in members:
         t.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(t.out_dir / GRID_FILE, {"key": key, "grid": grid, "probe": probe})
+        write_json(t.out_dir / GRID_FILE, {"key": key, "grid": grid})
 
 
 def finished(t, key: str, suites: list[str]) -> dict | None:

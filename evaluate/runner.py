@@ -71,7 +71,7 @@ def evaluate_targets(targets: list[Target], cfg: EvalConfig, progress=print):
         context = _context(members[0].store, cfg, progress)
         if len(remaining) < len(members):
             progress(f"resuming: {len(members) - len(remaining)} of {len(members)} SAEs done")
-        save_grid(remaining, key, list(cfg.multipliers or []), None)
+        save_grid(remaining, key, list(cfg.multipliers or []))
         for t in remaining:
             _prepare(t, context, cfg)
             yield t, _finish(t, context, cfg, key)
