@@ -34,7 +34,8 @@ study: $(VENV)/.installed
 # touching near-domain text. The store of configs/study2/harvest.yaml; the 36 full-length SAEs of
 # configs/study2/sweep.yaml in one lockstep group (run_1-36), then the baseline trained shorter of
 # sweep-shorter.yaml (run_37-42); each SAE evaluated four ways (SAEBench's selection and, for SAEs with a label
-# block, the block; each with the static and the conditional clamp), each into its own eval directory; one
+# block, the block; each with the static and the conditional clamp), each into its own eval directory (the core
+# metrics, which no clamp changes, only into eval/: the other arms' reports read them from there); one
 # report per inference arm (the block's against the permuted-label control, whose first run is STUDY2_PERMUTED;
 # the others against the baseline, run_1), and under SAEBench's selection and the static clamp two more, each arm
 # against each training control. Every step resumes when run again, as `make study` does. The run
@@ -55,9 +56,9 @@ study2: $(VENV)/.installed
 	if [ ! -e runs/study2/run_$(STUDY2_SHORTER)/train_config.json ]; then $(VENV)/bin/pipeline train --sweep configs/study2/sweep-shorter.yaml; \
 	elif [ ! -e runs/study2/run_$(STUDY2_LAST)/final_info.json ]; then $(VENV)/bin/pipeline train --resume run_$(STUDY2_LAST) --runs-dir runs/study2; fi
 	$(STUDY2_EVAL) $(STUDY2_ALL)
-	$(STUDY2_EVAL) $(STUDY2_ALL) --clamp conditional
-	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --select block --n-features $(STUDY2_BLOCK)
-	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --select block --n-features $(STUDY2_BLOCK) --clamp conditional
+	$(STUDY2_EVAL) $(STUDY2_ALL) --suite unlearning --clamp conditional
+	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --suite unlearning --select block --n-features $(STUDY2_BLOCK)
+	$(STUDY2_EVAL) $(STUDY2_BLOCKS) --suite unlearning --select block --n-features $(STUDY2_BLOCK) --clamp conditional
 	$(STUDY2_REPORT) --out reports/study2 --reference run_1
 	$(STUDY2_REPORT) --out reports/study2-against-permuted --reference run_$(STUDY2_PERMUTED)
 	$(STUDY2_REPORT) --out reports/study2-against-shorter --reference run_$(STUDY2_SHORTER)

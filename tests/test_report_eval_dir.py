@@ -79,3 +79,46 @@ def test_report_reads_the_named_eval_dir_and_its_draws(tmp_path, monkeypatch, ca
                                        "(SAEBench's selection, static clamp) or eval-<select>-<clamp>, e.g. "
                                        "eval-block-conditional\n")
     assert not (tmp_path / "none").exists()
+
+
+def block_arm(run, eval_config: dict, *, core_config: dict) -> None:
+    """The run measured under the block selection with `--suite unlearning`: eval-block-static/ holds the
+    unlearning files alone, and eval/core.json records the config it was measured with."""
+    arm = run / "eval-block-static"
+    arm.mkdir()
+    for name in ("unlearning.json", "unlearning_bootstrap.npz"):
+        shutil.copy(run / "eval" / name, arm / name)
+    u = json.loads((arm / "unlearning.json").read_text())
+    (arm / "unlearning.json").write_text(json.dumps({**u, "meta": {"eval_config": eval_config}}))
+    core = json.loads((run / "eval" / "core.json").read_text())
+    (run / "eval" / "core.json").write_text(json.dumps({**core, "meta": {"eval_config": core_config}}))
+
+
+def test_an_arm_without_core_metrics_reads_them_from_eval_on_the_same_documents(tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    rng = np.random.default_rng(1)
+    arm = {"select": "block", "clamp": "static", "suite": ["unlearning"], "heldout_docs": 96, "n_features": [64]}
+    default = {**arm, "select": "saebench", "suite": ["unlearning", "core", "specialization"], "n_features": [20]}
+    evs = {1: 0.61, 2: 0.63, 3: 0.52, 4: 0.54}
+    for n, ev in evs.items():
+        run = fake_run(runs, n, ortho=100.0 * (n > 2), seed=n % 2, score=0.3, ev=ev, draws=noisy(rng, 0.3))
+        # run_4's eval/ measured other documents: its core metrics are not the arm's to borrow
+        block_arm(run, arm, core_config={**default, "heldout_docs": 48} if n == 4 else default)
+
+    assert run_cli(monkeypatch, ["report", "--runs-dir", str(runs), "--out", str(tmp_path / "block"),
+                                 "--eval-dir", "eval-block-static"]) == 0
+    text = (tmp_path / "block" / "report.md").read_text()
+    assert ("except the core metrics of run_1, run_2, run_3: they measure the SAE unclamped, and "
+            "`eval-block-static/` has none, so they are `eval/`'s, on the same documents.") in text
+    def headline_ev(arm: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith(f"| {arm} | run_")).split("|")[4].strip()
+
+    assert headline_ev(BASE) == "0.62"  # the mean of run_1's and run_2's eval/ EV
+    assert headline_ev(RANK) == "0.52"  # run_3's alone: run_4's is blank
+    assert ("run_4: no core eval (core: `eval/` measured other documents (heldout_docs 96 vs 48)): its EV, MSE, L0 "
+            "and the other core columns are blank") in text
+    report_csv = (tmp_path / "block" / "report.csv").read_text().splitlines()
+    header = report_csv[0].split(",")
+    evs_read = {line.split(",")[header.index("run")]: line.split(",")[header.index("explained_variance")]
+                for line in report_csv[1:]}
+    assert evs_read == {"run_1": "0.61", "run_2": "0.63", "run_3": "0.52", "run_4": ""}

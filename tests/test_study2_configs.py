@@ -131,11 +131,11 @@ def test_make_n_study2_shows_harvest_train_eval_per_inference_arm_and_reports():
         f"if [ ! -e runs/study2/run_37/train_config.json ]; then {pipeline} train --sweep configs/study2/sweep-shorter.yaml;",
         f"elif [ ! -e runs/study2/run_42/final_info.json ]; then {pipeline} train --resume run_42 --runs-dir runs/study2; fi",
         f"{eval_} $(ls -d runs/study2/run_* | sort -t_ -k2 -n)",
-        f"{eval_} $(ls -d runs/study2/run_* | sort -t_ -k2 -n) --clamp conditional",
+        f"{eval_} $(ls -d runs/study2/run_* | sort -t_ -k2 -n) --suite unlearning --clamp conditional",
         f"{eval_} $(for r in $(ls -d runs/study2/run_* | sort -t_ -k2 -n); do grep -q label_block $r/cfg.json && "
-        f"echo $r; done) --select block --n-features {make['STUDY2_BLOCK']}",
+        f"echo $r; done) --suite unlearning --select block --n-features {make['STUDY2_BLOCK']}",
         f"{eval_} $(for r in $(ls -d runs/study2/run_* | sort -t_ -k2 -n); do grep -q label_block $r/cfg.json && "
-        f"echo $r; done) --select block --n-features {make['STUDY2_BLOCK']} --clamp conditional",
+        f"echo $r; done) --suite unlearning --select block --n-features {make['STUDY2_BLOCK']} --clamp conditional",
         f"{pipeline} report --runs-dir runs/study2 --out reports/study2 --reference run_1",
         f"{pipeline} report --runs-dir runs/study2 --out reports/study2-against-permuted --reference run_31",
         f"{pipeline} report --runs-dir runs/study2 --out reports/study2-against-shorter --reference run_37",

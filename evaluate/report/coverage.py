@@ -102,7 +102,8 @@ def select(loaded: list[dict], unevaluated: list[Path], eval_config_of: str | No
     for data in kept:
         missing = [s for s in inputs.EVALS if s in have and s != "unlearning" and s not in inputs.suites(data)]
         if missing:
-            blanks.append(f"{data['dir'].name}: no {', '.join(missing)} eval: its "
+            why = "".join(f" ({s}: {data['not_borrowed'][s]})" for s in missing if s in data.get("not_borrowed", {}))
+            blanks.append(f"{data['dir'].name}: no {', '.join(missing)} eval{why}: its "
                           f"{'; '.join(SUITE_COLUMNS[s] for s in missing)} are blank, and its arm's means of them are "
                           "over the runs that have them")
     if scored and any(measurement_config(d) is not None for d in kept):

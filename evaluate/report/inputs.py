@@ -29,16 +29,52 @@ DEFAULT_EVAL_DIR = "eval"
 `eval-<select>-<clamp>/` (evaluate/cli.py, `eval_dir_name`), which the report reads when asked."""
 
 
+ARM_INDEPENDENT = ("core",)
+"""Suites whose numbers do not depend on the inference arm: the core metrics measure the SAE unclamped. An arm's
+directory without them (`pipeline eval --suite unlearning`) reads them from `eval/`, where that eval measured the
+same documents."""
+ARM_KEYS = frozenset({"select", "clamp", "gate_quantile", "gate_scope", "n_features", "suite", "device",
+                      "batch_size"})
+"""Eval config keys in which one inference arm's eval differs from another's on the same documents."""
+
+
 def load_run(run_dir: Path, eval_dir: str = DEFAULT_EVAL_DIR) -> dict:
     """train_config.json, final_info.json and every eval JSON of a run's `eval_dir` ({} where absent), each
-    eval JSON checked for the shape of what the report reads from it (evaluate/report/schema.py)."""
-    data = {"dir": run_dir, "eval_dir": eval_dir, "train": read_json_object(run_dir / "train_config.json")}
+    eval JSON checked for the shape of what the report reads from it (evaluate/report/schema.py). An arm-
+    independent suite that `eval_dir` lacks is read from `eval/` where both evals measured the same documents
+    (`borrowed` names it), else left absent with the reason in `not_borrowed`."""
+    data = {"dir": run_dir, "eval_dir": eval_dir, "train": read_json_object(run_dir / "train_config.json"),
+            "borrowed": [], "not_borrowed": {}}
     for name, path in (("final", run_dir / "final_info.json"),
                        *((s, run_dir / eval_dir / f"{s}.json") for s in EVALS)):
         data[name] = read_json_object(path) if path.exists() else {}
         if data[name] and name in SHAPES:
             check_shape(data[name], SHAPES[name], path)
+    if eval_dir != DEFAULT_EVAL_DIR and data["unlearning"]:
+        for suite in ARM_INDEPENDENT:
+            path = run_dir / DEFAULT_EVAL_DIR / f"{suite}.json"
+            if data[suite] or not path.exists():
+                continue
+            other = read_json_object(path)
+            if suite in SHAPES:
+                check_shape(other, SHAPES[suite], path)
+            why = _documents_differ(eval_meta(data).get("eval_config"), eval_meta({suite: other}, suite).get(
+                "eval_config"))
+            if why:
+                data["not_borrowed"][suite] = f"`{DEFAULT_EVAL_DIR}/` measured other documents ({why})"
+            else:
+                data[suite] = other
+                data["borrowed"].append(suite)
     return data
+
+
+def _documents_differ(arm: dict | None, default: dict | None) -> str:
+    """'' where two evals' configs agree on every key but the inference arm's, else the first keys they differ in."""
+    if not isinstance(arm, dict) or not isinstance(default, dict):
+        return "an eval config is not recorded"
+    keys = sorted(k for k in set(arm) | set(default)
+                  if k not in ARM_KEYS and not k.startswith("saebench_") and arm.get(k) != default.get(k))
+    return ", ".join(f"{k} {arm.get(k, 'unset')} vs {default.get(k, 'unset')}" for k in keys[:3])
 
 
 def training_records(run_dir: Path) -> list[dict]:

@@ -240,8 +240,13 @@ def _write_report(runs: list[str], runs_dir: Path, out: Path, equivalence_margin
 
     lines = ["# ratio-sae report", ""]
     if eval_dir != inputs.DEFAULT_EVAL_DIR:
+        borrowed = [d["dir"].name for d in selection.kept if d.get("borrowed")]
+        whose = "every run" if len(borrowed) == len(selection.kept) else ", ".join(borrowed)
         lines += [f"Every eval result below is read from each run's `{eval_dir}/` (select and clamp as its name "
-                  "says), not from `eval/` (SAEBench's selection, static clamp).", ""]
+                  "says), not from `eval/` (SAEBench's selection, static clamp)"
+                  + (f", except the core metrics of {whose}: they measure the SAE unclamped, and "
+                     f"`{eval_dir}/` has none, so they are `eval/`'s, on the same documents." if borrowed else "."),
+                  ""]
     lines += _headline(groups, rows, arm_scores, primary_name, ev_threshold)
     if selection.left_out:
         lines += ["", "Runs left out (not counted as seeds, in no table or plot):", "",
