@@ -96,12 +96,22 @@ def test_the_pilot_sweeps_what_its_comments_say():
     assert sorted((c.routed_latents, c.routing) for c in one_epoch if c.routed_latents) == [
         (64, "activation"), (64, "gradient"), (128, "activation"), (128, "gradient")]
     assert sorted((c.supervised_latents, c.supervision_coeff) for c in one_epoch if c.supervised_latents) == [
-        (64, 0.03), (64, 0.1), (64, 0.3), (64, 1.0), (64, 3.0), (64, 10.0)]
+        (64, 0.03), (64, 0.1), (64, 0.3), (64, 1.0), (64, 3.0), (64, 10.0), (64, 30.0), (64, 100.0)]
     baselines = [c for c in runs if not (c.ortho or c.routed_latents or c.supervised_latents)]
-    assert sorted(c.tokens for c in baselines) == [262144, 524288, 786432, 1048576, 2097152, 3145728, 4194304]
+    assert sorted(c.tokens for c in baselines) == [262144, 524288, 786432, 1048576, 2097152, 3145728, 4194304,
+                                                   5242880, 6291456]
     # the runs that trained first keep their numbers: the additions come after them
     assert [c.tokens for c in runs[12:18]] == [262144, 524288, 786432, 2097152, 3145728, 4194304]
-    assert [c.supervision_coeff for c in runs[18:]] == [1.0, 3.0, 10.0]
+    assert [c.supervision_coeff for c in runs[18:21]] == [1.0, 3.0, 10.0]
+    assert [c.tokens for c in runs[21:23]] == [5242880, 6291456]
+    assert [c.supervision_coeff for c in runs[23:25]] == [30.0, 100.0]
+    # the one-epoch choices checked again at four epochs, in one lockstep group of their own
+    four = runs[25:]
+    assert len(four) == 6 and {c.tokens for c in four} == {4194304} and len({c.group_key() for c in four}) == 1
+    assert [(c.ortho, c.routed_latents, c.routing if c.routed_latents else None, c.supervision_coeff
+             if c.supervised_latents else None) for c in four] == [
+        (200.0, 0, None, None), (300.0, 0, None, None), (0.0, 64, "activation", None), (0.0, 64, "gradient", None),
+        (0.0, 0, None, 10.0), (0.0, 0, None, 100.0)]
     assert not any(c.permute_labels != "none" for c in runs)
 
 
