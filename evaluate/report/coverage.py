@@ -19,7 +19,7 @@ from . import inputs
 NOT_THE_MEASUREMENT = frozenset({"suite", "device", "batch_size"})
 """Eval config keys that say which suites ran and where, not how the primary score was measured (the
 `saebench_*` keys drive SAEBench's own suite and are left out too)."""
-SUITE_COLUMNS = {"core": "EV, MSE, L0 and the other core columns", "specialization": "the specialisation columns",
+SUITE_COLUMNS = {"core": "EV, MSE, L0 and the other core columns", "specialization": "specialisation columns",
                  "saebench_unlearning": "saebench_score"}
 
 
