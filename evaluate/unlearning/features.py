@@ -27,8 +27,13 @@ def select_features(forget_rate: np.ndarray, retain_rate: np.ndarray, threshold:
     return order[: min(n, int(ok.sum()))]
 
 
-def label_block(sae_dir) -> dict:
-    """The label block an SAE was trained with (cfg.json `metadata.label_block`), for `select: block`."""
+SELECT_BLOCK_NEEDS_ONE = (", so select block has nothing to clamp: train it with --routed-latents or "
+                          "--supervised-latents, or use select saebench")
+
+
+def label_block(sae_dir, without: str = SELECT_BLOCK_NEEDS_ONE) -> dict:
+    """The label block an SAE was trained with (cfg.json `metadata.label_block`); `without` ends the refusal
+    of an SAE that has none (by default, for `select: block`)."""
     import json
     from pathlib import Path
 
@@ -39,9 +44,8 @@ def label_block(sae_dir) -> dict:
     cfg = json.loads((Path(sae_dir) / CONFIG_FILE).read_text())
     block = cfg.get("metadata", {}).get(RECORD_KEY)
     if not block:
-        raise TrainError(f"{sae_dir} was trained without a label block (no metadata.{RECORD_KEY} in its cfg.json), "
-                         "so select block has nothing to clamp: train it with --routed-latents or "
-                         "--supervised-latents, or use select saebench")
+        raise TrainError(f"{sae_dir} was trained without a label block (no metadata.{RECORD_KEY} in its cfg.json)"
+                         + without)
     return block
 
 

@@ -23,8 +23,8 @@ from typing_extensions import Annotated
 
 from harvest.errors import HarvestError
 from train.errors import TrainError
-from train.label_blocks import RECORD_KEY
 
+from ..unlearning.features import label_block
 from .load import Opened
 
 HELD_OUT_EVERY = 5
@@ -87,12 +87,7 @@ def block_score(opened: Opened, activations: torch.Tensor, input_scale: float) -
 
 
 def _recorded_block(sae_dir: Path) -> dict:
-    metadata = json.loads((sae_dir / "cfg.json").read_text()).get("metadata") or {}
-    block = metadata.get(RECORD_KEY)
-    if not block:
-        raise TrainError(f"{sae_dir} was trained without a label block (no metadata.{RECORD_KEY} in its cfg.json): "
-                         "there is no block score to probe")
-    return block
+    return label_block(sae_dir, without=": there is no block score to probe")
 
 
 def probe(rows: dict, opened: Opened | None = None, input_scale: float = 1.0) -> dict[str, Fit]:
